@@ -1,0 +1,1 @@
+"""The ``fer`` command line: thin wiring over fer_core, registry, serving and flows."""

@@ -1,0 +1,1 @@
+"""Data layer: SynthFACS generator, real-format adapters, canonical manifests, preprocessing."""

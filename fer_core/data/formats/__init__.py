@@ -1,0 +1,78 @@
+"""Real-dataset formats: each reads its on-disk layout into a prepared dataset (manifest + card).
+
+Every format registers two functions under one name:
+
+* an *adapter* ``adapt(source, out_dir, *, name, **options) -> DatasetCard`` that reads the real
+  layout at ``source`` and writes a self-contained prepared dataset into ``out_dir``
+  (see :mod:`fer_core.data.manifest`);
+* a *synthetic writer* ``write(out_dir, *, seed, size, difficulty) -> Path`` that renders SynthFACS
+  data in that same real layout and returns the path to hand to the adapter, so demos and tests go
+  through exactly the loaders real data uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fer_core.data.manifest import DatasetCard
+
+Adapter = Callable[..., DatasetCard]
+Writer = Callable[..., Path]
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    name: str
+    task: str
+    description: str
+    adapt: Adapter
+    write_synthetic: Writer | None = None
+
+
+_FORMATS: dict[str, DataFormat] = {}
+_FORMAT_MODULES = (
+    "fer_core.data.formats.fer2013",
+    "fer_core.data.formats.image_folder",
+    "fer_core.data.formats.micro",
+    "fer_core.data.formats.dfew",
+    "fer_core.data.formats.au_table",
+)
+
+
+def register_format(fmt: DataFormat) -> DataFormat:
+    if fmt.name in _FORMATS and _FORMATS[fmt.name] != fmt:
+        raise ValueError(f"format {fmt.name!r} is registered twice")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def _load() -> None:
+    for module in _FORMAT_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def list_formats() -> list[DataFormat]:
+    _load()
+    return [_FORMATS[k] for k in sorted(_FORMATS)]
+
+
+def get_format(name: str) -> DataFormat:
+    _load()
+    if name not in _FORMATS:
+        raise ValueError(f"unknown data format {name!r}; known: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[name]
+
+
+def adapt(format_name: str, source: Path, out_dir: Path, *, name: str, **options: Any) -> DatasetCard:
+    """Read ``source`` in ``format_name`` into a prepared dataset at ``out_dir``."""
+    source = Path(source)
+    if not source.exists():
+        raise ValueError(f"source {source} does not exist")
+    return get_format(format_name).adapt(source, Path(out_dir), name=name, **options)

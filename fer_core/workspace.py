@@ -1,0 +1,68 @@
+"""The workspace: one folder that holds all local state of the embedded default.
+
+``FER_HOME`` selects it (default ``./.fer``). Everything the embedded stack writes lives below it,
+so deleting the folder resets the platform.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKSPACE_ENV = "FER_HOME"
+DEFAULT_WORKSPACE = ".fer"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths of the embedded default's state below one root folder."""
+
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "Workspace":
+        """The workspace named by ``$FER_HOME``, else ``./.fer``."""
+        return cls(Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE)).expanduser().resolve())
+
+    @property
+    def datasets(self) -> Path:
+        """Prepared datasets (manifest + card + files), tracked by DVC."""
+        return self.root / "data" / "datasets"
+
+    @property
+    def dvc_repo(self) -> Path:
+        """The workspace's DVC repository (``dvc init --no-scm``)."""
+        return self.root / "data"
+
+    @property
+    def dvc_remote(self) -> Path:
+        """Default local DVC remote."""
+        return self.root / "dvc-remote"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow" / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlflow" / "artifacts"
+
+    @property
+    def gx_docs(self) -> Path:
+        """Great Expectations project with its Data Docs."""
+        return self.root / "gx"
+
+    @property
+    def triton_repository(self) -> Path:
+        return self.root / "triton" / "models"
+
+    @property
+    def runs(self) -> Path:
+        """Training checkpoints and scratch outputs."""
+        return self.root / "runs"
+
+    def ensure(self) -> "Workspace":
+        """Create the root folder (sub-folders are created by their owners)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,33 @@
+"""Shared fixtures: an isolated workspace per test and deterministic, thread-limited torch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(autouse=True)
+def _torch_determinism():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A fresh ``$FER_HOME`` for the test."""
+    from fer_core.workspace import Workspace
+
+    root = tmp_path / "fer-home"
+    monkeypatch.setenv("FER_HOME", str(root))
+    return Workspace(root).ensure()
