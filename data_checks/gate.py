@@ -1,0 +1,268 @@
+"""Run the data gate on a prepared dataset: decode, derive, validate with GX, report, write Data Docs.
+
+::
+
+    report = validate_dataset(root)                     # never raises for bad data
+    report.raise_for_failure()                          # GateFailed naming each failed check
+    validate_dataset(root, docs_dir=ws.gx_docs)         # also renders GX Data Docs (HTML)
+
+Without ``docs_dir`` GX runs in an ephemeral context (nothing on disk). With it, ``docs_dir`` is a
+file-backed GX project (``great_expectations.yml``, suites, checkpoints, validation results) and the
+checkpoint's ``UpdateDataDocsAction`` renders the run into ``uncommitted/data_docs/local_site``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+# Before GX is imported: no usage statistics (the gate must run offline).
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+import great_expectations as gx  # noqa: E402
+from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
+
+from data_checks.sample_checks import inspect_samples  # noqa: E402
+from data_checks.suites import CLIP_TASKS, GateBounds, build_suite, gate_frame  # noqa: E402
+from fer_core.data.manifest import TASKS, read_card, read_manifest  # noqa: E402
+
+DATASOURCE = "fer_prepared"
+BATCH_DEFINITION = "whole_manifest"
+# Unexpected rows kept per expectation: enough for messages and Data Docs, bounded for 32k-row sets.
+PARTIAL_UNEXPECTED = 20
+EXAMPLES_IN_MESSAGE = 5
+
+
+@dataclass(frozen=True)
+class ExpectationOutcome:
+    """The result of one expectation, named by its gate check (``meta["check"]``)."""
+
+    name: str
+    expectation: str  # GX type, e.g. "expect_column_values_to_be_unique"
+    columns: tuple[str, ...]
+    success: bool
+    element_count: int | None = None
+    unexpected_count: int | None = None
+    examples: tuple[str, ...] = ()  # offending rows: "id (column=value)"
+    observed: str | None = None  # for table-level expectations (missing splits, columns...)
+    error: str | None = None  # the expectation could not be evaluated (e.g. a column is missing)
+
+    def describe(self) -> str:
+        """One line: check, expectation and column(s), then counts and examples or what was seen."""
+        head = f"{self.name} [{self.expectation} on {', '.join(self.columns) or 'table'}]"
+        if self.error:
+            return f"{head}: could not be evaluated: {self.error}"
+        if self.unexpected_count is not None:
+            text = f"{head}: {self.unexpected_count} of {self.element_count} rows unexpected"
+            if self.examples:
+                text += f"; e.g. {'; '.join(self.examples[:EXAMPLES_IN_MESSAGE])}"
+            return text
+        return f"{head}: {self.observed or 'failed'}"
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """What the gate found in one prepared dataset."""
+
+    success: bool
+    dataset: str
+    task: str
+    num_rows: int
+    results: list[ExpectationOutcome] = field(default_factory=list)
+    docs_index: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[ExpectationOutcome]:
+        return [r for r in self.results if not r.success]
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [r.name for r in self.failures]
+
+    def summary(self) -> str:
+        """A human-readable verdict, one line per failed check."""
+        verdict = "passed" if self.success else f"failed {len(self.failures)} of {len(self.results)} checks"
+        lines = [f"data gate {verdict} for dataset {self.dataset!r} (task {self.task}, {self.num_rows} rows)"]
+        lines += [f"  - {outcome.describe()}" for outcome in self.failures]
+        if self.docs_index is not None:
+            lines.append(f"  Data Docs: {self.docs_index}")
+        return "\n".join(lines)
+
+    def raise_for_failure(self) -> None:
+        """Raise :class:`GateFailed` unless every expectation passed."""
+        if not self.success:
+            raise GateFailed(self)
+
+
+class GateFailed(Exception):
+    """A prepared dataset failed the data gate; ``report`` holds the details."""
+
+    def __init__(self, report: GateReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
+
+
+def validate_dataset(
+    root: Path, *, docs_dir: Path | None = None, bounds: GateBounds | None = None
+) -> GateReport:
+    """Validate the prepared dataset at ``root`` against its task's suite.
+
+    Raises ``ValueError`` only when ``root`` is not a prepared dataset (no manifest or card, or a card
+    of unknown task); everything wrong with the data itself is reported, not raised.
+    ``docs_dir``: a GX project folder (e.g. ``Workspace.gx_docs``) to render Data Docs into.
+    """
+    start = time.perf_counter()
+    root = Path(root)
+    card = read_card(root)
+    if card.task not in TASKS:
+        raise ValueError(f"{root}: card task {card.task!r} is not one of {', '.join(TASKS)}")
+    manifest = read_manifest(root)
+    bounds = bounds or GateBounds()
+
+    samples = inspect_samples(root, manifest, clips=card.task in CLIP_TASKS)
+    frame = gate_frame(manifest, samples, card)
+    has_labels = "label" in frame.columns and bool(pd.to_numeric(frame["label"], errors="coerce").ge(0).any())
+    suite = build_suite(card, bounds, manifest.columns, has_labels=has_labels)
+    outcomes, docs_index = _run_checkpoint(suite, frame, asset=card.name, docs_dir=docs_dir)
+    return GateReport(
+        success=all(o.success for o in outcomes),
+        dataset=card.name,
+        task=card.task,
+        num_rows=len(manifest),
+        results=outcomes,
+        docs_index=docs_index,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _context(docs_dir: Path | None) -> Any:
+    """An ephemeral GX context, or the file project at ``docs_dir``; progress bars off either way."""
+    if docs_dir is None:
+        context = gx.get_context(mode="ephemeral")
+    else:
+        Path(docs_dir).mkdir(parents=True, exist_ok=True)
+        context = gx.get_context(mode="file", context_root_dir=str(Path(docs_dir).resolve()))
+    # tqdm bars per metric batch would flood logs of flows and CLI runs.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
+
+
+def _run_checkpoint(
+    suite: gx.ExpectationSuite, frame: pd.DataFrame, *, asset: str, docs_dir: Path | None
+) -> tuple[list[ExpectationOutcome], Path | None]:
+    context = _context(docs_dir)
+    try:
+        source = context.data_sources.get(DATASOURCE)
+    except (KeyError, ValueError):
+        source = context.data_sources.add_pandas(name=DATASOURCE)
+    try:
+        data_asset = source.get_asset(asset)
+    except LookupError:
+        data_asset = source.add_dataframe_asset(name=asset)
+    try:
+        batch_definition = data_asset.get_batch_definition(BATCH_DEFINITION)
+    except KeyError:
+        batch_definition = data_asset.add_batch_definition_whole_dataframe(BATCH_DEFINITION)
+
+    suite = context.suites.add_or_update(suite)
+    validation = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
+    )
+    actions = [] if docs_dir is None else [gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")]
+    checkpoint = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=f"{suite.name}.gate",
+            validation_definitions=[validation],
+            actions=actions,
+            result_format={
+                "result_format": "SUMMARY",
+                "partial_unexpected_count": PARTIAL_UNEXPECTED,
+                "unexpected_index_column_names": ["row"],
+            },
+        )
+    )
+    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    ids = frame["id"].astype("string") if "id" in frame.columns else pd.Series(pd.NA, index=frame.index)
+    outcomes = [
+        _outcome(r, ids)
+        for validation_result in result.run_results.values()
+        for r in validation_result.results
+    ]
+    order = {e.meta["check"]: i for i, e in enumerate(suite.expectations)}
+    outcomes.sort(key=lambda o: order.get(o.name, len(order)))
+
+    docs_index = None
+    if docs_dir is not None:
+        sites = context.get_docs_sites_urls()
+        if sites and sites[0].get("site_url"):
+            docs_index = Path(sites[0]["site_url"].removeprefix("file://"))
+    return outcomes, docs_index
+
+
+def _outcome(result: Any, ids: pd.Series) -> ExpectationOutcome:
+    """Condense one GX ExpectationValidationResult."""
+    config = result.expectation_config
+    kwargs = config.kwargs
+    columns = tuple(str(kwargs[k]) for k in ("column", "column_A", "column_B") if k in kwargs)
+    details: Mapping[str, Any] = result.result or {}
+    error = _exception_message(result.exception_info)
+    examples = tuple(_example(index, ids) for index in details.get("partial_unexpected_index_list") or ())
+    observed = None
+    if "partial_missing_list" in details:
+        observed = f"missing {list(details['partial_missing_list'])}"
+    elif "details" in details and "mismatched" in details["details"]:
+        missing = details["details"]["mismatched"].get("missing")
+        observed = f"missing columns {missing}" if missing else None
+    if observed is None and "observed_value" in details:
+        observed = f"observed {details['observed_value']!r}"
+    if not result.success and error is None and not details:
+        error = "no result (is a column missing?)"
+    return ExpectationOutcome(
+        name=(config.meta or {}).get("check", config.type),
+        expectation=config.type,
+        columns=columns,
+        success=bool(result.success),
+        element_count=details.get("element_count"),
+        unexpected_count=details.get("unexpected_count"),
+        examples=examples,
+        observed=observed,
+        error=error,
+    )
+
+
+def _example(index: Any, ids: pd.Series) -> str:
+    """"<id> (column=value, ...)" for one unexpected row; ``index`` is GX's {row, column: value} dict."""
+    if not isinstance(index, Mapping):
+        return str(index)
+    row = index.get("row")
+    sample_id = ids.iloc[int(row)] if row is not None and 0 <= int(row) < len(ids) else pd.NA
+    label = f"row {row}" if pd.isna(sample_id) else str(sample_id)
+    values = ", ".join(f"{k}={_short(v)}" for k, v in index.items() if k != "row")
+    return f"{label} ({values})" if values else label
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _exception_message(info: Any) -> str | None:
+    """GX reports exceptions flat ({raised_exception, exception_message}) or per metric (nested)."""
+    if not info:
+        return None
+    if isinstance(info, Mapping) and "raised_exception" in info:
+        return info.get("exception_message") if info.get("raised_exception") else None
+    messages = []
+    for value in (info.values() if isinstance(info, Mapping) else [info]):
+        message = getattr(value, "exception_message", None)
+        if message is None and isinstance(value, Mapping):
+            message = value.get("exception_message")
+        if message:
+            messages.append(str(message).strip().splitlines()[-1])
+    return "; ".join(dict.fromkeys(messages)) or None

@@ -1,0 +1,1 @@
+"""Training losses, one family per module (import the module you need directly)."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics, one family per module (import the module you need directly)."""

@@ -1,0 +1,1 @@
+"""Registries: dataset versions (DVC) and model versions (MLflow Model Registry)."""
