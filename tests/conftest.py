@@ -30,4 +30,6 @@ def workspace(tmp_path, monkeypatch):
 
     root = tmp_path / "fer-home"
     monkeypatch.setenv("FER_HOME", str(root))
+    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FER_DVC_REMOTE"):
+        monkeypatch.delenv(var, raising=False)
     return Workspace(root).ensure()

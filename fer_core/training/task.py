@@ -35,6 +35,10 @@ class Task(Protocol):
     def compute_metrics(self, outputs: Outputs, targets: Targets) -> dict[str, float]:
         """Metrics over a whole split from concatenated ``forward_train`` outputs and targets."""
 
+    # Optional: ``report(outputs, targets) -> dict`` with JSON-safe detail for artifacts, e.g.
+    # {"confusion_matrix": [[...]], "labels": [...], "per_class": {...}}; the trainer calls it on the
+    # final split when the task defines it.
+
 
 def epoch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The RNG for one sample's augmentation in one epoch.

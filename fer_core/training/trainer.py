@@ -163,8 +163,8 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
-        """Loss and task metrics on a whole split (every rank evaluates the full split)."""
+    def predict(self, split: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+        """Concatenated ``forward_train`` outputs, targets and mean loss over a whole split."""
         self.model.eval()
         outputs: dict[str, list[torch.Tensor]] = {}
         targets: dict[str, list[torch.Tensor]] = {}
@@ -181,12 +181,15 @@ class Trainer:
                 outputs.setdefault(k, []).append(v.float().cpu())
             for k, v in tgt.items():
                 targets.setdefault(k, []).append(v.cpu())
-        if count == 0:
+        cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
+        return cat(outputs), cat(targets), total / max(count, 1)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and task metrics on a whole split (every rank evaluates the full split)."""
+        if len(self.datasets[split]) == 0:
             return {}
-        metrics = self.task.compute_metrics(
-            {k: torch.cat(v) for k, v in outputs.items()}, {k: torch.cat(v) for k, v in targets.items()}
-        )
-        return {"loss": total / count, **metrics}
+        outputs, targets, loss = self.predict(split)
+        return {"loss": loss, **self.task.compute_metrics(outputs, targets)}
 
     def _autocast(self):
         enabled = self.recipe.amp and self.device.type == "cuda"
@@ -244,8 +247,8 @@ class Trainer:
                 seen += len(x)
                 loss_sum += float(loss.detach()) * len(x)
                 for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * len(x)
-                self._call("on_train_batch_end", self.global_step, float(loss), len(x))
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(torch.as_tensor(v).detach()) * len(x)
+                self._call("on_train_batch_end", self.global_step, float(loss.detach()), len(x))
             elapsed = time.perf_counter() - started
             if distributed:  # epoch statistics over all ranks, not rank 0's share
                 keys = sorted(parts_sum)
@@ -288,12 +291,19 @@ class Trainer:
             dist.barrier()
         best = load_checkpoint(best_path if best_path.is_file() else last_path, map_location=self.device)
         self.model.load_state_dict(best["model_state"])
-        test_metrics = {}
-        if "test" in self.datasets and len(self.datasets["test"]):
-            test_metrics = {f"test/{k}": v for k, v in self.evaluate("test").items()}
+        # Final evaluation of the best weights on the test split (val when there is none), plus the
+        # task's detailed report (confusion matrix, per-class table) for tracking artifacts.
+        final_split = next((s for s in ("test", "val") if s in self.datasets and len(self.datasets[s])), None)
+        test_metrics, extra = {}, {}
+        if final_split:
+            outputs, targets, loss = self.predict(final_split)
+            test_metrics = {f"{final_split}/loss": loss, **{
+                f"{final_split}/{k}": v for k, v in self.task.compute_metrics(outputs, targets).items()}}
+            if hasattr(self.task, "report"):
+                extra["report"] = {"split": final_split, **self.task.report(outputs, targets)}
         result = TrainResult(best_epoch=best_epoch, best_value=sign * best_value, history=history,
                              test_metrics=test_metrics, best_checkpoint=best_path, last_checkpoint=last_path,
-                             epochs_run=len(history), stopped_early=stopped_early)
+                             epochs_run=len(history), stopped_early=stopped_early, extra=extra)
         self._call("on_fit_end", result)
         return result
 

@@ -1,0 +1,207 @@
+"""MLflow tracking for training runs: a trainer callback plus the embedded-default configuration.
+
+Embedded default: a SQLite store and an artifact root inside the workspace. ``FER_TRACKING_URI``
+points at any other server, e.g. a remote ``mlflow server`` with PostgreSQL (MLflow's own
+``MLFLOW_TRACKING_URI`` is not read: ``mlflow.set_tracking_uri`` writes it, so it would leak one
+workspace's store into the next). One experiment per network (``fer-<network>``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec as MlflowTensorSpec
+
+from fer_core.models import FERModel, ModelMetadata
+from fer_core.training.callbacks import Callback
+from fer_core.workspace import Workspace
+
+TRACKING_ENV = "FER_TRACKING_URI"
+RUN_ID_FILE = "mlflow_run_id"
+PIP_REQUIREMENTS = ["torch==2.13.0", "numpy<2"]  # explicit: inference of requirements costs 10+ s
+
+
+def tracking_uri(workspace: Workspace | None = None) -> str:
+    """The configured tracking URI, else the workspace's SQLite store."""
+    uri = os.environ.get(TRACKING_ENV)
+    if uri:
+        return uri
+    ws = workspace or Workspace.from_env()
+    ws.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{ws.mlflow_db}"
+
+
+def setup_tracking(workspace: Workspace | None = None) -> str:
+    uri = tracking_uri(workspace)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("FER_REGISTRY_URI", uri))
+    return uri
+
+
+def experiment_name(network: str) -> str:
+    return f"fer-{network}"
+
+
+def get_or_create_experiment(network: str, workspace: Workspace | None = None) -> str:
+    """Experiment id of ``fer-<network>``; in the embedded default its artifacts go to the workspace."""
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(experiment_name(network))
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if tracking_uri(workspace).startswith("sqlite:"):
+        ws = workspace or Workspace.from_env()
+        location = (ws.mlflow_artifacts / network).resolve().as_uri()
+    return client.create_experiment(experiment_name(network), artifact_location=location)
+
+
+def git_commit() -> str:
+    """Commit of the platform's code (``+dirty`` if modified), or "unknown" outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def system_info(device: str) -> dict[str, str]:
+    import torch
+
+    return {
+        "sys.python": platform.python_version(), "sys.torch": torch.__version__,
+        "sys.platform": platform.platform(), "sys.cpu_count": str(os.cpu_count()),
+        "sys.device": device,
+        "sys.cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def model_signature(metadata: ModelMetadata) -> ModelSignature:
+    """MLflow tensor signature from the model's metadata (batch axis -1)."""
+    def schema(specs) -> Schema:
+        return Schema([MlflowTensorSpec(np.dtype(s.dtype), (-1, *s.shape), s.name) for s in specs])
+
+    return ModelSignature(inputs=schema(metadata.inputs), outputs=schema(metadata.outputs))
+
+
+def log_model(model: FERModel, name: str = "model") -> Any:
+    """Log the PyTorch model with its signature and an input example."""
+    example = model.example_input(1).numpy()
+    return mlflow.pytorch.log_model(
+        model.cpu().eval(), name=name, signature=model_signature(model.metadata), input_example=example,
+        pip_requirements=PIP_REQUIREMENTS,
+        # pickle keeps the FERModel class (and its metadata) on load; torch.export would return a
+        # bare GraphModule. The ONNX file is the portable serving artifact.
+        serialization_format="pickle",
+    )
+
+
+class MlflowCallback(Callback):
+    """Logs a training run: params, tags, data version as an input dataset, per-epoch metrics,
+    learning-curve and confusion-matrix PNGs, per-class report, checkpoint and the model.
+
+    A resumed training (same ``run_dir``) continues the same MLflow run instead of starting a new one.
+    """
+
+    def __init__(
+        self,
+        network: str,
+        run_dir: Path,
+        data_ref: str = "",
+        manifest: Any = None,  # pandas DataFrame of the training data's manifest, logged as the input
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        log_model: bool = True,
+        workspace: Workspace | None = None,
+    ) -> None:
+        self.network, self.run_dir, self.data_ref, self.manifest = network, Path(run_dir), data_ref, manifest
+        self.tags, self.parent_run_id, self.run_name = dict(tags or {}), parent_run_id, run_name
+        self.log_model_enabled, self.workspace = log_model, workspace
+        self.run_id: str | None = None
+        self.model_info: Any = None
+
+    # -- run lifecycle -----------------------------------------------------------------------
+    def on_fit_start(self, trainer) -> None:
+        setup_tracking(self.workspace)
+        experiment_id = get_or_create_experiment(self.network, self.workspace)
+        id_file = self.run_dir / RUN_ID_FILE
+        resume_id = id_file.read_text().strip() if id_file.is_file() else None
+        nested = self.parent_run_id is not None
+        if resume_id:
+            mlflow.start_run(run_id=resume_id, nested=nested)
+        else:
+            tags = {"mlflow.parentRunId": self.parent_run_id} if nested else None
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, nested=nested, tags=tags)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run.info.run_id)
+            recipe = trainer.recipe
+            mlflow.log_params(recipe.to_params())
+            mlflow.set_tags({
+                "network": self.network, "profile": recipe.profile, "data_version": self.data_ref,
+                "recipe_fingerprint": recipe.fingerprint(), "git_commit": git_commit(),
+                "world_size": str(trainer.world_size), **system_info(str(trainer.device)), **self.tags,
+            })
+            if self.manifest is not None:
+                name, _, digest = self.data_ref.partition("@")
+                dataset = mlflow.data.from_pandas(self.manifest, source=self.data_ref or "unversioned",
+                                                  name=name or "dataset", digest=(digest or None) and digest[:36])
+                mlflow.log_input(dataset, context="training")
+        self.run_id = mlflow.active_run().info.run_id
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: Mapping[str, float]) -> None:
+        finite = {_key(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        mlflow.log_metrics(finite, step=epoch + 1)
+
+    def on_fit_end(self, trainer, result) -> None:
+        from fer_core.metrics.plots import plot_confusion_matrix, plot_learning_curves
+
+        mlflow.log_metrics({_key(k): v for k, v in result.test_metrics.items() if math.isfinite(v)})
+        mlflow.log_metrics({"best_epoch": result.best_epoch + 1, "epochs_run": result.epochs_run})
+        mlflow.set_tag("stopped_early", str(result.stopped_early))
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            if result.history:
+                plot_learning_curves(result.history).savefig(tmp / "learning_curves.png", dpi=110)
+                mlflow.log_artifact(str(tmp / "learning_curves.png"), "plots")
+            report = result.extra.get("report")
+            if report:
+                (tmp / "report.json").write_text(json.dumps(report, indent=2))
+                mlflow.log_artifact(str(tmp / "report.json"), "evaluation")
+                if "confusion_matrix" in report:
+                    fig = plot_confusion_matrix(np.array(report["confusion_matrix"]), report["labels"],
+                                                f"{self.network} — {report['split']} split")
+                    fig.savefig(tmp / "confusion_matrix.png", dpi=110)
+                    mlflow.log_artifact(str(tmp / "confusion_matrix.png"), "plots")
+        for path in (result.best_checkpoint, result.best_checkpoint.with_name(result.best_checkpoint.name + ".sha256")):
+            if path.is_file():
+                mlflow.log_artifact(str(path), "checkpoint")
+        if self.log_model_enabled:
+            self.model_info = log_model(trainer.model)
+            trainer.model.to(trainer.device)
+        mlflow.end_run()
+
+
+def _key(name: str) -> str:
+    # MLflow accepts letters, digits, _ - . space / ; anything else (e.g. '+') becomes '_'
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
+
+
+def end_active_run(status: str) -> None:
+    """Close a run left open by a crash or interrupt ("FAILED" or "KILLED"); resume reopens it."""
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status=status)
