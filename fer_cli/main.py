@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 # Command-group modules, in help order.
-_COMMAND_MODULES = ("fer_cli.data",)
+_COMMAND_MODULES = ("fer_cli.data", "fer_cli.train")
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command ran and failed (e.g. a data gate refused the data)

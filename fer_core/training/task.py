@@ -35,6 +35,8 @@ class Task(Protocol):
     def compute_metrics(self, outputs: Outputs, targets: Targets) -> dict[str, float]:
         """Metrics over a whole split from concatenated ``forward_train`` outputs and targets."""
 
+    # Optional: ``model_overrides() -> dict`` of model kwargs the data decides (e.g. num_classes);
+    # the trainer folds them into the effective recipe.
     # Optional: ``report(outputs, targets) -> dict`` with JSON-safe detail for artifacts, e.g.
     # {"confusion_matrix": [[...]], "labels": [...], "per_class": {...}}; the trainer calls it on the
     # final split when the task defines it.

@@ -90,6 +90,12 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         data_version: str = "",
     ) -> None:
+        # The data decides some model kwargs (e.g. the number of classes); they become part of the
+        # effective recipe so that checkpoints, logged params and fingerprints show what was built.
+        overrides = task.model_overrides() if hasattr(task, "model_overrides") else {}
+        changed = {f"model_kwargs.{k}": v for k, v in overrides.items() if recipe.model_kwargs.get(k) != v}
+        if changed:
+            recipe = recipe.with_overrides(changed)
         self.recipe, self.task, self.run_dir = recipe, task, Path(run_dir)
         self.callbacks = list(callbacks)
         self.data_version = data_version

@@ -1,0 +1,127 @@
+"""``fer train`` (one training run, tracked in MLflow) and ``fer ui`` (the MLflow UI)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fer_cli.main import EXIT_ERROR, CommandError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one network on one dataset version (tracked in MLflow)",
+        description="Train NETWORK on a DVC-versioned dataset with a recipe profile, log the run to MLflow "
+        "(params, per-epoch metrics, plots, checkpoint, model) and print a summary. "
+        "A killed run continues with --resume (same network, data version and recipe).",
+    )
+    p.add_argument("network", help="network to train (see `fer train --list`)", nargs="?")
+    p.add_argument("--data", "-d", help="dataset as NAME@VERSION (or NAME for its newest version)")
+    p.add_argument("--profile", "-p", default="quick", choices=("quick", "paper"),
+                   help="quick: small and CPU-friendly; paper: the source method's hyper-parameters (GPU)")
+    p.add_argument("--config", "-c", type=Path, default=None, help="YAML file of recipe overrides")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe value, e.g. --set lr=0.01 --set model_kwargs.width=32 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for reviewing runs",
+                       description="Serve the workspace's MLflow store (runs, plots, models, registry).")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; expose with care)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_ui)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fer_core.training.recipe import parse_set_options
+    from fer_core.training.tasks import create_task, get_recipe, get_task_spec, list_networks
+
+    if args.list:
+        for network in list_networks():
+            spec = get_task_spec(network)
+            print(f"{network:16s} trains on {spec.data_task:8s} data; profiles: {', '.join(sorted(spec.profiles))}")
+        return 0
+    if not args.network or not args.data:
+        raise ValueError("give a NETWORK and --data NAME@VERSION (see `fer train --help`)")
+
+    from fer_core.training.callbacks import ProgressBar
+    from fer_core.training.trainer import Trainer
+    from fer_core.workspace import Workspace
+    from registry.datasets import DatasetStore, parse_ref
+
+    recipe = get_recipe(args.network, args.profile)
+    if args.config:
+        recipe = recipe.with_yaml(args.config)
+    recipe = recipe.with_overrides(parse_set_options(args.overrides))
+    workspace = Workspace.from_env().ensure()
+    name, version = parse_ref(args.data)
+    store = DatasetStore(workspace)
+    data = store.get(name, version)
+    root = store.pull(name, data.version)
+    task = create_task(args.network, root, recipe)
+    run_dir = workspace.runs / args.network / f"{data.short}-{recipe.fingerprint()}"
+    if run_dir.exists() and not args.resume and (run_dir / "last.pt").exists():
+        raise CommandError(f"{run_dir} holds a run of this recipe on this data already: pass --resume to "
+                           "continue it, or change the recipe", EXIT_ERROR)
+    callbacks = [ProgressBar()]
+    tracker = None
+    if not args.no_track:
+        import pandas as pd
+
+        from registry.tracking import MlflowCallback
+
+        tracker = MlflowCallback(args.network, run_dir, data_ref=data.ref,
+                                 manifest=pd.read_parquet(root / "manifest.parquet"), workspace=workspace)
+        callbacks.append(tracker)
+    trainer = Trainer(recipe, task, run_dir, callbacks=callbacks, data_version=data.ref)
+    try:
+        result = trainer.fit(resume=args.resume)
+    except BaseException:
+        if tracker is not None:
+            from registry.tracking import end_active_run
+
+            end_active_run("KILLED")
+        raise
+    _print_summary(args.network, data.ref, result, tracker.run_id if tracker else None, run_dir)
+    return 0
+
+
+def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path) -> None:
+    final = result.final_metrics
+    rows = [("network", network), ("data", data_ref), ("epochs run", str(result.epochs_run)),
+            ("best epoch", str(result.best_epoch + 1)), ("stopped early", str(result.stopped_early))]
+    rows += [(k, f"{v:.4f}") for k, v in sorted(final.items()) if k.startswith("val/") and k.count("/") == 1]
+    rows += [(k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items()) if k.count("/") == 1]
+    rows += [("throughput", f"{final.get('throughput/samples_per_s', 0):.1f} samples/s"),
+             ("checkpoint", str(result.best_checkpoint))]
+    if run_id:
+        rows.append(("mlflow run", run_id))
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    if run_id:
+        print(f"\nreview it: fer ui   (then open the experiment fer-{network})")
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from fer_core.workspace import Workspace
+    from registry.tracking import tracking_uri
+
+    workspace = Workspace.from_env().ensure()
+    uri = tracking_uri(workspace)
+    workspace.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", workspace.mlflow_artifacts.resolve().as_uri(),
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}); Ctrl-C stops it", flush=True)
+    try:
+        return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,96 @@
+"""Training augmentation on float tensors, driven by an explicit ``torch.Generator``.
+
+All ops take ``(..., C, H, W)`` in [0, 1] (before normalisation) and draw their parameters once per
+call, so a clip ``(T, C, H, W)`` gets the same flip/rotation/crop on every frame. Every random draw
+comes from the generator passed in (see :func:`fer_core.training.task.epoch_generator`), which is
+what makes resumed and distributed runs replay the same augmentation.
+
+The static-FER recipe (CA-ResNet) uses: horizontal flip, rotation, Gaussian noise of variance
+0.001, random crop of 50–100 % of the area, gamma in [1/2, 2] ("gamma 2"), random erasing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Which augmentations to apply and how strongly (0 / False disables one)."""
+
+    hflip: bool = True
+    rotation_deg: float = 10.0
+    crop_area: tuple[float, float] = (0.5, 1.0)  # fraction of the image area kept by the random crop
+    gamma_max: float = 2.0  # gamma drawn log-uniformly from [1/gamma_max, gamma_max]
+    noise_var: float = 0.001
+    erase_prob: float = 0.5
+    erase_area: tuple[float, float] = (0.02, 0.15)
+
+    @classmethod
+    def from_mapping(cls, raw) -> "AugmentConfig":
+        raw = dict(raw or {})
+        for key in ("crop_area", "erase_area"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown augmentation options {sorted(unknown)}")
+        return cls(**raw)
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        return cls(hflip=False, rotation_deg=0.0, crop_area=(1.0, 1.0), gamma_max=1.0, noise_var=0.0, erase_prob=0.0)
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=g))
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Apply one 2x3 affine (normalised coordinates) to every image in ``x`` (..., C, H, W)."""
+    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+    flat = x.reshape(-1, c, h, w)
+    grid = F.affine_grid(theta.expand(flat.shape[0], 2, 3), list(flat.shape), align_corners=False)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(*lead, c, h, w)
+
+
+def augment(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """One random augmentation of ``x`` (..., C, H, W) in [0, 1]."""
+    if cfg.hflip and float(torch.rand((), generator=g)) < 0.5:
+        x = x.flip(-1)
+    # Rotation and the random crop are one affine warp: the crop keeps `area` of the image (with
+    # a random aspect ratio in [3/4, 4/3]) and is resized back to the full size.
+    angle = math.radians(_uniform(g, -cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
+    area = _uniform(g, *cfg.crop_area)
+    if angle or area < 1.0:
+        ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+        sx, sy = min(math.sqrt(area * ratio), 1.0), min(math.sqrt(area / ratio), 1.0)
+        tx, ty = _uniform(g, -(1 - sx), 1 - sx), _uniform(g, -(1 - sy), 1 - sy)
+        cos, sin = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[sx * cos, -sy * sin, tx], [sx * sin, sy * cos, ty]], dtype=x.dtype)
+        x = _affine(x, theta)
+    if cfg.gamma_max > 1.0:
+        gamma = math.exp(_uniform(g, -math.log(cfg.gamma_max), math.log(cfg.gamma_max)))
+        x = x.clamp(0, 1) ** gamma
+    if cfg.noise_var > 0:
+        x = x + torch.randn(x.shape, generator=g, dtype=x.dtype) * math.sqrt(cfg.noise_var)
+    if cfg.erase_prob > 0 and float(torch.rand((), generator=g)) < cfg.erase_prob:
+        h, w = x.shape[-2:]
+        frac = _uniform(g, *cfg.erase_area)
+        eh, ew = max(1, int(round(h * math.sqrt(frac)))), max(1, int(round(w * math.sqrt(frac))))
+        top, left = int(torch.randint(0, h - eh + 1, (), generator=g)), int(torch.randint(0, w - ew + 1, (), generator=g))
+        x = x.clone()
+        x[..., top : top + eh, left : left + ew] = torch.rand((), generator=g, dtype=x.dtype)
+    return x.clamp(0, 1)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel for (..., C, H, W)."""
+    mean = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean) / std
