@@ -33,6 +33,10 @@ __all__ = [
     "APEX_METHODS",
     "eye_centres_from_landmarks",
     "face_box_from_landmarks",
+    "NOMINAL_BOX_EYES",
+    "nominal_eyes",
+    "aligned_eye_targets",
+    "alignment_matrix",
     "align_face",
     "detect_and_align",
     "drop_faceless_frames",
@@ -176,6 +180,13 @@ class HaarFaceDetector:
     With ``find_eyes`` the eye cascade runs inside the upper part of each face, upscaled so that
     the eyes of small faces still exceed the cascade's 20x20 window; the eyes are kept only when a
     plausible left/right pair (similar height, sensible spacing) is found.
+
+    Defaults (``frontalface_alt2``, no histogram equalisation) were chosen by measuring detection
+    and eye-pair rates on SynthFACS faces against ``frontalface_default`` and equalised input.
+    ``eye_box_centre`` is where the eye centre lies inside a box of the eye cascade, as fractions
+    of its width/height: the cascade's boxes sit ~6% of their size up and to the left of the eye
+    centre (measured on SynthFACS at 96-160 px, the same for both eyes, so a property of the
+    cascade); ``(0.5, 0.5)`` gives the raw box centres.
     """
 
     # Eye search is done on the face's upper part resized to this width (px).
@@ -187,9 +198,10 @@ class HaarFaceDetector:
         min_neighbors: int = 5,
         min_size_fraction: float = 0.2,
         find_eyes: bool = True,
-        cascade: str = "haarcascade_frontalface_default.xml",
+        cascade: str = "haarcascade_frontalface_alt2.xml",
         eye_cascade: str = "haarcascade_eye.xml",
-        equalize: bool = True,
+        equalize: bool = False,
+        eye_box_centre: tuple[float, float] = (0.56, 0.555),
     ) -> None:
         if scale_factor <= 1.0:
             raise ValueError(f"scale_factor must be > 1, got {scale_factor}")
@@ -202,6 +214,7 @@ class HaarFaceDetector:
         self.min_size_fraction = min_size_fraction
         self.find_eyes = find_eyes
         self.equalize = equalize
+        self.eye_box_centre = _check_point(eye_box_centre, "eye_box_centre")
         self._face_cascade = _cascade(cascade)
         self._eye_cascade = _cascade(eye_cascade) if find_eyes else None
 
@@ -209,7 +222,8 @@ class HaarFaceDetector:
         """Faces in ``image`` (uint8 grey or RGB), largest first."""
         grey = _to_grey(_check_image(image))
         if self.equalize:
-            # Histogram equalisation makes the cascade far less sensitive to global exposure.
+            # Off by default: on SynthFACS it cost ~5% of faces and 15-20% of eye pairs (the flat
+            # background dominates the histogram); it can help with badly exposed photographs.
             grey = cv2.equalizeHist(grey)
         min_side = max(int(self.min_size_fraction * min(grey.shape)), 1)
         rects, neighbours = self._face_cascade.detectMultiScale2(
@@ -233,15 +247,20 @@ class HaarFaceDetector:
         if roi.size == 0:
             return None
         scale = self._EYE_ROI_WIDTH / roi.shape[1]
-        roi = cv2.resize(roi, (self._EYE_ROI_WIDTH, max(int(round(roi.shape[0] * scale)), 1)),
-                         interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)
+        rows = max(int(round(roi.shape[0] * scale)), 1)
+        scale_y = rows / roi.shape[0]  # differs slightly from ``scale`` after rounding
+        interpolation = cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA
+        roi = cv2.resize(roi, (self._EYE_ROI_WIDTH, rows), interpolation=interpolation)
         min_eye = max(int(0.12 * self._EYE_ROI_WIDTH), 1)
         max_eye = int(0.45 * self._EYE_ROI_WIDTH)
         rects = self._eye_cascade.detectMultiScale(
             roi, scaleFactor=1.1, minNeighbors=3, minSize=(min_eye, min_eye), maxSize=(max_eye, max_eye)
         )
+        # The point at fraction f of a box [ex, ex + ew) is ex + f * ew in continuous coordinates;
+        # undoing the resize and converting to pixel-index coordinates gives (ex + f * ew) / scale - 0.5.
+        fx, fy = self.eye_box_centre
         centres = [
-            (x + (ex + (ew - 1) / 2.0) / scale, top + (ey + (eh - 1) / 2.0) / scale)
+            (x + (ex + fx * ew) / scale - 0.5, top + (ey + fy * eh) / scale_y - 0.5)
             for ex, ey, ew, eh in np.asarray(rects).reshape(-1, 4)
         ]
         mid_x = x + (w - 1) / 2.0
@@ -367,12 +386,25 @@ def aligned_eye_targets(
     return ((0.5 - eye_dist / 2.0) * width - 0.5, y), ((0.5 + eye_dist / 2.0) * width - 0.5, y)
 
 
+# Where the eyes sit in a frontal Haar box, as fractions of its width/height (continuous coordinates).
+# Measured on SynthFACS faces with the default cascade (0.29 / 0.69 / 0.385, sd ~0.02), the usual
+# layout of OpenCV's frontal-face boxes on photographs too.
+NOMINAL_BOX_EYES: tuple[tuple[float, float], tuple[float, float]] = ((0.3, 0.385), (0.7, 0.385))
+
+
+def nominal_eyes(box: FaceBox) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Eye centres a face box implies when none were found (:data:`NOMINAL_BOX_EYES`), pixel-index coords."""
+    return tuple(  # type: ignore[return-value]
+        (box.x + fx * box.w - 0.5, box.y + fy * box.h - 0.5) for fx, fy in NOMINAL_BOX_EYES
+    )
+
+
 def alignment_matrix(
     box: FaceBox,
     out_size: int | Sequence[int] = (48, 48),
     eye_y: float = 0.35,
     eye_dist: float = 0.4,
-    margin: float = 0.1,
+    margin: float | None = None,
 ) -> np.ndarray:
     """The 2x3 affine matrix :func:`align_face` warps with (image -> aligned output coordinates)."""
     height, width = _size_hw(out_size, "out_size")
@@ -380,14 +412,17 @@ def alignment_matrix(
         raise ValueError(f"eye_dist must be in (0, 1), got {eye_dist}")
     if not 0.0 < eye_y < 1.0:
         raise ValueError(f"eye_y must be in (0, 1), got {eye_y}")
+    targets = aligned_eye_targets((height, width), eye_y, eye_dist)
+    if box.has_eyes:
+        return _similarity_from_two_points((box.left_eye, box.right_eye), targets)
+    if margin is None:
+        # Level eyes at their nominal box positions: the same framing as eye alignment on average,
+        # so faces whose eyes were found and faces whose eyes were not look alike to a model.
+        return _similarity_from_two_points(nominal_eyes(box), targets)
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
-    if box.has_eyes:
-        return _similarity_from_two_points(
-            (box.left_eye, box.right_eye), aligned_eye_targets((height, width), eye_y, eye_dist)
-        )
-    # No eyes: a square crop around the box centre, ``margin`` of the side added on each side,
-    # scaled to cover the output (aspect ratio kept; the longer output side is filled).
+    # A square crop around the box centre with ``margin`` of the side added on each side, scaled so
+    # the longer output side is filled (aspect ratio kept).
     side = max(box.w, box.h) * (1.0 + 2.0 * margin)
     scale = max(height, width) / side
     cx, cy = box.centre
@@ -404,15 +439,17 @@ def align_face(
     eye_y: float = 0.35,
     eye_dist: float = 0.4,
     grayscale: bool = False,
-    margin: float = 0.1,
+    margin: float | None = None,
 ) -> np.ndarray:
     """Crop and align one face to ``out_size`` = ``(height, width)``.
 
     With eye centres in ``box``, a similarity transform (rotation + uniform scale + shift) puts the
-    left/right eye at :func:`aligned_eye_targets`, which removes in-plane head roll. Without eyes,
-    a square crop of the box with ``margin`` around it is resized. Pixels outside the image repeat
-    the border (black corners would be a spurious cue for the classifier). ``grayscale`` converts
-    RGB to grey; grey inputs stay grey.
+    left/right eye at :func:`aligned_eye_targets`, which removes in-plane head roll. Without eyes
+    the crop is square and unrotated: by default framed as if the eyes were at their nominal box
+    positions (:func:`nominal_eyes`), so it matches eye alignment on average; with an explicit
+    ``margin`` it is the box centred with ``margin`` of its side added around it instead. Pixels
+    outside the image repeat the border (black corners would be a spurious cue for a classifier).
+    ``grayscale`` converts RGB to grey; grey inputs stay grey.
     """
     image = _check_image(image)
     if not isinstance(box, FaceBox):
