@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", "-f", dest="format_name", required=True, help="format name (see `fer data formats`)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, value parsed as YAML (repeatable), e.g. -o ferplus=fer2013new.csv")
+    p.add_argument("--drop-cross-split-duplicates", action="store_true",
+                   help="drop val/test rows whose pixels also occur in an earlier split (FER2013 has ~630); "
+                   "recorded in the dataset card")
     p.set_defaults(func=_add)
 
     p = cmds.add_parser("validate", help="run the data gate on a source without versioning it")
@@ -136,6 +139,8 @@ def _add(args: argparse.Namespace) -> int:
 
     name = check_dataset_name(args.name)
     options = _parse_options(args.option)
+    if args.drop_cross_split_duplicates:
+        options["drop_cross_split_duplicates"] = True
     workspace = Workspace.from_env().ensure()
     store = DatasetStore(workspace)
     staging = workspace.dvc_repo / "staging"

@@ -70,9 +70,43 @@ def get_format(name: str) -> DataFormat:
     return _FORMATS[name]
 
 
-def adapt(format_name: str, source: Path, out_dir: Path, *, name: str, **options: Any) -> DatasetCard:
-    """Read ``source`` in ``format_name`` into a prepared dataset at ``out_dir``."""
+def adapt(
+    format_name: str,
+    source: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    drop_cross_split_duplicates: bool = False,
+    **options: Any,
+) -> DatasetCard:
+    """Read ``source`` in ``format_name`` into a prepared dataset at ``out_dir``.
+
+    ``drop_cross_split_duplicates``: remove evaluation rows whose pixels also occur in an earlier
+    split (train before val before test), e.g. FER2013's known Training/PublicTest duplicates. Off by
+    default so the data gate reports such leaks; when on, the count is recorded in the card.
+    """
     source = Path(source)
     if not source.exists():
         raise ValueError(f"source {source} does not exist")
-    return get_format(format_name).adapt(source, Path(out_dir), name=name, **options)
+    card = get_format(format_name).adapt(source, Path(out_dir), name=name, **options)
+    if drop_cross_split_duplicates:
+        card = _drop_cross_split_duplicates(Path(out_dir), card)
+    return card
+
+
+def _drop_cross_split_duplicates(root: Path, card: DatasetCard) -> DatasetCard:
+    import dataclasses
+
+    from fer_core.data.manifest import SPLITS, class_counts, read_manifest, write_prepared
+
+    df = read_manifest(root)
+    rank = df["split"].map({s: i for i, s in enumerate(SPLITS)}).fillna(len(SPLITS))
+    hashed = df["content_hash"].fillna("") != ""
+    first_rank = rank[hashed].groupby(df.loc[hashed, "content_hash"]).transform("min")
+    drop = df.index[hashed][(rank[hashed] > first_rank).to_numpy()]
+    kept = df.drop(index=drop).reset_index(drop=True)
+    provenance = {**card.provenance, "dropped_cross_split_duplicates": int(len(drop))}
+    card = dataclasses.replace(card, counts=class_counts(kept, card.classes), num_samples=int(len(kept)),
+                               provenance=provenance)
+    write_prepared(root, kept, card)
+    return card

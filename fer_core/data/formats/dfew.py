@@ -180,8 +180,8 @@ def write_synthetic(
     num_frames: int = 8,
     num_subjects: int = 5,
 ) -> Path:
-    """DFEW layout with SynthFACS clips as ``Clip/clip_224x224/<video>/`` frame
-    folders (``NNNNN.jpg`` frames, ``image_size`` square rather than 224) and the 10 split CSVs. Folds are assigned by subject
+    """DFEW layout with SynthFACS clips as ``Clip/clip_224x224/<video>/NNNNN.jpg`` frame folders
+    (``image_size`` square rather than 224) and the 10 split CSVs. Folds are assigned by subject
     (subject i -> fold i % 5 + 1), so no identity is in both a fold's train and test lists."""
     import cv2
 

@@ -24,9 +24,11 @@ annotation: onset = 0, offset = last frame, apex estimated with ``estimate_apex`
 
 Classes: CASME II's 5-class protocol (:data:`labels.CASME2_CLASSES`); its rare ``fear``/``sadness``
 clips are dropped (``other_emotions="drop"``, the usual 5-class protocol) or merged into ``others``.
-SAMM keeps its 8 estimated emotions (:data:`SAMM_CLASSES`). Both accept ``classes="composite"``,
-the MEGC 2019 composite 3 classes (:data:`labels.SMIC_CLASSES`: positive = happiness, negative =
-anger, contempt, disgust, fear, repression, sadness, surprise = surprise; others dropped). SMIC's
+SAMM defaults to ``classes="composite"``, the MEGC 2019 composite 3 classes
+(:data:`labels.SMIC_CLASSES`: positive = happiness, negative = anger, contempt, disgust, fear,
+repression, sadness, surprise = surprise; ``Other`` dropped), because several of its 8 estimated
+emotions hold under ten clips; ``classes="samm"`` keeps all 8 (:data:`SAMM_CLASSES`). CASME II also
+accepts ``classes="composite"``. SMIC's
 classes are its folder names. An emotion name outside these lists raises ``ValueError``.
 
 Frame folders are copied to ``clips/<path below source>``. Protocol: leave-one-subject-out, so the
@@ -199,7 +201,7 @@ def _card(
         classes=classes,
         splits=splits,
         subject_independent=True,
-        counts=class_counts(df, classes) if len(df) else {},
+        counts=class_counts(df, classes),
         num_samples=len(df),
         provenance={"protocol": "leave-one-subject-out", **provenance},
     )
@@ -336,6 +338,8 @@ def _adapt_sheet_dataset(
                 "label_name": cls,
             }
         )
+    if not rows:
+        raise ValueError(f"{sheet_path.name} lists no clips of the classes {card_classes} (dropped: {dropped})")
     df = _rows_frame(rows)
     provenance = {
         "sheet": sheet_path.name,
@@ -380,13 +384,14 @@ def adapt_samm(
     name: str,
     sheet: Path | str | None = None,
     frames_dir: str | None = None,
-    classes: str = "samm",
+    classes: str = "composite",
     test_subjects: Sequence[Any] | None = None,
     estimate_missing_apex: bool = False,
 ) -> DatasetCard:
     """SAMM: ``SAMM/NNN/<Filename>/NNN_FFFFF.jpg`` + ``SAMM_Micro_FACS_Codes*.xlsx``.
 
-    ``classes``: "samm" (8 estimated emotions) or "composite" (3); ``test_subjects``: e.g. ``["006"]``.
+    ``classes``: "composite" (3, default) or "samm" (8 estimated emotions); ``test_subjects``:
+    e.g. ``["006"]`` or ``[6]``.
     """
     return _adapt_sheet_dataset(
         "samm", source, out_dir, name=name, sheet=sheet, frames_dir=frames_dir, classes=classes,
