@@ -27,7 +27,7 @@ def fit(
         loss = loss_fn(model.forward_train(x), targets)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

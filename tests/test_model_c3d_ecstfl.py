@@ -177,3 +177,43 @@ def test_total_loss_is_cross_entropy_plus_weighted_ec_stfl():
     assert math.isfinite(parts["ec_stfl"].item()) and parts["ec_stfl"] > 0
     with pytest.raises(ValueError):
         EcStflLoss(lambda_weight=-1.0)
+
+
+# --- learning ----------------------------------------------------------------------------------------
+
+
+def _clips(clips) -> torch.Tensor:
+    """uint8 (N, T, H, W, 3) -> float (N, T, 3, H, W) normalised with the model's mean/std 0.5."""
+    return (torch.from_numpy(clips).float().permute(0, 1, 4, 2, 3) / 255.0 - 0.5) / 0.5
+
+
+@pytest.mark.slow
+def test_c3d_with_ec_stfl_learns_dynamic_expressions_of_unseen_subjects():
+    from fer_core.data.synthfacs import SynthFACS
+    from tests.learning import epochs, fit
+
+    torch.set_num_threads(1)
+    gen = SynthFACS(seed=0, image_size=32, difficulty=0.0)
+    train = gen.dynamic_clips(420, num_frames=8, num_subjects=30)
+    test = gen.dynamic_clips(140, num_frames=8, num_subjects=10, first_subject=100)
+    x_train, y_train = _clips(train.clips), torch.from_numpy(train.labels)
+    x_test, y_test = _clips(test.clips), torch.from_numpy(test.labels)
+
+    # narrow C3D; dropout off because a 128-wide FC has little to spare
+    model = create_model("c3d_ecstfl", num_frames=8, img_size=32, width=8, fc_width=128, drop_rate=0.0)
+    loss = EcStflLoss(lambda_weight=0.1)
+    model.eval()
+    with torch.no_grad():
+        ec_before = ec_stfl_loss(model.forward_train(x_test)["features"], y_test).item()
+    fit(model, loss, epochs(x_train, {"label": y_train}, batch_size=28), steps=200)
+    model.eval()
+    with torch.no_grad():
+        outs = model.forward_train(x_test)
+    accuracy = (outs["logits"].argmax(dim=1) == y_test).float().mean().item()
+    ec_after = ec_stfl_loss(outs["features"], y_test).item()
+    chance = 1.0 / len(EXPRESSIONS)
+    print(f"c3d_ecstfl held-out accuracy {accuracy:.3f}, EC-STFL {ec_before:.2f} -> {ec_after:.2f}")
+    # measured 0.42 on held-out subjects (0.37-0.39 in 180-step trials; chance 0.143); demand 2x chance
+    assert accuracy >= 2.0 * chance, f"accuracy {accuracy:.3f} on unseen subjects (chance {chance:.3f})"
+    # the features of unseen clips are more clustered by expression than at the start
+    assert ec_after < 0.8 * ec_before, f"EC-STFL on held-out features {ec_before:.2f} -> {ec_after:.2f}"

@@ -18,8 +18,9 @@ Where the description was ambiguous, and what this module does:
 * "Penultimate FC features" are fc7's ReLU output *before* fc7's dropout (distances between randomly
   dropped features would be noise); they are what ``forward_head(pre_logits=True)`` returns, and
   ``num_features`` is their width (``fc_width``), the input width of the classifier.
-* No batch norm (C3D has none). Kaiming-normal (fan_out) init for convs, Kaiming-normal (fan_in) for
-  fc6/fc7, N(0, 0.01) for the classifier (C3D-style small last layer), zero biases.
+* No batch norm (C3D has none). Kaiming-normal (fan_in) init for convs and fc6/fc7 — fan_out shrank
+  the activations ~15x over the eight convs of a narrow net and stalled training — N(0, 0.01) for the
+  classifier (C3D-style small last layer), zero biases.
 * Normalisation in the metadata is mean 0.5 / std 0.5 per channel on [0, 1] frames (the Sports-1M mean
   clip of the original release is not available here).
 * ``width`` scales every conv (64 in the paper) and ``fc_width`` the FCs (4096) for CPU tests.
@@ -109,7 +110,8 @@ class C3DECSTFL(FERModel):
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                # fan_in keeps the activation scale through eight convs that have no batch norm
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
         for fc in (self.fc6, self.fc7):
             nn.init.kaiming_normal_(fc.weight, mode="fan_in", nonlinearity="relu")
