@@ -111,6 +111,9 @@ class AUCoTrainNet(FERModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Both views' last feature maps, stacked as (B, 2, C, h, w)."""
+        # Images converted from HWC arrays arrive channels-last; on CPU, torch 2.13's backward of the
+        # strided 1x1 shortcut conv segfaults on channels-last tensors, so run in the default layout.
+        x = x.contiguous()
         return torch.stack([trunk(x) for trunk in self.trunks], dim=1)
 
     def _pool(self, features: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,12 @@ Ambiguities in the description and the choices made here:
   ``1 + alpha_i`` (2.375 .. 14) as written in the description.
 * magnifier details: Oh et al.'s encoder gives a texture and a shape representation; the manipulator is
   ``M_onset + h(factor * g(M_apex - M_onset))`` with ``g`` = conv+ReLU and ``h`` = conv + residual
-  block (here without biases, so that no motion stays no motion at every factor), and the decoder fuses the apex frame's texture with the manipulated shape. Widths and block
-  counts are scaled down (configurable). No normalisation layers, so train/eval behave alike. Unlike the
-  paper, the decoder predicts a residual added to the apex frame (a fresh network starts near "output =
-  apex", which lets it train on a CPU in a minute). It works in the model's normalised input space.
+  block (here without biases, so that no motion stays no motion at every factor), and the decoder
+  fuses the apex frame's texture with the manipulated shape. Widths and block counts are scaled down
+  (configurable). No normalisation layers, so train/eval behave alike. Unlike the paper, the decoder
+  predicts a residual added to the apex frame (a fresh network starts near "output = apex", which lets
+  it train on a CPU in a minute). It works in the model's normalised input space. It is trained with
+  MSE, not the paper's L1 (see :func:`fer_core.losses.micro.magnification_loss`).
 * the magnifier inside the classifier is trainable end to end by default (``freeze_magnifier=True``
   freezes it after loading weights trained on pairs with :func:`fer_core.losses.micro.magnification_loss`).
 * the linear baseline ``I_onset + factor (I_apex - I_onset)`` is not clipped to the valid range.
@@ -132,7 +134,9 @@ class LearnedMagnifier(nn.Module):
         self.shape_head = nn.Sequential(_conv_relu(hidden, hidden), *res_blocks(hidden))
         # g and h have no biases so that zero motion stays zero for every factor (g(0) = h(0) = 0).
         self.motion_g = _conv_relu(hidden, hidden, bias=False)
-        self.motion_h = nn.Sequential(nn.Conv2d(hidden, hidden, 3, 1, 1, bias=False), ResidualConvBlock(hidden, bias=False))
+        self.motion_h = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, 1, 1, bias=False), ResidualConvBlock(hidden, bias=False)
+        )
         self.decoder = nn.Sequential(
             _conv_relu(2 * hidden, hidden), *res_blocks(hidden),
             nn.Upsample(scale_factor=2, mode="nearest"),
@@ -144,7 +148,8 @@ class LearnedMagnifier(nn.Module):
         (B, T) -> (B, T, C, H, W)."""
         if not torch.jit.is_tracing():  # shapes are fixed by the metadata once exported
             if onset.shape != apex.shape or onset.dim() != 4:
-                raise ValueError(f"onset and apex must both be (B, C, H, W), got {tuple(onset.shape)}, {tuple(apex.shape)}")
+                shapes = f"{tuple(onset.shape)}, {tuple(apex.shape)}"
+                raise ValueError(f"onset and apex must both be (B, C, H, W), got {shapes}")
             if onset.shape[-1] % 4 or onset.shape[-2] % 4:
                 raise ValueError(f"frame height and width must be divisible by 4, got {tuple(onset.shape[-2:])}")
         squeeze = factors.dim() == 1

@@ -80,7 +80,9 @@ class ResNetTrunk(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
+        # Channels-last inputs (a numpy HWC batch permuted to NCHW) make the backward pass of the
+        # strided 1x1 shortcut conv segfault on CPU in torch 2.13; a contiguous copy avoids it.
+        return self.stages(self.stem(x.contiguous()))
 
 
 class ResNet(FERModel):
