@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from fer_core.training.recipe import parse_set_options
-    from fer_core.training.tasks import create_task, get_recipe, get_task_spec, list_networks
+    from fer_core.training.tasks import get_task_spec, list_networks
 
     if args.list:
         for network in list_networks():
@@ -49,45 +49,14 @@ def _train(args: argparse.Namespace) -> int:
     if not args.network or not args.data:
         raise ValueError("give a NETWORK and --data NAME@VERSION (see `fer train --help`)")
 
-    from fer_core.training.callbacks import ProgressBar
-    from fer_core.training.trainer import Trainer
-    from fer_core.workspace import Workspace
-    from registry.datasets import DatasetStore, parse_ref
+    from registry.training import RunExistsError, resolve_recipe, train_tracked
 
-    recipe = get_recipe(args.network, args.profile)
-    if args.config:
-        recipe = recipe.with_yaml(args.config)
-    recipe = recipe.with_overrides(parse_set_options(args.overrides))
-    workspace = Workspace.from_env().ensure()
-    name, version = parse_ref(args.data)
-    store = DatasetStore(workspace)
-    data = store.get(name, version)
-    root = store.pull(name, data.version)
-    task = create_task(args.network, root, recipe)
-    run_dir = workspace.runs / args.network / f"{data.short}-{recipe.fingerprint()}"
-    if run_dir.exists() and not args.resume and (run_dir / "last.pt").exists():
-        raise CommandError(f"{run_dir} holds a run of this recipe on this data already: pass --resume to "
-                           "continue it, or change the recipe", EXIT_ERROR)
-    callbacks = [ProgressBar()]
-    tracker = None
-    if not args.no_track:
-        import pandas as pd
-
-        from registry.tracking import MlflowCallback
-
-        tracker = MlflowCallback(args.network, run_dir, data_ref=data.ref,
-                                 manifest=pd.read_parquet(root / "manifest.parquet"), workspace=workspace)
-        callbacks.append(tracker)
-    trainer = Trainer(recipe, task, run_dir, callbacks=callbacks, data_version=data.ref)
+    recipe = resolve_recipe(args.network, args.profile, args.config, parse_set_options(args.overrides))
     try:
-        result = trainer.fit(resume=args.resume)
-    except BaseException:
-        if tracker is not None:
-            from registry.tracking import end_active_run
-
-            end_active_run("KILLED")
-        raise
-    _print_summary(args.network, data.ref, result, tracker.run_id if tracker else None, run_dir)
+        outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
+    except RunExistsError as exc:
+        raise CommandError(f"{exc} (pass --resume to continue it)", EXIT_ERROR) from None
+    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir)
     return 0
 
 

@@ -1,0 +1,100 @@
+"""A tracked training run: data version → recipe → Trainer with MLflow tracking → outcome.
+
+The one place that wires a training run together; ``fer train`` and the Prefect ``train`` flow both
+call :func:`train_tracked`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from fer_core.training.callbacks import Callback, ProgressBar
+from fer_core.training.recipe import Recipe
+from fer_core.training.trainer import Trainer, TrainResult
+from fer_core.workspace import Workspace
+from registry.datasets import DatasetStore, parse_ref
+
+
+class RunExistsError(RuntimeError):
+    """A finished or interrupted run of the same recipe on the same data exists (use resume)."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a tracked training produced."""
+
+    network: str
+    data_ref: str  # name@full-version
+    recipe: Recipe  # the effective recipe (data-decided model kwargs folded in)
+    result: TrainResult
+    run_dir: Path
+    run_id: str | None  # MLflow run, None when not tracked
+    model_uri: str | None  # logged MLflow model
+
+
+def resolve_recipe(network: str, profile: str = "quick", config: Path | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> Recipe:
+    """The registered profile recipe of ``network`` with a YAML file and ``key=value`` overrides applied."""
+    from fer_core.training.tasks import get_recipe
+
+    recipe = get_recipe(network, profile)
+    if config is not None:
+        recipe = recipe.with_yaml(config)
+    return recipe.with_overrides(dict(overrides or {}))
+
+
+def run_dir_for(workspace: Workspace, network: str, data_version: str, recipe: Recipe) -> Path:
+    """Deterministic run folder: the same network, data version and recipe resume the same run."""
+    return workspace.runs / network / f"{data_version[:12]}-{recipe.fingerprint()}"
+
+
+def train_tracked(
+    network: str,
+    data_ref: str,
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    track: bool = True,
+    parent_run_id: str | None = None,
+    extra_callbacks: tuple[Callback, ...] = (),
+    progress: bool = True,
+    workspace: Workspace | None = None,
+) -> TrainOutcome:
+    """Train ``network`` on the dataset version ``data_ref`` (``name@version``), tracked in MLflow."""
+    from fer_core.training.tasks import create_task
+
+    workspace = (workspace or Workspace.from_env()).ensure()
+    name, version = parse_ref(data_ref)
+    store = DatasetStore(workspace)
+    data = store.get(name, version)
+    root = store.pull(name, data.version)
+    task = create_task(network, root, recipe)
+    run_dir = run_dir_for(workspace, network, data.version, recipe)
+    if not resume and (run_dir / "last.pt").exists():
+        raise RunExistsError(f"{run_dir} holds a run of this recipe on {data.ref} already; resume it or "
+                             "change the recipe")
+    callbacks: list[Callback] = [ProgressBar()] if progress else []
+    tracker = None
+    if track:
+        import pandas as pd
+
+        from registry.tracking import MlflowCallback
+
+        tracker = MlflowCallback(network, run_dir, data_ref=data.ref, parent_run_id=parent_run_id,
+                                 manifest=pd.read_parquet(root / "manifest.parquet"), workspace=workspace)
+        callbacks.append(tracker)
+    callbacks.extend(extra_callbacks)
+    trainer = Trainer(recipe, task, run_dir, callbacks=callbacks, data_version=data.ref)
+    try:
+        result = trainer.fit(resume=resume)
+    except BaseException:
+        if tracker is not None:
+            from registry.tracking import end_active_run
+
+            end_active_run("KILLED")
+        raise
+    model_uri = tracker.model_info.model_uri if tracker is not None and tracker.model_info else None
+    return TrainOutcome(network=network, data_ref=data.ref, recipe=trainer.recipe, result=result,
+                        run_dir=run_dir, run_id=tracker.run_id if tracker else None, model_uri=model_uri)
