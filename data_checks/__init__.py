@@ -11,7 +11,13 @@ the per-task expectation suites, :mod:`data_checks.gate` runs them and writes Da
 package (not ``fer_core``) is where Great Expectations is imported.
 """
 
-from data_checks.gate import ExpectationOutcome, GateFailed, GateReport, validate_dataset
-from data_checks.suites import GateBounds
+import os
+
+# Before anything imports great_expectations: GX builds that send usage statistics read this, and
+# the gate must stay offline.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+from data_checks.gate import ExpectationOutcome, GateFailed, GateReport, validate_dataset  # noqa: E402
+from data_checks.suites import GateBounds  # noqa: E402
 
 __all__ = ["ExpectationOutcome", "GateBounds", "GateFailed", "GateReport", "validate_dataset"]

@@ -13,23 +13,22 @@ checkpoint's ``UpdateDataDocsAction`` renders the run into ``uncommitted/data_do
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 
-# Before GX is imported: no usage statistics (the gate must run offline).
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+import great_expectations as gx
+from great_expectations.data_context import AbstractDataContext
+from great_expectations.data_context.types.base import ProgressBarsConfig
 
-import great_expectations as gx  # noqa: E402
-from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
-
-from data_checks.sample_checks import inspect_samples  # noqa: E402
-from data_checks.suites import CLIP_TASKS, GateBounds, build_suite, gate_frame  # noqa: E402
-from fer_core.data.manifest import TASKS, read_card, read_manifest  # noqa: E402
+from data_checks.sample_checks import inspect_samples
+from data_checks.suites import CLIP_TASKS, GateBounds, build_suite, gate_frame
+from fer_core.data.manifest import TASKS, read_card, read_manifest
 
 DATASOURCE = "fer_prepared"
 BATCH_DEFINITION = "whole_manifest"
@@ -141,7 +140,7 @@ def validate_dataset(
     )
 
 
-def _context(docs_dir: Path | None) -> Any:
+def _context(docs_dir: Path | None) -> AbstractDataContext:
     """An ephemeral GX context, or the file project at ``docs_dir``; progress bars off either way."""
     if docs_dir is None:
         context = gx.get_context(mode="ephemeral")
@@ -156,6 +155,7 @@ def _context(docs_dir: Path | None) -> Any:
 def _run_checkpoint(
     suite: gx.ExpectationSuite, frame: pd.DataFrame, *, asset: str, docs_dir: Path | None
 ) -> tuple[list[ExpectationOutcome], Path | None]:
+    """Validate ``frame`` with ``suite`` through a GX checkpoint; (outcomes in suite order, docs index)."""
     context = _context(docs_dir)
     try:
         source = context.data_sources.get(DATASOURCE)
@@ -170,23 +170,24 @@ def _run_checkpoint(
     except KeyError:
         batch_definition = data_asset.add_batch_definition_whole_dataframe(BATCH_DEFINITION)
 
-    suite = context.suites.add_or_update(suite)
-    validation = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
+    # A fresh ephemeral context holds nothing yet: plain adds skip add_or_update's comparisons.
+    persistent = docs_dir is not None
+    suite = context.suites.add_or_update(suite) if persistent else context.suites.add(suite)
+    validation = gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
+    factory = context.validation_definitions
+    validation = factory.add_or_update(validation) if persistent else factory.add(validation)
+    actions = [gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")] if persistent else []
+    checkpoint = gx.Checkpoint(
+        name=f"{suite.name}.gate",
+        validation_definitions=[validation],
+        actions=actions,
+        result_format={
+            "result_format": "SUMMARY",
+            "partial_unexpected_count": PARTIAL_UNEXPECTED,
+            "unexpected_index_column_names": ["row"],
+        },
     )
-    actions = [] if docs_dir is None else [gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")]
-    checkpoint = context.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=f"{suite.name}.gate",
-            validation_definitions=[validation],
-            actions=actions,
-            result_format={
-                "result_format": "SUMMARY",
-                "partial_unexpected_count": PARTIAL_UNEXPECTED,
-                "unexpected_index_column_names": ["row"],
-            },
-        )
-    )
+    checkpoint = context.checkpoints.add_or_update(checkpoint) if persistent else context.checkpoints.add(checkpoint)
     result = checkpoint.run(batch_parameters={"dataframe": frame})
     ids = frame["id"].astype("string") if "id" in frame.columns else pd.Series(pd.NA, index=frame.index)
     outcomes = [
@@ -201,7 +202,7 @@ def _run_checkpoint(
     if docs_dir is not None:
         sites = context.get_docs_sites_urls()
         if sites and sites[0].get("site_url"):
-            docs_index = Path(sites[0]["site_url"].removeprefix("file://"))
+            docs_index = Path(url2pathname(urlparse(sites[0]["site_url"]).path))
     return outcomes, docs_index
 
 

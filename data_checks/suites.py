@@ -8,12 +8,17 @@ by row (decoding, cross-split leakage, list-valued columns) is first computed in
 One suite, ``<dataset>.<task>``, is validated per dataset, on the :func:`gate_frame` (one row per
 manifest row).
 
-Task parts::
+Task parts (:data:`TASK_PARTS`)::
 
-    static   common + images (+ soft labels when the manifest has them)
-    au       common + images + action units (+ soft labels); label -1 (unlabelled) is allowed
-    micro    common + clips
-    dynamic  common + clips
+    static   common + class balance + images (+ soft labels when the manifest has them)
+    au       common + images + action units (+ soft labels, + class balance when labelled);
+             label -1 (unlabelled) is allowed
+    micro    common + class balance + clips
+    dynamic  common + class balance + clips
+
+``common``: canonical columns present and non-null, unique ids, task and splits as the card says,
+labels in domain, files exist and decode, image size and channels within :class:`GateBounds`,
+finite pixels, no content in two splits, no subject in train and test (subject-independent cards).
 """
 
 from __future__ import annotations
@@ -85,25 +90,27 @@ def gate_frame(manifest: pd.DataFrame, samples: pd.DataFrame, card: DatasetCard)
     for name in (c for c in FRAME_INDEX_COLUMNS if c in columns):
         # -1 means "not annotated" (DFEW has no apex, SMIC no apex either): null it so the pair
         # expectations skip it instead of reading it as frame -1.
-        values = pd.to_numeric(frame[name], errors="coerce").astype("Int64")
+        values = _numbers(frame[name])
         frame[f"{name}_index"] = values.mask(values == -1)
 
-    if "split" in columns:
+    split = frame["split"].astype("string") if "split" in columns else None
+    if split is not None:
         key = frame["pixel_hash"].astype("string")
         if "content_hash" in columns:
             # Undecodable rows still leak if the adapter's hash says so.
             key = key.fillna(frame["content_hash"].astype("string"))
-        splits_per_key = frame.assign(_key=key).groupby("_key", dropna=True)["split"].transform("nunique")
+        splits_per_key = pd.DataFrame({"key": key, "split": split}).groupby("key", dropna=True)["split"].transform(
+            "nunique"
+        )
         frame["content_in_other_split"] = splits_per_key.fillna(1).astype(int).gt(1)
 
-    if {"split", "subject"} <= columns:
+    if split is not None and "subject" in columns:
         subject = frame["subject"].astype("string")
-        known = subject.notna() & subject.str.len().gt(0)
-        train = set(subject[known & frame["split"].eq("train")])
-        test = set(subject[known & frame["split"].eq("test")])
-        frame["subject_in_train_and_test"] = (
-            known & subject.isin(train & test) & frame["split"].isin(["train", "test"])
-        ).fillna(False).astype(bool)
+        known = (subject.notna() & subject.str.len().gt(0)).fillna(False).astype(bool)
+        in_train = split.eq("train").fillna(False).astype(bool)
+        in_test = split.eq("test").fillna(False).astype(bool)
+        both = set(subject[known & in_train]) & set(subject[known & in_test])
+        frame["subject_in_train_and_test"] = (known & (in_train | in_test) & subject.isin(both)).astype(bool)
 
     if "content_hash" in columns:
         matches = frame["content_hash"].astype("string") == frame["pixel_hash"].astype("string")
@@ -131,14 +138,23 @@ def _add_class_balance(frame: pd.DataFrame, card: DatasetCard) -> None:
     class is absent from ``train_label``'s distinct values, a rare one fails on each of its rows.
     The card's splits without a train split fall back to all rows.
     """
-    labels = pd.to_numeric(frame["label"], errors="coerce").astype("Int64")
-    in_train = frame["split"].eq("train").fillna(False) if "train" in card.splits else True
+    labels = _numbers(frame["label"])
+    labels = labels.where(labels.round() == labels).astype("Float64").round().astype("Int64")  # 2.5: no class
+    in_train = frame["split"].astype("string").eq("train").fillna(False) if "train" in card.splits else True
     labelled = labels.between(0, len(card.classes) - 1).fillna(False) & in_train
     train_label = labels.where(labelled)
     counts = train_label.value_counts(dropna=True)
     total = int(counts.sum())
     frame["train_label"] = train_label.astype("Int64")
     frame["train_class_fraction"] = (train_label.map(counts) / total if total else train_label).astype("Float64")
+
+
+def _numbers(values: pd.Series) -> pd.Series:
+    """A column as nullable numbers: Int64 when every value is integral, else Float64 (so that a
+    corrupted 2.5 is compared as 2.5, not rounded away); non-numbers become <NA>."""
+    numeric = pd.to_numeric(values, errors="coerce").astype("Float64")
+    integral = (numeric.dropna() % 1 == 0).all()
+    return numeric.astype("Int64") if integral else numeric
 
 
 def _list_facts(
