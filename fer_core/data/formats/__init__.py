@@ -39,6 +39,7 @@ _FORMAT_MODULES = (
     "fer_core.data.formats.micro",
     "fer_core.data.formats.dfew",
     "fer_core.data.formats.au_table",
+    "fer_core.data.formats.affectnet",
 )
 
 

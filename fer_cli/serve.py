@@ -1,0 +1,165 @@
+"""``fer serve`` (run or check a Triton serving the model repository) and ``fer infer`` (ask it).
+
+``fer serve`` starts the embedded ``tritonserver`` on 127.0.0.1 over the workspace's model
+repository (``$FER_HOME/triton/models``), loads every network and ensemble in it, prints the
+endpoints and supervises the server until Ctrl-C: when the process dies it is restarted on the
+same ports and the models are loaded again. ``fer serve --url URL`` checks an external Triton
+instead (e.g. NVIDIA's container over the same repository) and lists what it serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fer_cli.main import EXIT_ERROR, CommandError
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+_VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the model repository with Triton (embedded), or check an external one",
+        description="Start the embedded Triton (loopback only) over the workspace's model repository, "
+        "load every network and its ensemble, and keep it running (restarted if it dies) until Ctrl-C.",
+    )
+    p.add_argument("--repository", type=Path, default=None,
+                   help="model repository (default: $FER_HOME/triton/models)")
+    p.add_argument("--url", default=None,
+                   help="check/use an external Triton at grpc://HOST:PORT or http://HOST:PORT instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
+    p.add_argument("--check-interval", type=float, default=2.0, help="seconds between liveness checks")
+    p.add_argument("--duration", type=float, default=None, help=argparse.SUPPRESS)  # tests: stop after N s
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "infer", help="predict expressions for an image, a folder of images or a video",
+        description="Send pictures to a running Triton (see `fer serve`) and print the predictions. "
+        "Image networks: an image file, a folder of images or each frame of a video. Video networks "
+        "(c3d_ecstfl, micro_lsh): a video file or a folder of frames is one clip.",
+    )
+    p.add_argument("input", type=Path, help="image file, folder or video file")
+    p.add_argument("--network", default="ca_resnet")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton address (grpc://... or http://...)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-frames", type=int, default=300, help="frames read from a video at most")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_infer)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fer_core.workspace import Workspace
+    from serving.repository import ModelRepository
+    from serving.server import EmbeddedTriton, ServingError, TritonEndpoint
+
+    if args.url:
+        endpoint = TritonEndpoint(args.url)
+        if not endpoint.server_ready():
+            raise CommandError(f"Triton at {endpoint.url} is unreachable or not ready", EXIT_ERROR)
+        print(f"Triton at {endpoint.url} is ready")
+        _print_index(endpoint.index())
+        return 0
+    workspace = Workspace.from_env().ensure()
+    repository = ModelRepository(args.repository or workspace.triton_repository)
+    repository.root.mkdir(parents=True, exist_ok=True)
+    models = repository.load_order()
+    server = EmbeddedTriton(repository, workspace.root / "triton", host=args.host, http_port=args.http_port,
+                            grpc_port=args.grpc_port, metrics_port=args.metrics_port, models=models)
+    try:
+        server.start(strict=False)
+    except ServingError as exc:
+        raise CommandError(str(exc), EXIT_ERROR) from None
+    try:
+        _report_start(server, repository, models)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(args.check_interval)
+            if not server.running:
+                print(f"tritonserver died (log: {server.log_path}); restarting", file=sys.stderr, flush=True)
+                try:
+                    server.restart()
+                except ServingError as exc:
+                    print(f"restart failed: {exc}; retrying", file=sys.stderr, flush=True)
+                    continue
+                _report_start(server, repository, models)
+    finally:
+        server.stop()
+    return 0
+
+
+def _report_start(server, repository, models: list[str]) -> None:
+    print(f"Triton serving {repository.root}")
+    print(f"  gRPC     {server.grpc_url}")
+    print(f"  HTTP     {server.http_url}")
+    print(f"  metrics  {server.metrics_url}")
+    print(f"  log      {server.log_path}")
+    loaded = [m for m in models if m not in server.load_failures]
+    print(f"  loaded   {', '.join(loaded) if loaded else 'nothing (the repository is empty)'}")
+    for model, error in server.load_failures.items():
+        print(f"  FAILED   {model}: {error}", file=sys.stderr)
+    print("Ctrl-C stops the server.", flush=True)
+
+
+def _print_index(index: list[dict]) -> None:
+    if not index:
+        print("  no models in its repository")
+    for entry in index:
+        print(f"  {entry.get('name', '?'):32s} v{entry.get('version', '-'):>4s}  {entry.get('state', 'not loaded')}")
+
+
+def _inputs(path: Path, video_network: bool, max_frames: int) -> tuple[list, list[str]]:
+    """(inputs for FERClient.predict, their display names)."""
+    from serving.client import read_clip_frames
+
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    if video_network:
+        return [read_clip_frames(path, max_frames)], [str(path)]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        return files, [p.name for p in files]
+    if path.suffix.lower() in _VIDEO_SUFFIXES:
+        frames = read_clip_frames(path, max_frames)
+        return frames, [f"{path.name}#{i}" for i in range(len(frames))]
+    return [path], [path.name]
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from serving.client import FERClient, ServingError, predictions_to_json
+    from serving.ensembles.processing import is_video_network
+
+    try:
+        client = FERClient(args.url, protocol=args.protocol or ("http" if args.url.startswith("http://") else "grpc"),
+                           batch_size=args.batch_size)
+        metadata = client._network(args.network)[0]
+        inputs, names = _inputs(args.input, is_video_network(metadata), args.max_frames)
+        start = time.perf_counter()
+        predictions = client.predict(inputs, network=args.network)
+        seconds = time.perf_counter() - start
+    except ServingError as exc:
+        raise CommandError(str(exc), EXIT_ERROR) from None
+    if args.json:
+        print(predictions_to_json(predictions))
+        return 0
+    print(f"{'input':32s} {'label':12s} {'conf':>6s}  face  extras")
+    for name, p in zip(names, predictions):
+        extras = []
+        if p.active is not None:
+            extras.append("AUs " + ("+".join(p.active) or "none"))
+        if p.valence is not None:
+            extras.append(f"valence {p.valence:+.2f} arousal {p.arousal:+.2f}")
+        if p.landmarks is not None:
+            extras.append(f"{len(p.landmarks)} landmarks")
+        print(f"{name[:32]:32s} {p.label[:12]:12s} {p.confidence:6.3f}  {'yes' if p.face_found else 'no ':4s}  "
+              f"{'; '.join(extras)}")
+    print(f"{len(predictions)} prediction(s) from {args.network} at {client.url} in {seconds:.2f}s")
+    return 0

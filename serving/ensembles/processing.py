@@ -1,0 +1,307 @@
+"""Pre- and post-processing of the serving ensembles, as plain numpy functions.
+
+The Triton Python models in :mod:`serving.ensembles.triton_models` are thin wrappers around these
+functions, and tests/benchmarks call them directly, so "what Triton did" can be recomputed exactly.
+
+Pre-processing builds the model input the way training does: decode (RGB, like
+:func:`fer_core.data.samples.decode_image_file`) → :class:`HaarFaceDetector` +
+:func:`detect_and_align` to the metadata's input size (the whole image when no face is found,
+reported in ``face_found``) → :func:`to_model_input` with the metadata's size, channels, mean and std.
+Every prepared input also carries ``to_input``, the 2x3 affine map from original-image pixels to
+model-input pixels, so that post-processing can map landmarks back onto the picture the user sent.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from fer_core.data.preprocess import (
+    FaceBox,
+    HaarFaceDetector,
+    align_face,
+    alignment_matrix,
+    detect_and_align,
+    estimate_apex,
+    resample_clip,
+    to_model_input,
+)
+from fer_core.models.registry import ModelMetadata
+
+__all__ = [
+    "MAX_IMAGE_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "PreparedInput",
+    "RecordingDetector",
+    "encoded_image_size",
+    "decode_image_bytes",
+    "prepare_image",
+    "prepare_clip",
+    "prepare",
+    "postprocess",
+    "softmax",
+    "is_video_network",
+]
+
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+# Checked from the file header before decoding: a small PNG can inflate to gigabytes.
+MAX_IMAGE_PIXELS = 4096 * 4096
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless...); C4/C8/CC are not frames.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def is_video_network(metadata: ModelMetadata) -> bool:
+    """True when the model's input is a stack of frames ``(T, C, H, W)``."""
+    return len(metadata.input.shape) == 4
+
+
+def encoded_image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` read from a PNG or JPEG header, ``None`` for other/unknown formats."""
+    if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 4 <= len(data):
+            if data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                pos += 2
+                continue
+            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+            if marker in _JPEG_SOF and pos + 9 <= len(data):
+                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+                return int(width), int(height)
+            pos += 2 + length
+    return None
+
+
+def decode_image_bytes(
+    data: bytes, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """Decode encoded image bytes to uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB.
+
+    ``ValueError`` with a one-line reason for empty, oversized or undecodable input.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"expected encoded image bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise ValueError("empty image (0 bytes)")
+    if len(data) > max_bytes:
+        raise ValueError(f"image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    size = encoded_image_size(data)
+    if size is not None:
+        width, height = size
+        if width == 0 or height == 0:
+            raise ValueError(f"image has zero size ({width}x{height})")
+        if width * height > max_pixels:
+            raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise ValueError(f"cannot decode {len(data)} bytes as an image (expected JPEG or PNG)")
+    if image.shape[0] * image.shape[1] > max_pixels:  # formats whose header we do not parse
+        raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
+    # Same conversions as fer_core.data.samples.decode_image_file, so serving sees training's pixels.
+    if image.dtype != np.uint8:
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(float(image.max()), 1.0))
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    elif image.ndim == 3 and image.shape[2] == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif image.ndim == 3:
+        image = image[:, :, 0]
+    return image
+
+
+class RecordingDetector:
+    """Wraps a detector and remembers the faces of its last call.
+
+    Lets serving call :func:`detect_and_align` itself (the exact training-time function) and still
+    learn which box it aligned, to map landmarks back to the original image.
+    """
+
+    def __init__(self, detector: HaarFaceDetector) -> None:
+        self.detector = detector
+        self.last_faces: list[FaceBox] = []
+
+    def detect(self, image: np.ndarray) -> list[FaceBox]:
+        self.last_faces = self.detector.detect(image)
+        return self.last_faces
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """A model input built from user pixels.
+
+    ``tensor`` is float32 with the model's input shape; ``face_found`` says whether the face
+    detector found a face (else the whole image/frame was used); ``to_input`` is the 2x3 affine
+    map from original-image pixel coordinates to model-input pixel coordinates.
+    """
+
+    tensor: np.ndarray
+    face_found: bool
+    to_input: np.ndarray
+
+
+def _resize_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
+    """The affine map of ``cv2.resize`` (pixel centres: ``x' = (x + 0.5) * s - 0.5``)."""
+    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]], dtype=np.float64)
+
+
+def _align(image: np.ndarray, detector: RecordingDetector, size: tuple[int, int]) -> tuple[np.ndarray, FaceBox | None]:
+    aligned = detect_and_align(image, detector, out_size=size)
+    if aligned is None:
+        return image, None
+    return aligned, detector.last_faces[0]
+
+
+def _normalise(pixels: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+    return to_model_input(pixels, metadata.input_size, metadata.in_chans, metadata.mean, metadata.std)
+
+
+def prepare_image(image: np.ndarray, metadata: ModelMetadata, detector: HaarFaceDetector) -> PreparedInput:
+    """Face-align one decoded image and build the ``(C, H, W)`` input of an image network."""
+    if is_video_network(metadata):
+        raise ValueError(f"{metadata.name} takes a clip of frames, not one image")
+    size = metadata.input_size
+    pixels, box = _align(image, RecordingDetector(detector), size)
+    if box is None:
+        to_input = _resize_matrix(image.shape[:2], size)
+    else:
+        to_input = alignment_matrix(box, size)
+    return PreparedInput(_normalise(pixels, metadata), box is not None, to_input.astype(np.float32))
+
+
+def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector: HaarFaceDetector) -> PreparedInput:
+    """Build the ``(T, C, H, W)`` input of a video network from decoded frames of one clip.
+
+    The face is detected on the first frame where one is found and every frame is aligned with
+    that same box, so the crop does not jitter over the clip. For ``micro`` networks (onset, apex)
+    two frames are used as given; a longer clip uses its first frame as onset and
+    :func:`estimate_apex` picks the apex. Other networks resample the clip to their frame count.
+    """
+    if not is_video_network(metadata):
+        raise ValueError(f"{metadata.name} takes one image, not a clip")
+    if len(frames) == 0:
+        raise ValueError("a clip needs at least one frame")
+    shapes = {f.shape[:2] for f in frames}
+    if len(shapes) != 1:
+        raise ValueError(f"all frames of a clip must have the same size, got {sorted(shapes)}")
+    size = metadata.input_size
+    recorder = RecordingDetector(detector)
+    box = None
+    for frame in frames:
+        if detect_and_align(frame, recorder, out_size=size) is not None:
+            box = recorder.last_faces[0]
+            break
+    if box is None:
+        aligned = np.stack(list(frames))
+        to_input = _resize_matrix(frames[0].shape[:2], size)
+    else:
+        aligned = np.stack([align_face(f, box, size) for f in frames])
+        to_input = alignment_matrix(box, size)
+    num_frames = metadata.input.shape[0]
+    if metadata.task == "micro" and num_frames == 2:
+        if len(aligned) == 1:
+            raise ValueError(f"{metadata.name} needs onset and apex frames (2 or more), got 1")
+        if len(aligned) > 2:
+            aligned = aligned[[0, estimate_apex(aligned, 0)]]
+    else:
+        aligned = resample_clip(aligned, num_frames, "interpolate")
+    return PreparedInput(_normalise(aligned, metadata), box is not None, to_input.astype(np.float32))
+
+
+def prepare(encoded: Sequence[bytes], metadata: ModelMetadata, detector: HaarFaceDetector,
+            max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> PreparedInput:
+    """Decode and prepare one sample: one encoded image, or the encoded frames of one clip."""
+    decoded = [decode_image_bytes(b, max_bytes, max_pixels) for b in encoded]
+    if is_video_network(metadata):
+        return prepare_clip(decoded, metadata, detector)
+    if len(decoded) != 1:
+        raise ValueError(f"{metadata.name} takes one image per sample, got {len(decoded)}")
+    return prepare_image(decoded[0], metadata, detector)
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float64, returned as float32."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))).astype(np.float32)
+
+
+def postprocess_outputs(metadata: ModelMetadata) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtypes and per-sample shapes of what :func:`postprocess` returns for this network."""
+    spec = {s.name: s for s in metadata.outputs}
+    primary = spec[metadata.primary_output or metadata.outputs[0].name]
+    num_classes = primary.shape[0]
+    out: dict[str, tuple[str, tuple[int, ...]]] = {
+        "LABEL": ("BYTES", (1,)), "PROBABILITIES": ("FP32", (num_classes,))}
+    if metadata.extra.get("multi_label"):
+        out["ACTIVE"] = ("BOOL", (num_classes,))
+    if "valence_arousal" in spec:
+        out["VALENCE_AROUSAL"] = ("FP32", (2,))
+    if "landmarks" in spec:
+        out["LANDMARKS"] = ("FP32", tuple(spec["landmarks"].shape))
+    return out
+
+
+def postprocess_inputs(metadata: ModelMetadata) -> list[str]:
+    """Which raw model outputs :func:`postprocess` needs (heatmaps are dropped)."""
+    needed = [metadata.primary_output or metadata.outputs[0].name]
+    for name in ("valence_arousal", "landmarks"):
+        if name in metadata.output_names and name not in needed:
+            needed.append(name)
+    return needed
+
+
+def postprocess(outputs: Mapping[str, np.ndarray], metadata: ModelMetadata, to_input: np.ndarray) -> dict[str, np.ndarray]:
+    """Turn a batch of raw model outputs into user-facing results (arrays with a batch axis).
+
+    * ``LABEL``: the arg-max class name; for multi-label (AU) networks the active labels joined
+      with ``+`` (``""`` when none is active);
+    * ``PROBABILITIES``: softmax of the logits, or the sigmoid probabilities of a multi-label head;
+    * ``ACTIVE``: multi-label only, ``probability >= metadata.extra["threshold"]``;
+    * ``VALENCE_AROUSAL`` as the network predicts it; ``LANDMARKS`` mapped back from model-input
+      pixels to the original image through the inverse of ``to_input`` (B, 2, 3).
+    """
+    spec = {s.name: s for s in metadata.outputs}
+    primary = spec[metadata.primary_output or metadata.outputs[0].name]
+    labels = primary.labels or metadata.label_names
+    raw = np.asarray(outputs[primary.name], dtype=np.float32)
+    result: dict[str, np.ndarray] = {}
+    if metadata.extra.get("multi_label"):
+        probs = raw if primary.kind == "probabilities" else _sigmoid(raw)
+        active = probs >= float(metadata.extra.get("threshold", 0.5))
+        names = ["+".join(l for l, on in zip(labels, row) if on) for row in active]
+        result["ACTIVE"] = active
+    else:
+        probs = raw if primary.kind == "probabilities" else softmax(raw)
+        names = [labels[i] if i < len(labels) else str(i) for i in probs.argmax(axis=1)]
+    result["LABEL"] = np.array([n.encode() for n in names], dtype=object).reshape(-1, 1)
+    result["PROBABILITIES"] = probs.astype(np.float32)
+    if "valence_arousal" in spec:
+        result["VALENCE_AROUSAL"] = np.asarray(outputs["valence_arousal"], dtype=np.float32)
+    if "landmarks" in spec:
+        points = np.asarray(outputs["landmarks"], dtype=np.float64)
+        mapped = np.empty_like(points)
+        for i, matrix in enumerate(np.asarray(to_input, dtype=np.float64)):
+            inverse = cv2.invertAffineTransform(matrix)
+            mapped[i] = points[i] @ inverse[:, :2].T + inverse[:, 2]
+        result["LANDMARKS"] = mapped.astype(np.float32)
+    return result

@@ -1,0 +1,99 @@
+"""Triton Python-backend models of the ensembles: ``<network>_preprocess`` and ``<network>_postprocess``.
+
+Imported only inside Triton's Python-backend stub (``triton_python_backend_utils`` exists there
+alone). The repository writes a two-line ``model.py`` per model that puts the project root on
+``sys.path`` and re-exports one of these classes as ``TritonPythonModel``; the stub additionally
+needs the platform's dependencies (numpy, OpenCV) on ``PYTHONPATH`` (:mod:`serving.server` sets it).
+
+Each request is processed on its own, so a bad image fails only the request it came in: Triton
+hands the error back to that client while the other requests of the batch succeed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by the stub
+
+from fer_core.data.preprocess import HaarFaceDetector
+from serving.ensembles import processing
+from serving.export import metadata_from_json
+
+_METADATA_PARAMETER = "fer_metadata"
+
+
+def _parameter(config: dict[str, Any], key: str, default: str = "") -> str:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+class _Base:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.config = json.loads(args["model_config"])
+        self.metadata = metadata_from_json(_parameter(self.config, _METADATA_PARAMETER))
+        self.network = self.metadata.name
+        self.max_bytes = int(_parameter(self.config, "max_image_bytes", str(processing.MAX_IMAGE_BYTES)))
+        self.max_pixels = int(_parameter(self.config, "max_image_pixels", str(processing.MAX_IMAGE_PIXELS)))
+
+    def finalize(self) -> None:
+        pass
+
+
+class PreprocessModel(_Base):
+    """Encoded image bytes (``IMAGE`` [1], or a clip's frames ``FRAMES`` [-1]) → model input,
+    ``FACE_FOUND`` [1] and ``TO_INPUT`` [2, 3]."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        super().initialize(args)
+        self.detector = HaarFaceDetector()
+        self.input_name = self.config["input"][0]["name"]
+        self.tensor_name = self.metadata.input.name
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                encoded = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+                if encoded.dtype != np.object_:
+                    raise ValueError(f"{self.input_name} must hold encoded image bytes (BYTES), got {encoded.dtype}")
+                prepared = []
+                for i, sample in enumerate(encoded.reshape(len(encoded), -1)):
+                    try:
+                        prepared.append(processing.prepare(list(sample), self.metadata, self.detector,
+                                                           self.max_bytes, self.max_pixels))
+                    except ValueError as exc:
+                        raise ValueError(f"{self.network}: sample {i}: {exc}") from None
+                outputs = [
+                    pb_utils.Tensor(self.tensor_name, np.stack([p.tensor for p in prepared]).astype(np.float32)),
+                    pb_utils.Tensor("FACE_FOUND", np.array([[p.face_found] for p in prepared], dtype=bool)),
+                    pb_utils.Tensor("TO_INPUT", np.stack([p.to_input for p in prepared]).astype(np.float32)),
+                ]
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            except Exception as exc:  # one bad request must not fail the others of the batch
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+        return responses
+
+
+class PostprocessModel(_Base):
+    """Raw network outputs + ``TO_INPUT`` → ``LABEL``, ``PROBABILITIES`` and the network's extras."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        super().initialize(args)
+        self.input_names = processing.postprocess_inputs(self.metadata)
+        self.output_names = list(processing.postprocess_outputs(self.metadata))
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                raw = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
+                to_input = pb_utils.get_input_tensor_by_name(request, "TO_INPUT").as_numpy()
+                result = processing.postprocess(raw, self.metadata, to_input)
+                outputs = [pb_utils.Tensor(n, result[n]) for n in self.output_names]
+                responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
+            except Exception as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+        return responses

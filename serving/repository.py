@@ -1,0 +1,593 @@
+"""A Triton model repository on disk, written atomically and generated from model metadata.
+
+Layout (one folder per Triton model; hidden entries are the repository's own bookkeeping)::
+
+    <root>/<network>/config.pbtxt            backend "onnxruntime", version_policy = served versions
+    <root>/<network>/labels.txt              label file of the classification outputs
+    <root>/<network>/<version>/model.onnx    version = the model registry's version (not always 1)
+    <root>/<network>_preprocess/             Python backend: encoded bytes -> model input
+    <root>/<network>_postprocess/            Python backend: outputs -> label, probabilities, extras
+    <root>/<network>_ensemble/               preprocess -> <network> (pinned champion) -> postprocess
+    <root>/../.<root name>.staging/          where versions are built before being renamed into place
+
+Atomicity: a version folder is built in the staging folder (same filesystem) and moved into place
+with one ``os.rename``, and every config/label file is written to a temporary file then
+``os.replace``-d, so Triton (or a crash) never sees a half-written version or config. A crash can
+only leave entries in the staging folder or temporary files behind; :meth:`ModelRepository.repair`
+deletes them, plus any version folder without its model file (written by other means).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+from fer_core.models.registry import ModelMetadata
+from serving.ensembles import processing
+from serving.export import metadata_to_json, read_onnx_metadata
+
+if TYPE_CHECKING:
+    from serving.server import TritonEndpoint
+
+__all__ = [
+    "ModelRepository",
+    "network_config",
+    "preprocess_config",
+    "postprocess_config",
+    "ensemble_config",
+    "INSTANCE_KINDS",
+    "PROJECT_ROOT",
+    "PYTHONPATH_ENV",
+]
+
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
+STAGING_SUFFIX = ".staging"
+MODEL_FILE = "model.onnx"
+PYTHON_MODEL_FILE = "model.py"
+# The folder holding fer_core/ and serving/: the Python-backend models put it on sys.path.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Environment variable naming the folders a Triton Python-backend model must import from.
+PYTHONPATH_ENV = "FER_TRITON_PYTHONPATH"
+
+_TRITON_DTYPES = {
+    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "BYTES": "TYPE_STRING",
+    "FP32": "TYPE_FP32", "BOOL": "TYPE_BOOL",
+}
+_CLASSIFICATION_KINDS = ("logits", "probabilities", "multilabel_logits")
+_NETWORK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_VERSION_POLICY = re.compile(r"^version_policy: .*$", re.MULTILINE)
+_PINNED_VERSION = re.compile(r'model_name: "(?P<name>[^"]+)" model_version: (?P<version>-?\d+)')
+
+
+def _quote(text: str) -> str:
+    """A protobuf text-format string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _dims(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _tensor(name: str, dtype: str, shape: Iterable[int], label_file: str = "") -> str:
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"tensor {name!r}: dtype {dtype!r} has no Triton type")
+    label = f" label_filename: {_quote(label_file)}" if label_file else ""
+    return f"  {{ name: {_quote(name)} data_type: {_TRITON_DTYPES[dtype]} dims: {_dims(shape)}{label} }}"
+
+
+def _block(key: str, tensors: list[str]) -> str:
+    return f"{key} [\n" + ",\n".join(tensors) + "\n]"
+
+
+def _check_common(max_batch_size: int, instances: int, instance_kind: str) -> None:
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
+
+
+def _check_versions(versions: Iterable[int]) -> list[int]:
+    out = sorted({int(v) for v in versions})
+    if not out or any(v < 1 for v in out):
+        raise ValueError(f"served versions must be positive integers, got {list(versions)}")
+    return out
+
+
+def _common_tail(max_batch_size: int, instances: int, instance_kind: str, max_queue_delay_us: int) -> list[str]:
+    return [
+        f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}",
+        f"instance_group [ {{ kind: {instance_kind} count: {int(instances)} }} ]",
+    ]
+
+
+def _parameters(values: dict[str, str]) -> list[str]:
+    return [f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}" for k, v in values.items()]
+
+
+def label_files(metadata: ModelMetadata) -> dict[str, str]:
+    """Output name → label file name for classification outputs (``labels.txt`` for the primary set)."""
+    files: dict[str, str] = {}
+    primary_labels = metadata.label_names
+    for spec in metadata.outputs:
+        labels = spec.labels or ()
+        if spec.kind not in _CLASSIFICATION_KINDS or not labels or len(spec.shape) != 1:
+            continue
+        files[spec.name] = "labels.txt" if labels == tuple(primary_labels) else f"{spec.name}_labels.txt"
+    return files
+
+
+def network_config(
+    metadata: ModelMetadata,
+    versions: Sequence[int],
+    *,
+    name: str | None = None,
+    max_batch_size: int = 32,
+    instances: int = 1,
+    instance_kind: str = "KIND_CPU",
+    max_queue_delay_us: int = 0,
+    intra_op_threads: int = 0,
+) -> str:
+    """``config.pbtxt`` of a network served from ONNX by the ``onnxruntime`` backend."""
+    _check_common(max_batch_size, instances, instance_kind)
+    labels = label_files(metadata)
+    lines = [
+        f"name: {_quote(name or metadata.name)}",
+        'backend: "onnxruntime"',
+        f"max_batch_size: {int(max_batch_size)}",
+        f"version_policy: {{ specific: {{ versions: {_dims(_check_versions(versions))} }} }}",
+        _block("input", [_tensor(s.name, s.dtype, s.shape) for s in metadata.inputs]),
+        _block("output", [_tensor(s.name, s.dtype, s.shape, labels.get(s.name, "")) for s in metadata.outputs]),
+        *_common_tail(max_batch_size, instances, instance_kind, max_queue_delay_us),
+    ]
+    if intra_op_threads:
+        lines += _parameters({"intra_op_thread_count": str(int(intra_op_threads))})
+    return "\n".join(lines) + "\n"
+
+
+def _ensemble_input(metadata: ModelMetadata) -> tuple[str, tuple[int, ...]]:
+    """Encoded bytes per sample: one image, or a clip's frames (any count)."""
+    return ("FRAMES", (-1,)) if processing.is_video_network(metadata) else ("IMAGE", (1,))
+
+
+def _python_parameters(metadata: ModelMetadata, max_image_bytes: int, max_image_pixels: int) -> list[str]:
+    return _parameters({
+        "fer_metadata": metadata_to_json(metadata), "max_image_bytes": str(int(max_image_bytes)),
+        "max_image_pixels": str(int(max_image_pixels)),
+    })
+
+
+def preprocess_config(
+    metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1,
+    max_image_bytes: int = processing.MAX_IMAGE_BYTES, max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
+) -> str:
+    """``config.pbtxt`` of ``<network>_preprocess`` (Python backend, always on CPU)."""
+    _check_common(max_batch_size, instances, "KIND_CPU")
+    input_name, input_dims = _ensemble_input(metadata)
+    spec = metadata.input
+    lines = [
+        f"name: {_quote(metadata.name + '_preprocess')}",
+        'backend: "python"',
+        f"max_batch_size: {int(max_batch_size)}",
+        _block("input", [_tensor(input_name, "BYTES", input_dims)]),
+        _block("output", [_tensor(spec.name, spec.dtype, spec.shape), _tensor("FACE_FOUND", "bool", (1,)),
+                          _tensor("TO_INPUT", "float32", (2, 3))]),
+        *_common_tail(max_batch_size, instances, "KIND_CPU", 0),
+        *_python_parameters(metadata, max_image_bytes, max_image_pixels),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1) -> str:
+    """``config.pbtxt`` of ``<network>_postprocess`` (Python backend, always on CPU)."""
+    _check_common(max_batch_size, instances, "KIND_CPU")
+    spec = {s.name: s for s in metadata.outputs}
+    inputs = [_tensor(n, spec[n].dtype, spec[n].shape) for n in processing.postprocess_inputs(metadata)]
+    inputs.append(_tensor("TO_INPUT", "float32", (2, 3)))
+    outputs = [_tensor(n, dtype, shape) for n, (dtype, shape) in processing.postprocess_outputs(metadata).items()]
+    lines = [
+        f"name: {_quote(metadata.name + '_postprocess')}",
+        'backend: "python"',
+        f"max_batch_size: {int(max_batch_size)}",
+        _block("input", inputs),
+        _block("output", outputs),
+        *_common_tail(max_batch_size, instances, "KIND_CPU", 0),
+        *_python_parameters(metadata, processing.MAX_IMAGE_BYTES, processing.MAX_IMAGE_PIXELS),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _map(key: str, pairs: Iterable[tuple[str, str]]) -> str:
+    return " ".join(f"{key} {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in pairs)
+
+
+def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32) -> str:
+    """``config.pbtxt`` of ``<network>_ensemble``; the network step pins ``champion_version``."""
+    if int(champion_version) < 1:
+        raise ValueError(f"champion_version must be >= 1, got {champion_version}")
+    network = metadata.name
+    input_name, input_dims = _ensemble_input(metadata)
+    post_outputs = processing.postprocess_outputs(metadata)
+    raw = processing.postprocess_inputs(metadata)
+    model_input = metadata.input.name
+    steps = [
+        f'  {{ model_name: {_quote(network + "_preprocess")} model_version: -1 '
+        + _map("input_map", [(input_name, input_name)]) + " "
+        + _map("output_map", [(model_input, "model_input"), ("FACE_FOUND", "FACE_FOUND"), ("TO_INPUT", "to_input")])
+        + " }",
+        f"  {{ model_name: {_quote(network)} model_version: {int(champion_version)} "
+        + _map("input_map", [(model_input, "model_input")]) + " "
+        + _map("output_map", [(n, f"raw_{n}") for n in raw]) + " }",
+        f'  {{ model_name: {_quote(network + "_postprocess")} model_version: -1 '
+        + _map("input_map", [(n, f"raw_{n}") for n in raw] + [("TO_INPUT", "to_input")]) + " "
+        + _map("output_map", [(n, n) for n in post_outputs]) + " }",
+    ]
+    outputs = [_tensor("FACE_FOUND", "bool", (1,))]
+    outputs += [_tensor(n, dtype, shape) for n, (dtype, shape) in post_outputs.items()]
+    lines = [
+        f"name: {_quote(network + '_ensemble')}",
+        'platform: "ensemble"',
+        f"max_batch_size: {int(max_batch_size)}",
+        _block("input", [_tensor(input_name, "BYTES", input_dims)]),
+        _block("output", outputs),
+        "ensemble_scheduling {\n step [\n" + ",\n".join(steps) + "\n ]\n}",
+        *_parameters({"fer_metadata": metadata_to_json(metadata), "champion_version": str(int(champion_version))}),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _python_model_source(class_name: str) -> str:
+    return (
+        f'"""Generated by serving.repository: the {class_name} of serving.ensembles.triton_models."""\n'
+        "import os\nimport sys\n\n"
+        "# Triton's Python-backend stub ignores PYTHONPATH: take the project root and package folders\n"
+        f"# from ${PYTHONPATH_ENV} (set by serving.server.EmbeddedTriton), else this checkout's root.\n"
+        f"_paths = os.environ.get({PYTHONPATH_ENV!r}, {str(PROJECT_ROOT)!r}).split(os.pathsep)\n"
+        "sys.path[:0] = [p for p in _paths if p and p not in sys.path]\n\n"
+        f"from serving.ensembles.triton_models import {class_name} as TritonPythonModel  # noqa: E402,F401\n"
+    )
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class ModelRepository:
+    """A Triton model repository folder; see the module docstring for layout and atomicity.
+
+    ``instance_kind`` is the default ``instance_group`` kind of the networks (``KIND_CPU`` here;
+    NVIDIA's container can use ``KIND_GPU``). Pre/post-processing models always run on CPU.
+    """
+
+    def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU") -> None:
+        if instance_kind not in INSTANCE_KINDS:
+            raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
+        self.root = Path(root).resolve()
+        self.instance_kind = instance_kind
+
+    # -- paths and queries ----------------------------------------------------------------------
+
+    @property
+    def staging_dir(self) -> Path:
+        """``<parent>/.<root name>.staging``: hidden, beside the repository (so on the same
+        filesystem, which ``os.rename`` needs) but outside it (so Triton's index never lists it)."""
+        return self.root.parent / f".{self.root.name}{STAGING_SUFFIX}"
+
+    def _network_dir(self, network: str) -> Path:
+        if not _NETWORK_NAME.match(network or ""):
+            raise ValueError(f"network name {network!r} must be lower-case letters, digits and _")
+        return self.root / network
+
+    def _config_path(self, network: str) -> Path:
+        return self._network_dir(network) / "config.pbtxt"
+
+    def networks(self) -> list[str]:
+        """Networks (ONNX models) present in the repository, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob("*/config.pbtxt")
+                      if not p.parent.name.startswith(".") and 'backend: "onnxruntime"' in p.read_text())
+
+    def models(self) -> list[str]:
+        """Every Triton model in the repository, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob("*/config.pbtxt") if not p.parent.name.startswith("."))
+
+    def load_order(self) -> list[str]:
+        """The models to ask Triton to load: networks, then ensembles (which load their own
+        pre/post-processing steps), then anything else."""
+        models = self.models()
+        ensembles = [m for m in models if m.endswith("_ensemble")]
+        steps = {f"{e[: -len('_ensemble')]}{s}" for e in ensembles for s in ("_preprocess", "_postprocess")}
+        networks = self.networks()
+        others = [m for m in models if m not in networks and m not in ensembles and m not in steps]
+        return networks + ensembles + others
+
+    def versions(self, network: str) -> list[int]:
+        """Complete versions on disk (a folder named by an integer holding ``model.onnx``), sorted."""
+        folder = self._network_dir(network)
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir()
+                      if p.is_dir() and p.name.isdigit() and (p / MODEL_FILE).is_file())
+
+    def served_versions(self, network: str) -> list[int]:
+        """The versions the network's ``version_policy`` serves."""
+        config = self._config_path(network)
+        if not config.is_file():
+            raise ValueError(f"network {network!r} is not in the repository {self.root}")
+        match = re.search(r"versions: \[([\d, ]*)\]", config.read_text())
+        return [int(v) for v in match.group(1).split(",") if v.strip()] if match else []
+
+    def metadata(self, network: str, version: int) -> ModelMetadata:
+        """The metadata embedded in a version's ONNX file."""
+        path = self._network_dir(network) / str(int(version)) / MODEL_FILE
+        if not path.is_file():
+            raise ValueError(f"{network} has no version {version} in {self.root}")
+        return read_onnx_metadata(path)
+
+    def champion(self, network: str) -> int | None:
+        """The version the network's ensemble pins, ``None`` without an ensemble."""
+        config = self._network_dir(network + "_ensemble") / "config.pbtxt"
+        if not config.is_file():
+            return None
+        for match in _PINNED_VERSION.finditer(config.read_text()):
+            if match.group("name") == network:
+                return int(match.group("version"))
+        return None
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _stage(self, prefix: str) -> Path:
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.staging_dir, prefix=prefix + "-"))
+
+    def _install_dir(self, staged: Path, target: Path) -> None:
+        """Move a fully written staging folder into place with one rename."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+            raise ValueError(f"{target} already exists; versions are immutable (remove it first)")
+        os.rename(staged, target)
+
+    def write_model(
+        self,
+        network: str,
+        version: int,
+        onnx_path: str | Path,
+        metadata: ModelMetadata | None = None,
+        *,
+        max_batch_size: int = 32,
+        instances: int = 1,
+        instance_kind: str | None = None,
+        keep_versions: Sequence[int] = (),
+        max_queue_delay_us: int = 0,
+        intra_op_threads: int = 0,
+    ) -> Path:
+        """Install ``onnx_path`` as ``<network>/<version>/model.onnx`` and rewrite the network's config.
+
+        The config serves ``version`` plus ``keep_versions`` (e.g. the current champion during a
+        promotion). ``metadata`` defaults to the one embedded by :func:`serving.export.export_onnx`.
+        Returns the version folder.
+        """
+        version = int(version)
+        if version < 1:
+            raise ValueError(f"version must be >= 1 (Triton versions are positive), got {version}")
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise ValueError(f"ONNX file {onnx_path} does not exist")
+        metadata = metadata or read_onnx_metadata(onnx_path)
+        folder = self._network_dir(network)
+        if metadata.name != network:
+            # The config's tensor names come from metadata; a mismatched name is almost surely a mix-up.
+            raise ValueError(f"metadata is for {metadata.name!r}, not {network!r}")
+        missing = [v for v in keep_versions if int(v) not in self.versions(network)]
+        if missing:
+            raise ValueError(f"cannot keep serving versions {missing} of {network}: not in the repository")
+        target = folder / str(version)
+        if target.exists() and not (target / MODEL_FILE).is_file():
+            shutil.rmtree(target)  # an incomplete version left by a crash of a non-atomic writer
+        staged = self._stage(f"{network}-{version}")
+        shutil.copyfile(onnx_path, staged / MODEL_FILE)
+        _fsync_file(staged / MODEL_FILE)
+        self._install_dir(staged, target)
+        specs = {s.name: s for s in metadata.outputs}
+        for output, filename in label_files(metadata).items():
+            _atomic_write_text(folder / filename, "\n".join(specs[output].labels) + "\n")
+        config = network_config(
+            metadata, [version, *keep_versions], max_batch_size=max_batch_size, instances=instances,
+            instance_kind=instance_kind or self.instance_kind, max_queue_delay_us=max_queue_delay_us,
+            intra_op_threads=intra_op_threads,
+        )
+        _atomic_write_text(folder / "config.pbtxt", config)
+        return target
+
+    def set_served_versions(self, network: str, versions: Sequence[int]) -> None:
+        """Rewrite the network's ``version_policy`` to serve exactly ``versions`` (all must exist)."""
+        versions = _check_versions(versions)
+        missing = [v for v in versions if v not in self.versions(network)]
+        if missing:
+            raise ValueError(f"{network} has no versions {missing} on disk (has {self.versions(network)})")
+        config = self._config_path(network)
+        text = _VERSION_POLICY.sub(f"version_policy: {{ specific: {{ versions: {_dims(versions)} }} }}",
+                                   config.read_text(), count=1)
+        _atomic_write_text(config, text)
+
+    def remove_version(self, network: str, version: int) -> None:
+        """Delete a version that is no longer served (it disappears atomically, then is deleted)."""
+        version = int(version)
+        if version in self.served_versions(network):
+            raise ValueError(f"{network} version {version} is served; set_served_versions without it first")
+        if self.champion(network) == version:
+            raise ValueError(f"{network} version {version} is the ensemble's champion")
+        target = self._network_dir(network) / str(version)
+        if not target.is_dir():
+            raise ValueError(f"{network} has no version {version}")
+        trash = self._stage(f"removed-{network}-{version}")
+        os.rename(target, trash / "version")
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _write_python_model(self, name: str, class_name: str, config: str) -> None:
+        folder = self.root / name
+        version_dir = folder / "1"
+        source = _python_model_source(class_name)
+        if not (version_dir / PYTHON_MODEL_FILE).is_file() or (version_dir / PYTHON_MODEL_FILE).read_text() != source:
+            staged = self._stage(name)
+            (staged / PYTHON_MODEL_FILE).write_text(source)
+            if version_dir.exists():
+                old = self._stage(f"replaced-{name}")
+                os.rename(version_dir, old / "1")
+                shutil.rmtree(old, ignore_errors=True)
+            self._install_dir(staged, version_dir)
+        _atomic_write_text(folder / "config.pbtxt", config)
+
+    def write_ensemble(
+        self,
+        network: str,
+        champion_version: int,
+        *,
+        max_batch_size: int = 32,
+        preprocess_instances: int = 1,
+        postprocess_instances: int = 1,
+        max_image_bytes: int = processing.MAX_IMAGE_BYTES,
+        max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
+    ) -> None:
+        """Write ``<network>_preprocess``, ``_postprocess`` and ``_ensemble`` pinned to ``champion_version``.
+
+        Pre/post-processing is generated from the champion's metadata. Writes the ensemble last, so
+        it never references a step that does not exist yet.
+        """
+        champion_version = int(champion_version)
+        if champion_version not in self.versions(network):
+            raise ValueError(f"{network} has no version {champion_version} on disk (has {self.versions(network)})")
+        metadata = self.metadata(network, champion_version)
+        self._write_python_model(
+            f"{network}_preprocess", "PreprocessModel",
+            preprocess_config(metadata, max_batch_size=max_batch_size, instances=preprocess_instances,
+                              max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels))
+        self._write_python_model(
+            f"{network}_postprocess", "PostprocessModel",
+            postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances))
+        ensemble_dir = self.root / f"{network}_ensemble"
+        (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even empty
+        _atomic_write_text(ensemble_dir / "config.pbtxt",
+                           ensemble_config(metadata, champion_version, max_batch_size=max_batch_size))
+
+    def set_champion(self, network: str, version: int, endpoint: "TritonEndpoint | str | None" = None) -> None:
+        """Pin the ensemble of ``network`` to ``version`` (atomic config rewrite) and reload it.
+
+        Promotion: ``write_model(net, new, ..., keep_versions=[old])`` → ``endpoint.load(net)`` →
+        ``set_champion(net, new, endpoint)`` → ``set_served_versions(net, [new])`` → ``endpoint.load(net)``.
+        Requests keep being answered throughout, because Triton swaps a reloaded model only once the
+        new one is ready. With ``endpoint`` (a :class:`TritonEndpoint` or URL) the served network and
+        then the ensemble are reloaded; without, only the files change.
+        """
+        version = int(version)
+        if version not in self.served_versions(network):
+            raise ValueError(f"{network} version {version} is not served (served: {self.served_versions(network)}); "
+                             "add it with set_served_versions first")
+        config = self.root / f"{network}_ensemble" / "config.pbtxt"
+        steps_changed = True
+        if not config.is_file():
+            self.write_ensemble(network, version)
+        else:
+            old = self.champion(network)
+            old_meta = self.metadata(network, old) if old in self.versions(network) else None
+            new_meta = self.metadata(network, version)
+            if old_meta is None or metadata_to_json(old_meta) != metadata_to_json(new_meta):
+                self.write_ensemble(network, version)  # the outputs changed: regenerate pre/post too
+            else:
+                steps_changed = False
+                text = config.read_text()
+                text = re.sub(rf'model_name: "{re.escape(network)}" model_version: -?\d+',
+                              f'model_name: "{network}" model_version: {version}', text)
+                text = re.sub(r'(key: "champion_version" value: \{ string_value: )"\d+"',
+                              rf'\g<1>"{version}"', text)
+                _atomic_write_text(config, text)
+        if endpoint is not None:
+            from serving.server import TritonEndpoint
+
+            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else TritonEndpoint(endpoint)
+            if not endpoint.model_ready(network, version):
+                endpoint.load(network)
+            # Reloading a Python model restarts its stub (seconds): only when its config changed.
+            steps = [f"{network}_preprocess", f"{network}_postprocess"] if steps_changed else []
+            for name in steps + [f"{network}_ensemble"]:
+                endpoint.load(name)
+
+    def install(
+        self,
+        network: str,
+        version: int,
+        onnx_path: str | Path,
+        *,
+        champion: bool = True,
+        keep_versions: Sequence[int] = (),
+        **model_kwargs: object,
+    ) -> Path:
+        """One-call install: :meth:`write_model`, then (``champion``) the ensemble pinned to it."""
+        path = self.write_model(network, version, onnx_path, keep_versions=keep_versions, **model_kwargs)  # type: ignore[arg-type]
+        if champion:
+            self.write_ensemble(network, version)
+        return path
+
+    # -- crash recovery -------------------------------------------------------------------------
+
+    def repair(self) -> list[Path]:
+        """Delete what an interrupted write can leave: staging entries, temporary config files and
+        version folders without their model file. Returns what was removed."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        if self.staging_dir.is_dir():
+            for entry in self.staging_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed.append(entry)
+        for model_dir in (p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            config = model_dir / "config.pbtxt"
+            text = config.read_text() if config.is_file() else ""
+            # Only models this class writes are checked; anything else in the folder is left alone.
+            expected = {'backend: "onnxruntime"': MODEL_FILE, 'backend: "python"': PYTHON_MODEL_FILE}
+            model_file = next((f for marker, f in expected.items() if marker in text), None)
+            for entry in model_dir.iterdir():
+                if entry.is_file() and entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    entry.unlink()
+                    removed.append(entry)
+                elif entry.is_dir() and entry.name.isdigit() and model_file:
+                    if not (entry / model_file).is_file():
+                        shutil.rmtree(entry)
+                        removed.append(entry)
+        return removed
+
+    def describe(self) -> dict[str, dict[str, object]]:
+        """Per network: versions on disk, served versions and the ensemble's champion."""
+        return {n: {"versions": self.versions(n), "served": self.served_versions(n), "champion": self.champion(n)}
+                for n in self.networks()}
+
+    def __repr__(self) -> str:
+        return f"ModelRepository({str(self.root)!r}, networks={json.dumps(self.networks())})"
