@@ -22,8 +22,11 @@ class Workspace:
 
     @classmethod
     def from_env(cls) -> "Workspace":
-        """The workspace named by ``$FER_HOME``, else ``./.fer``."""
-        return cls(Path(os.environ.get(WORKSPACE_ENV, DEFAULT_WORKSPACE)).expanduser().resolve())
+        """The workspace of the platform settings: ``$FER_HOME``, else the settings file's ``home``,
+        else ``./.fer`` (see :mod:`fer_core.settings`)."""
+        from fer_core.settings import Settings
+
+        return cls(Settings.load().home)
 
     @property
     def datasets(self) -> Path:

@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import yaml
 
 from fer_core.data.manifest import read_card
+from fer_core.settings import Settings
 from fer_core.workspace import Workspace
 
 REMOTE_ENV = "FER_DVC_REMOTE"
@@ -83,9 +84,12 @@ class DatasetStore:
     """The workspace's DVC-backed dataset store."""
 
     def __init__(self, workspace: Workspace | None = None, remote_url: str | None = None) -> None:
-        self.workspace = workspace or Workspace.from_env()
+        settings = Settings.load()  # FER_DVC_REMOTE / $FER_CONFIG; credentials stay in the environment
+        self.workspace = workspace or Workspace(settings.home)
         self.repo = self.workspace.dvc_repo
-        self.remote_url = remote_url or os.environ.get(REMOTE_ENV) or str(self.workspace.dvc_remote)
+        configured = settings.dvc_remote if settings.is_set("dvc_remote") else None
+        self.remote_url = remote_url or configured or str(self.workspace.dvc_remote)
+        self.s3_endpoint_url = settings.s3_endpoint_url
 
     # -- DVC plumbing -------------------------------------------------------------------------
     def _dvc(self, *args: str) -> str:
@@ -109,6 +113,8 @@ class DatasetStore:
             Path(remote).mkdir(parents=True, exist_ok=True)
             remote = str(Path(remote).resolve())
         self._dvc("remote", "add", "--force", "--default", REMOTE_NAME, remote)
+        if remote.startswith("s3://") and self.s3_endpoint_url:  # MinIO or another S3-compatible store
+            self._dvc("remote", "modify", REMOTE_NAME, "endpointurl", self.s3_endpoint_url)
         (self.repo / "datasets").mkdir(exist_ok=True)
 
     def _pointer(self, name: str) -> Path:

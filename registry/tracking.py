@@ -1,9 +1,11 @@
 """MLflow tracking for training runs: a trainer callback plus the embedded-default configuration.
 
 Embedded default: a SQLite store and an artifact root inside the workspace. ``FER_TRACKING_URI``
-points at any other server, e.g. a remote ``mlflow server`` with PostgreSQL (MLflow's own
-``MLFLOW_TRACKING_URI`` is not read: ``mlflow.set_tracking_uri`` writes it, so it would leak one
-workspace's store into the next). One experiment per network (``fer-<network>``).
+(or ``tracking_uri`` in the ``$FER_CONFIG`` file, see ``fer_core.settings``) points at any other
+store, e.g. a remote ``mlflow server`` with PostgreSQL (MLflow's own ``MLFLOW_TRACKING_URI`` is not
+read: ``mlflow.set_tracking_uri`` writes it, so it would leak one workspace's store into the next).
+Basic-auth credentials come from MLflow's own ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``. One
+experiment per network (``fer-<network>``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec as MlflowTensorSpec
 
 from fer_core.models import FERModel, ModelMetadata
+from fer_core.settings import Settings
 from fer_core.training.callbacks import Callback
 from fer_core.workspace import Workspace
 
@@ -34,18 +37,22 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "numpy<2"]  # explicit: inference of requir
 
 def tracking_uri(workspace: Workspace | None = None) -> str:
     """The configured tracking URI, else the workspace's SQLite store."""
-    uri = os.environ.get(TRACKING_ENV)
-    if uri:
-        return uri
-    ws = workspace or Workspace.from_env()
+    settings = Settings.load()
+    if settings.is_set("tracking_uri"):
+        return settings.tracking_uri
+    ws = workspace or Workspace(settings.home)
     ws.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{ws.mlflow_db}"
 
 
 def setup_tracking(workspace: Workspace | None = None) -> str:
+    settings = Settings.load()
     uri = tracking_uri(workspace)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("FER_REGISTRY_URI", uri))
+    mlflow.set_registry_uri(settings.registry_uri if settings.is_set("registry_uri") else uri)
+    if settings.s3_endpoint_url:
+        # MLflow's S3 artifact repository reads the endpoint only from its own variable.
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", settings.s3_endpoint_url)
     return uri
 
 
@@ -54,15 +61,25 @@ def experiment_name(network: str) -> str:
 
 
 def get_or_create_experiment(network: str, workspace: Workspace | None = None) -> str:
-    """Experiment id of ``fer-<network>``; in the embedded default its artifacts go to the workspace."""
+    """Experiment id of ``fer-<network>``.
+
+    With a database store (SQLite, PostgreSQL) its artifacts go to ``FER_ARTIFACT_ROOT`` (local
+    folder or ``s3://``), by default the workspace; an MLflow server decides for itself (its
+    ``--artifacts-destination``, proxied, so clients need no object-store credentials).
+    """
     client = MlflowClient()
     existing = client.get_experiment_by_name(experiment_name(network))
     if existing is not None:
         return existing.experiment_id
     location = None
-    if tracking_uri(workspace).startswith("sqlite:"):
-        ws = workspace or Workspace.from_env()
-        location = (ws.mlflow_artifacts / network).resolve().as_uri()
+    if not tracking_uri(workspace).startswith(("http://", "https://", "databricks")):
+        settings = Settings.load()
+        if settings.is_set("artifact_root"):
+            root = settings.artifact_root
+            location = f"{root}/{network}" if "://" in root else (Path(root) / network).resolve().as_uri()
+        else:
+            ws = workspace or Workspace(settings.home)
+            location = (ws.mlflow_artifacts / network).resolve().as_uri()
     return client.create_experiment(experiment_name(network), artifact_location=location)
 
 

@@ -30,6 +30,7 @@ def workspace(tmp_path, monkeypatch):
 
     root = tmp_path / "fer-home"
     monkeypatch.setenv("FER_HOME", str(root))
-    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FER_DVC_REMOTE"):
+    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FER_DVC_REMOTE",
+                "FER_CONFIG", "FER_ARTIFACT_ROOT", "FER_S3_ENDPOINT_URL", "FER_TRITON_URL", "FER_MODEL_REPOSITORY"):
         monkeypatch.delenv(var, raising=False)
     return Workspace(root).ensure()
