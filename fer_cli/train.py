@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override one recipe value, e.g. --set lr=0.01 --set model_kwargs.width=32 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run of the same recipe and data")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--register", action="store_true",
+                   help="after training: export to ONNX, check parity against PyTorch and register the run "
+                   "as a new version of fer-NETWORK (alias challenger); promote it with `fer promote`")
     p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
     p.set_defaults(func=_train)
 
@@ -57,6 +60,14 @@ def _train(args: argparse.Namespace) -> int:
     except RunExistsError as exc:
         raise CommandError(f"{exc} (pass --resume to continue it)", EXIT_ERROR) from None
     _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir)
+    if args.register:
+        if args.no_track:
+            raise ValueError("--register needs the MLflow run: drop --no-track")
+        from registry.export import export_and_register
+
+        version = export_and_register(outcome)
+        print(f"\nregistered fer-{outcome.network} version {version.version} "
+              f"(parity passed: {version.tags.get('parity_passed')}); promote it: fer promote {outcome.network}")
     return 0
 
 

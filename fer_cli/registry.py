@@ -1,0 +1,204 @@
+"""``fer register`` / ``fer promote`` / ``fer rollback`` / ``fer models``: the registry ↔ serving commands.
+
+Promotion and rollback talk to a running Triton at ``--url`` (or ``$FER_TRITON_URL``) that serves
+the workspace's model repository; without one they start the embedded Triton over that repository
+for the duration of the command, which leaves the repository ready for ``fer serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from fer_cli.main import EXIT_ERROR, CommandError
+
+TRITON_URL_ENV = "FER_TRITON_URL"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "register", help="export a training run to ONNX, check parity and register it as a new version",
+        description="Export the best checkpoint of a finished MLflow training run to ONNX, compare ONNX "
+        "Runtime with PyTorch on held-out test samples, log both to the run and register the run's model "
+        "as a new version of fer-NETWORK (tags: data version + gate, git commit, recipe fingerprint, "
+        "parity, metrics); the new version becomes the challenger.",
+    )
+    p.add_argument("network")
+    p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id (printed by `fer train`)")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance on every output (default 1e-4)")
+    p.add_argument("--no-challenger", action="store_true", help="do not move the challenger alias to it")
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser(
+        "promote", help="gate a registered version and make it the champion Triton serves",
+        description="Gates, by name: data_gate, onnx_parity, metric_vs_champion (before anything is "
+        "installed), then triton_smoke and latency_p95 on the new version served beside the champion. "
+        "Only if all pass does the ensemble switch to it and the aliases move. A refusal lists each "
+        "failed gate with its numbers, changes nothing and exits with 1.",
+    )
+    p.add_argument("network")
+    p.add_argument("--version", type=int, default=None, help="version to promote (default: the challenger, "
+                   "else the newest)")
+    p.add_argument("--margin", type=float, default=0.02,
+                   help="how much worse than the champion's primary metric it may be (default 0.02)")
+    p.add_argument("--floor", type=float, default=0.2,
+                   help="primary metric the first version must reach (default 0.2)")
+    p.add_argument("--latency-budget-ms", type=float, default=100.0, help="p95 budget per request (default 100)")
+    p.add_argument("--smoke-samples", type=int, default=16, help="held-out samples sent through Triton")
+    p.add_argument("--latency-requests", type=int, default=50, help="requests timed for the p95")
+    p.add_argument("--serve-previous", action="store_true", help="keep serving the old champion's version too")
+    _serving_options(p)
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("rollback", help="make the previous champion the champion again",
+                       description="The version aliased `previous` becomes champion in the registry and in "
+                       "Triton (reinstalled from the registry if its folder is gone); the demoted version "
+                       "becomes `previous`.")
+    p.add_argument("network")
+    _serving_options(p)
+    p.set_defaults(func=_rollback)
+
+    p = sub.add_parser("models", help="list networks, versions, aliases and what Triton serves",
+                       description="Registered versions with aliases, primary metric, data version and parity, "
+                       "and the versions the model repository serves (with --url or $FER_TRITON_URL: what "
+                       "that Triton has loaded).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--url", default=None, help=f"a running Triton to ask (default ${TRITON_URL_ENV}, if set)")
+    p.add_argument("--repository", type=Path, default=None, help="model repository (default $FER_HOME/triton/models)")
+    p.set_defaults(func=_models)
+
+
+def _serving_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help=f"running Triton serving the repository (default ${TRITON_URL_ENV}; "
+                   "without either the embedded one is started for the command)")
+    p.add_argument("--repository", type=Path, default=None, help="model repository (default $FER_HOME/triton/models)")
+
+
+def _quiet_downloads() -> None:
+    # MLflow draws a progress bar per artifact download; for a few small files it buries the report.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _repository(args: argparse.Namespace):
+    from fer_core.workspace import Workspace
+
+    _quiet_downloads()
+    from serving.repository import ModelRepository
+
+    workspace = Workspace.from_env().ensure()
+    return workspace, ModelRepository(args.repository or workspace.triton_repository)
+
+
+@contextlib.contextmanager
+def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
+    """The URL of the Triton to use: ``--url``, ``$FER_TRITON_URL``, or an embedded one started now."""
+    from serving.server import EmbeddedTriton, ServingError
+
+    url = args.url or os.environ.get(TRITON_URL_ENV)
+    if url:
+        yield url
+        return
+    repository.root.mkdir(parents=True, exist_ok=True)
+    server = EmbeddedTriton(repository, workspace.root / "triton", models=repository.load_order())
+    try:
+        server.start(strict=False)
+    except ServingError as exc:
+        raise CommandError(f"cannot start the embedded Triton: {exc}", EXIT_ERROR) from None
+    for model, error in server.load_failures.items():
+        print(f"warning: {model} did not load: {error}", file=sys.stderr)
+    print(f"started the embedded Triton at {server.grpc_url} for this command (log {server.log_path})")
+    try:
+        yield server.grpc_url
+    finally:
+        server.stop()
+
+
+def _register(args: argparse.Namespace) -> int:
+    from registry.export import register_run
+
+    _quiet_downloads()
+    version = register_run(args.network, args.run, atol=args.atol, set_challenger=not args.no_challenger)
+    tags = version.tags
+    print(f"registered {args.network} v{version.version} from run {version.run_id}"
+          f"{' (challenger)' if 'challenger' in version.aliases else ''}")
+    for key in ("data_version", "data_gate", "parity_passed", "parity_max_abs_diff", "primary_metric",
+                "primary_metric_value", "recipe_fingerprint", "git_commit"):
+        print(f"  {key:22s} {tags.get(key, '-')}")
+    if tags.get("parity_passed") != "true":
+        print("warning: ONNX parity failed; `fer promote` will refuse this version", file=sys.stderr)
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from registry.promotion import PromotionBusy, PromotionGates, RetentionPolicy, promote
+    from serving.server import ServingError
+
+    gates = PromotionGates(margin=args.margin, floor=args.floor, latency_budget_ms=args.latency_budget_ms,
+                           smoke_samples=args.smoke_samples, latency_requests=args.latency_requests)
+    workspace, repository = _repository(args)
+    try:
+        with _triton(args, workspace, repository) as url:
+            result = promote(args.network, args.version, gates=gates, triton=url, repository=repository,
+                             retention=RetentionPolicy(serve_previous=args.serve_previous), workspace=workspace)
+    except (PromotionBusy, ServingError) as exc:
+        raise CommandError(str(exc), EXIT_ERROR) from None
+    print(result.summary())
+    if not result.promoted:
+        failed = "; ".join(f"{g.name}: {g.detail}" for g in result.failed)
+        raise CommandError(f"promotion of {args.network} v{result.version} refused by {failed}", EXIT_ERROR)
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from registry.promotion import PromotionBusy, rollback
+    from serving.server import ServingError
+
+    workspace, repository = _repository(args)
+    try:
+        with _triton(args, workspace, repository) as url:
+            result = rollback(args.network, triton=url, repository=repository, workspace=workspace)
+    except (PromotionBusy, ServingError) as exc:
+        raise CommandError(str(exc), EXIT_ERROR) from None
+    print(f"rolled {args.network} back to v{result.champion} (v{result.demoted} is now `previous`) "
+          f"in {result.seconds:.1f}s")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from registry.promotion import models
+    from serving.server import ServingError
+
+    workspace, repository = _repository(args)
+    try:
+        statuses = models(triton=args.url or os.environ.get(TRITON_URL_ENV), repository=repository,
+                          workspace=workspace)
+    except ServingError as exc:
+        raise CommandError(str(exc), EXIT_ERROR) from None
+    if args.json:
+        print(json.dumps([s.to_dict() for s in statuses], indent=2))
+        return 0
+    if not statuses:
+        print("no registered models yet: train, then `fer register NETWORK --run RUN_ID`")
+        return 0
+    print(f"{'network':14s} {'ver':>4s}  {'aliases':20s} {'primary metric':22s} {'data':22s} {'parity':7s} served")
+    for s in statuses:
+        served = s.triton_served if s.triton_served is not None else s.repository_served
+        where = "Triton" if s.triton_served is not None else "repository"
+        for v in s.versions or ():
+            metric = f"{v.tags.get('primary_metric', '-')} {v.tags.get('primary_metric_value', '')}".strip()
+            data = v.tags.get("data_version", "-")
+            data = data.split("@")[0] + "@" + data.split("@")[1][:12] if "@" in data else data
+            mark = "yes" + (" (ensemble)" if v.version == s.repository_champion else "") if v.version in served else ""
+            print(f"{s.network:14s} {v.version:4d}  {','.join(v.aliases) or '-':20s} {metric:22s} {data:22s} "
+                  f"{v.tags.get('parity_passed', '-'):7s} {mark}")
+        unregistered = sorted(set(s.repository_versions) - {v.version for v in s.versions})
+        if unregistered:
+            print(f"{s.network:14s} versions {unregistered} are in the repository but not registered")
+        print(f"{s.network:14s} {where} serves {list(served) or 'nothing'}; ensemble pinned to "
+              f"{s.repository_champion if s.repository_champion is not None else '-'}")
+    return 0
