@@ -1,0 +1,56 @@
+"""Prefect 3 orchestration of the platform: flows that only wire tasks, tasks that only call libraries.
+
+Flows (the entrypoints ``prefect.yaml`` deploys):
+
+* ``flows/ingest.py:ingest``                 adapt a real-format source → data gate → DVC version
+* ``flows/train.py:train``                   tracked training → ONNX export + parity → registered version
+* ``flows/au_rounds.py:au_noisy_rounds``     AU co-training, then K label-refinement rounds
+* ``flows/promote.py:promote``               gated promotion into Triton; rollback if the switch misbehaves
+* ``flows/retrain_all.py:retrain_all``       the scheduled job over every network
+
+Prefect reads its settings when it is imported, so :func:`configure_prefect` must run before the
+first ``import prefect`` of a process (``fer pipeline`` and ``fer demo`` do that). This module
+itself imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fer_core.settings import Settings
+
+# Prefect's own variables: we only set defaults, so anything a user exported wins.
+_QUIET_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    # A fresh SQLite database migrates for 10-30 s on a busy 2-core machine before the temporary
+    # server answers; Prefect's default start-up timeout is too tight for that.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def prefect_home(settings: Settings | None = None) -> Path:
+    """Where Prefect keeps its database and persisted task results: ``<FER_HOME>/prefect``."""
+    settings = settings or Settings.load()
+    return Path(settings.home) / "prefect"
+
+
+def configure_prefect(settings: Settings | None = None) -> dict[str, str]:
+    """Point Prefect at the workspace and keep it quiet and offline; returns what was set.
+
+    ``PREFECT_HOME`` defaults to ``<FER_HOME>/prefect``. ``FER_PREFECT_API_URL`` (the settings'
+    ``prefect_api_url``) becomes ``PREFECT_API_URL`` unless that is set already; without either,
+    flows run against Prefect's temporary local API.
+    """
+    settings = settings or Settings.load()
+    wanted = {"PREFECT_HOME": str(prefect_home(settings)), **_QUIET_DEFAULTS}
+    if settings.prefect_api_url:
+        wanted["PREFECT_API_URL"] = settings.prefect_api_url
+    applied = {}
+    for key, value in wanted.items():
+        if not os.environ.get(key):
+            os.environ[key] = value
+            applied[key] = value
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    return applied

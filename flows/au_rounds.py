@@ -1,0 +1,24 @@
+"""Flow ``au_noisy_rounds``: AU co-training, then K rounds that refine the noisy labels.
+
+Each round's refined label table is a DVC dataset version (parent = the previous round) and each
+round an MLflow child run of one parent run (``registry.au_rounds``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import recipe_for, run_au_rounds
+
+
+@flow(name="au_noisy_rounds")
+def au_noisy_rounds(data_ref: str, rounds: int = 2, profile: str = "quick", overrides: dict[str, Any] | None = None,
+                    gamma: float = 0.3, retrain: str = "noisy_heads", round_epochs: int | None = None) -> dict[str, Any]:
+    """Run the rounds on the AU dataset ``data_ref``; returns the MLflow parent run, child runs and versions."""
+    recipe = recipe_for("au_cotrain", profile, overrides)
+    tracked = run_au_rounds(data_ref, recipe, rounds, gamma, retrain, round_epochs)
+    return {"parent_run_id": tracked.parent_run_id,
+            "child_run_ids": {str(k): v for k, v in tracked.child_run_ids.items()},
+            "data_versions": {str(k): v.ref for k, v in tracked.versions.items()}}

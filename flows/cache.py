@@ -1,0 +1,41 @@
+"""The retraining cache of ``retrain_all``: is there a registered version for this data and recipe?
+
+The key is (data version, recipe fingerprint), and the registry is where it is looked up: every
+version that ``registry.export.export_and_register`` registers carries the tags ``data_version``
+(``name@md5``) and ``recipe_fingerprint``. That fingerprint is the one of the *effective* recipe,
+the trainer's recipe with the model kwargs the data decides folded in (e.g. ``num_classes``), so
+the requested recipe is turned into that effective recipe here before looking.
+
+Lives here rather than in ``registry`` only because the flows were its first user; it is plain
+library code (no Prefect).
+"""
+
+from __future__ import annotations
+
+from fer_core.training.recipe import Recipe
+from fer_core.workspace import Workspace
+from registry import models as reg
+from registry.datasets import DatasetStore, parse_ref
+
+
+def effective_recipe(network: str, data_ref: str, recipe: Recipe, workspace: Workspace | None = None) -> Recipe:
+    """The recipe the trainer will actually run on ``data_ref`` (as ``Trainer`` folds data-decided kwargs)."""
+    from fer_core.training.tasks import create_task
+
+    name, version = parse_ref(data_ref)
+    root = DatasetStore(workspace).pull(name, version)
+    task = create_task(network, root, recipe)
+    overrides = task.model_overrides() if hasattr(task, "model_overrides") else {}
+    changed = {f"model_kwargs.{k}": v for k, v in overrides.items() if recipe.model_kwargs.get(k) != v}
+    return recipe.with_overrides(changed) if changed else recipe
+
+
+def find_trained_version(network: str, data_ref: str, recipe: Recipe,
+                         workspace: Workspace | None = None) -> reg.ModelVersion | None:
+    """The newest registered version of ``network`` trained on ``data_ref`` with ``recipe``, or None."""
+    if not parse_ref(data_ref)[1]:
+        raise ValueError(f"the cache needs a full data version (name@md5), got {data_ref!r}")
+    fingerprint = effective_recipe(network, data_ref, recipe, workspace).fingerprint()
+    hits = [v for v in reg.list_versions(network, workspace)
+            if v.tags.get("data_version") == data_ref and v.tags.get("recipe_fingerprint") == fingerprint]
+    return hits[-1] if hits else None

@@ -1,0 +1,169 @@
+"""Thin, typed Prefect tasks over the platform's library functions (no logic of their own).
+
+Retries only where a second try can help: DVC pulls/pushes and MLflow I/O inside training (a
+retried training *resumes* from its last checkpoint), starting Triton, and a promotion refused
+because another one of the same network holds the lock. None on the data gate: bad data stays bad.
+
+Caching: Prefect's input-hashing cache is off (``NO_CACHE``): the inputs are folders, recipes and
+servers, and what may be skipped is decided by the registry (``flows.cache``). The one persisted
+result is a promotion's, keyed by the version's MLflow run, so a re-run of ``retrain_all`` after a
+crash does not evaluate the same version twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from data_checks import GateReport, validate_dataset
+from fer_core.data import formats
+from fer_core.training.recipe import Recipe
+from fer_core.workspace import Workspace
+from flows import cache
+from registry import models as reg
+from registry import promotion
+from registry.datasets import DatasetStore, DatasetVersion
+from registry.export import export_and_register
+from registry.training import TrainOutcome, resolve_recipe, train_tracked
+from serving.repository import ModelRepository
+from serving.server import EmbeddedTriton, TritonEndpoint
+
+
+def _busy(task, task_run, state) -> bool:
+    """Retry a promotion only when it failed on the per-network lock."""
+    try:
+        state.result()
+    except promotion.PromotionBusy:
+        return True
+    except BaseException:  # noqa: BLE001 -- any other failure is final
+        return False
+    return False
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+@task(name="synthesize-source", cache_policy=NO_CACHE)
+def synthesize_source(fmt: str, out: Path, seed: int = 0, size: int | None = None) -> Path:
+    """Render SynthFACS data in ``fmt``'s real on-disk layout; returns the source to ingest."""
+    kwargs: dict[str, Any] = {"seed": seed} if size is None else {"seed": seed, "size": size}
+    return formats.get_format(fmt).write_synthetic(Path(out), **kwargs)
+
+
+@task(name="adapt", cache_policy=NO_CACHE)
+def adapt_source(fmt: str, source: Path, prepared: Path, name: str, options: Mapping[str, Any]) -> Path:
+    """Read ``source`` (real layout of ``fmt``) into a prepared dataset at ``prepared``."""
+    formats.adapt(fmt, Path(source), Path(prepared), name=name, **dict(options))
+    return Path(prepared)
+
+
+@task(name="data-gate", retries=0, cache_policy=NO_CACHE)
+def data_gate(prepared: Path, docs_dir: Path) -> GateReport:
+    """Great Expectations gate; raises ``GateFailed`` (its message lists every failed check)."""
+    report = validate_dataset(Path(prepared), docs_dir=Path(docs_dir))
+    report.raise_for_failure()
+    return report
+
+
+@task(name="version-dataset", cache_policy=NO_CACHE)
+def version_dataset(name: str, prepared: Path, source: str, extra: Mapping[str, Any]) -> DatasetVersion:
+    """DVC-version (and push) a gated dataset. Not retried: ``DatasetStore.add`` moves ``prepared``
+    into the store first, so a second try would find nothing to add."""
+    return DatasetStore().add(name, Path(prepared), source=source, extra=dict(extra))
+
+
+# -- training --------------------------------------------------------------------------------------
+
+@task(name="resolve-recipe", cache_policy=NO_CACHE)
+def recipe_for(network: str, profile: str, overrides: Mapping[str, Any] | None) -> Recipe:
+    return resolve_recipe(network, profile, None, overrides)
+
+
+@task(name="find-trained-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def find_trained_version(network: str, data_ref: str, recipe: Recipe) -> reg.ModelVersion | None:
+    """The registered version already trained on this data version with this recipe, if any."""
+    return cache.find_trained_version(network, data_ref, recipe)
+
+
+@task(name="train", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_network(network: str, data_ref: str, recipe: Recipe) -> TrainOutcome:
+    """Tracked training. ``resume=True``: a retried or re-run training continues its checkpoint."""
+    return train_tracked(network, data_ref, recipe, resume=True, progress=False)
+
+
+@task(name="export-and-register", cache_policy=NO_CACHE)
+def register_model(outcome: TrainOutcome) -> reg.ModelVersion:
+    """ONNX export + parity on held-out samples + registration (tags: data version, fingerprint...)."""
+    return export_and_register(outcome)
+
+
+# -- registry and serving --------------------------------------------------------------------------
+
+@task(name="champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def champion_of(network: str) -> reg.ModelVersion | None:
+    return reg.get_alias(network, "champion")
+
+
+@task(name="model-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def model_version(network: str, version: int) -> reg.ModelVersion:
+    return reg.get_version(network, version)
+
+
+@task(name="start-triton", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def start_triton(repository: Path, workspace_dir: Path) -> EmbeddedTriton:
+    """Start the embedded Triton over ``repository``, loading every model already in it."""
+    repo = ModelRepository(repository)
+    return EmbeddedTriton(repo, workspace_dir, models=repo.load_order()).start(strict=False)
+
+
+@task(name="stop-triton", cache_policy=NO_CACHE)
+def stop_triton(server: EmbeddedTriton) -> None:
+    server.stop()
+
+
+def _promotion_key(context, parameters: Mapping[str, Any]) -> str:
+    version: reg.ModelVersion = parameters["version"]
+    return f"promote-{version.network}-v{version.version}-{version.run_id}-{Workspace.from_env().root}"
+
+
+@task(name="promote-version", retries=3, retry_delay_seconds=10, retry_condition_fn=_busy,
+      cache_key_fn=_promotion_key, persist_result=True)
+def promote_version(version: reg.ModelVersion, gates: Mapping[str, Any], triton_url: str) -> promotion.PromotionResult:
+    """Gated promotion (gates → install beside the champion → Triton smoke + latency → switch → aliases)."""
+    return promotion.promote(version.network, version.version, gates=promotion.PromotionGates(**dict(gates)),
+                             triton=triton_url)
+
+
+@task(name="ensemble-ready", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def ensemble_serves(network: str, version: int, triton_url: str) -> bool:
+    """Is ``<network>_ensemble`` ready and is ``version`` the network version Triton serves?"""
+    endpoint = TritonEndpoint(triton_url)
+    try:
+        return endpoint.model_ready(f"{network}_ensemble") and version in endpoint.served_versions(network)
+    finally:
+        endpoint.close()
+
+
+@task(name="rollback", cache_policy=NO_CACHE)
+def rollback_network(network: str, triton_url: str) -> promotion.RollbackResult:
+    return promotion.rollback(network, triton=triton_url)
+
+
+# -- AU rounds and reporting -----------------------------------------------------------------------
+
+@task(name="au-rounds", cache_policy=NO_CACHE)
+def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retrain: str,
+                  round_epochs: int | None) -> Any:
+    """AU co-training then ``rounds`` refinement rounds (DVC version + MLflow child run per round)."""
+    from registry.au_rounds import run_tracked_au_rounds
+
+    return run_tracked_au_rounds(data_ref, recipe, rounds, gamma=gamma, retrain=retrain, round_epochs=round_epochs)
+
+
+@task(name="publish-table", cache_policy=NO_CACHE)
+def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    """A Prefect table artifact (shown on the flow run's page)."""
+    create_table_artifact(rows, key=key, description=description)
