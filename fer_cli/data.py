@@ -7,7 +7,6 @@ Great Expectations gate → DVC version + push. A failed gate adds nothing.
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path

@@ -1,17 +1,15 @@
 """The workspace: one folder that holds all local state of the embedded default.
 
-``FER_HOME`` selects it (default ``./.fer``). Everything the embedded stack writes lives below it,
+``FER_HOME`` (or the settings file's ``home``, see :mod:`fer_core.settings`) selects it (default
+``./.fer``). Everything the embedded stack writes lives below it,
 so deleting the folder resets the platform.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-WORKSPACE_ENV = "FER_HOME"
-DEFAULT_WORKSPACE = ".fer"
 
 
 @dataclass(frozen=True)

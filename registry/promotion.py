@@ -42,7 +42,7 @@ import numpy as np
 from fer_core.workspace import Workspace
 from registry import models as reg
 from registry.export import ONNX_ARTIFACT, SMOKE_ARTIFACT
-from serving.repository import ModelRepository
+from serving.repository import ModelRepository, atomic_write_bytes
 from serving.server import ServingError, TritonEndpoint
 
 __all__ = ["PromotionGates", "RetentionPolicy", "GateResult", "PromotionResult", "RollbackResult",
@@ -344,21 +344,6 @@ def _step_models(network: str) -> tuple[str, str, str]:
     return f"{network}_preprocess", f"{network}_postprocess", f"{network}_ensemble"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class _Snapshot:
     """The repository state of one network's four Triton models, to restore after a refusal.
@@ -408,7 +393,7 @@ class _Snapshot:
             changed.append(model)
             for rel, data in before.items():
                 if now.get(rel) != data:
-                    _atomic_write_bytes(folder / rel, data)
+                    atomic_write_bytes(folder / rel, data)
             for rel in set(now) - set(before):
                 (folder / rel).unlink()
         if self.files[self.network] is not None:  # with its config restored, the added version is unserved

@@ -11,11 +11,13 @@ experiment per network (``fer-<network>``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,6 +55,8 @@ def setup_tracking(workspace: Workspace | None = None) -> str:
     if settings.s3_endpoint_url:
         # MLflow's S3 artifact repository reads the endpoint only from its own variable.
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", settings.s3_endpoint_url)
+    # Artifact downloads (promotion, export) would draw tqdm bars into flow logs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return uri
 
 
@@ -118,13 +122,23 @@ def model_signature(metadata: ModelMetadata) -> ModelSignature:
 def log_model(model: FERModel, name: str = "model") -> Any:
     """Log the PyTorch model with its signature and an input example."""
     example = model.example_input(1).numpy()
-    return mlflow.pytorch.log_model(
-        model.cpu().eval(), name=name, signature=model_signature(model.metadata), input_example=example,
-        pip_requirements=PIP_REQUIREMENTS,
-        # pickle keeps the FERModel class (and its metadata) on load; torch.export would return a
-        # bare GraphModule. The ONNX file is the portable serving artifact.
-        serialization_format="pickle",
-    )
+    # MLflow warns about pickle (chosen on purpose, below) and fails to "validate" a tensor input
+    # example through its JSON serving path (it feeds lists to the PyTorch flavor); both are noise.
+    quiet = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        return mlflow.pytorch.log_model(
+            model.cpu().eval(), name=name, signature=model_signature(model.metadata), input_example=example,
+            pip_requirements=PIP_REQUIREMENTS,
+            # pickle keeps the FERModel class (and its metadata) on load; torch.export would return a
+            # bare GraphModule. The ONNX file is the portable serving artifact.
+            serialization_format="pickle",
+        )
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
 
 
 class MlflowCallback(Callback):
@@ -161,6 +175,7 @@ class MlflowCallback(Callback):
         nested = self.parent_run_id is not None
         if resume_id:
             mlflow.start_run(run_id=resume_id, nested=nested)
+            self._log_missing_epochs(resume_id)
         else:
             tags = {"mlflow.parentRunId": self.parent_run_id} if nested else None
             run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, nested=nested, tags=tags)
@@ -175,10 +190,26 @@ class MlflowCallback(Callback):
             })
             if self.manifest is not None:
                 name, _, digest = self.data_ref.partition("@")
-                dataset = mlflow.data.from_pandas(self.manifest, source=self.data_ref or "unversioned",
-                                                  name=name or "dataset", digest=(digest or None) and digest[:36])
+                with warnings.catch_warnings():  # schema-inference hints about the manifest's int columns
+                    warnings.simplefilter("ignore", UserWarning)
+                    dataset = mlflow.data.from_pandas(self.manifest, source=self.data_ref or "unversioned",
+                                                      name=name or "dataset", digest=(digest or None) and digest[:36])
                 mlflow.log_input(dataset, context="training")
         self.run_id = mlflow.active_run().info.run_id
+
+    def _log_missing_epochs(self, run_id: str) -> None:
+        """Log the checkpointed epochs the run lacks: a kill between the trainer's checkpoint write
+        and this callback's ``on_epoch_end`` leaves that epoch in ``last.pt`` but not in MLflow."""
+        from fer_core.training.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            history = load_checkpoint(self.run_dir / "last.pt").get("history", [])
+        except CheckpointError:
+            return  # the trainer reports a bad checkpoint itself
+        logged = {m.step for m in MlflowClient().get_metric_history(run_id, "train/loss")}
+        for epoch, metrics in enumerate(history):
+            if epoch + 1 not in logged:
+                self.on_epoch_end(None, epoch, metrics)
 
     def on_epoch_end(self, trainer, epoch: int, metrics: Mapping[str, float]) -> None:
         finite = {_key(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -15,7 +15,7 @@ import pytest
 from fer_core.data import formats
 from fer_core.data.formats import affectnet
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.data.manifest import MANIFEST_COLUMNS, content_hash, read_card, read_manifest, resolve_reference
+from fer_core.data.manifest import MANIFEST_COLUMNS, content_hash, read_manifest, resolve_reference
 from fer_core.data.samples import read_image
 
 HEADER = ",".join(affectnet.COLUMNS)

@@ -11,7 +11,7 @@ from torch import nn
 
 from fer_core.losses.multitask import MultitaskLoss
 from fer_core.metrics.affect import concordance_correlation, expression_accuracy
-from fer_core.metrics.landmarks import decode_heatmaps, nme, render_heatmaps, to_heatmap_coords
+from fer_core.metrics.landmarks import decode_heatmaps, nme, render_heatmaps
 from fer_core.models import create_model
 from fer_core.models.multitask_fer import Attention, ConvBlock, EncoderBlock, Hourglass
 from tests.model_checks import check_every_parameter_gets_gradient, check_forward, check_onnx_export

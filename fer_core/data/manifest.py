@@ -143,6 +143,16 @@ def read_card(root: Path) -> DatasetCard:
     return DatasetCard.from_json(path.read_text())
 
 
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks and ``..`` resolved) is ``root`` or lies below it.
+
+    Adapters use it on every file a source's CSV or sheet names, so a listed ``../../etc/passwd``,
+    an absolute path or a symlink out of the source is never read.
+    """
+    root, target = Path(root).resolve(), Path(path).resolve()
+    return target == root or root in target.parents
+
+
 def resolve_reference(root: Path, ref: str) -> tuple[Path, int | None]:
     """Split ``file#row`` and resolve the file inside ``root``.
 
@@ -153,7 +163,7 @@ def resolve_reference(root: Path, ref: str) -> tuple[Path, int | None]:
         raise ValueError(f"reference {ref!r} must be a relative path inside the dataset")
     root = Path(root).resolve()
     target = (root / file_part).resolve()
-    if target != root and root not in target.parents:
+    if not is_inside(root, target):
         raise ValueError(f"reference {ref!r} points outside the dataset root {root}")
     if row and not row.isdigit():
         raise ValueError(f"reference {ref!r} has a non-numeric row index")

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fer_core.data.manifest import CARD_FILE, MANIFEST_FILE, read_card, read_manifest, write_prepared
+from fer_core.data.manifest import CARD_FILE, MANIFEST_FILE, read_card, write_prepared
 from fer_core.models.au_cotrain import noisy_probabilities, refine_labels
 from fer_core.training.callbacks import Callback
 from fer_core.training.recipe import Recipe

@@ -116,7 +116,14 @@ class Recipe:
 
     def with_yaml(self, path: Path) -> "Recipe":
         """Overrides from a YAML file (nested mappings or dotted keys)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ValueError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:  # one line: the problem and where, not the parser's traceback
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ValueError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: a recipe file must hold a mapping")
         flat: dict[str, Any] = {}

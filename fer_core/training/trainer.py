@@ -226,6 +226,8 @@ class Trainer:
             start_epoch, history = int(state["epoch"]), list(state["history"])
             best_value, best_epoch, bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
             self.global_step = int(state["global_step"])
+            if "torch_rng_state" in state:  # dropout and the loader's base seed draw from it
+                torch.set_rng_state(state["torch_rng_state"].cpu())
         self._call("on_fit_start")
         patience = r.early_stopping_patience
         stopped_early = bool(patience and bad_epochs >= patience)  # a resumed run that had already stopped
@@ -286,6 +288,9 @@ class Trainer:
                     "best_value": best_value, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                     "global_step": self.global_step, "recipe": r.to_dict(), "network": r.network,
                     "model_kwargs": dict(r.model_kwargs), "data_version": self.data_version, "metrics": metrics,
+                    # The global RNG has advanced through this run's epochs (dropout, the loader's base
+                    # seed); a resumed run must continue from the same state to end where this one ends.
+                    "torch_rng_state": torch.get_rng_state(),
                 }
                 save_checkpoint(state, last_path)
                 if improved:

@@ -14,8 +14,10 @@ Real layouts accepted at ``source``:
       unlabelled/          images without labels (label_set "unlabelled", aus all -1), optional
       images/...           the files the CSVs reference
 
-Image paths are relative to the CSV's folder. Files are copied to ``images/<path below source>``;
-a path that leaves the source folder is copied to ``images/external/<row>_<name>``. A listed image
+Image paths are relative to the CSV's folder. Files are copied to ``images/<path below source>``.
+A path that leaves the source folder (``../x``, an absolute path, a symlink out of it) is refused
+with ``ValueError``: a table must not make the adapter read files outside the dataset it describes.
+With ``allow_outside_source=True`` such files are copied to ``images/external/<row>_<name>``. A listed image
 that does not exist still becomes a row (its path does not exist, ``content_hash`` "") so the data
 gate can report it.
 
@@ -38,7 +40,7 @@ import pandas as pd
 
 from fer_core.data.formats import DataFormat, register_format
 from fer_core.data.labels import AU_NAMES
-from fer_core.data.manifest import DatasetCard, content_hash, write_prepared
+from fer_core.data.manifest import DatasetCard, content_hash, is_inside, write_prepared
 from fer_core.data.samples import IMAGE_SUFFIXES, decode_image_file
 
 IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "img", "image_name")
@@ -99,14 +101,18 @@ def read_au_table(
     return table, aus, ignored
 
 
-def _copy_image(source_root: Path, image_ref: str, out_dir: Path, row_id: str) -> tuple[str, str, str]:
+def _copy_image(source_root: Path, image_ref: str, out_dir: Path, row_id: str,
+                allow_outside_source: bool = False) -> tuple[str, str, str]:
     """(manifest path, source reference, content hash) for one listed image."""
     original = (source_root / image_ref).resolve()
     root = source_root.resolve()
-    if root in original.parents:
+    if is_inside(root, original) and original != root:
         relative = original.relative_to(root).as_posix()
         ref = f"images/{relative}"
     else:
+        if not allow_outside_source:
+            raise ValueError(f"image {image_ref!r} (row {row_id}) resolves to {original}, outside the source folder "
+                             f"{root}; refusing to read it (pass allow_outside_source=True to copy such files)")
         relative = image_ref
         ref = f"images/external/{re.sub(r'[^A-Za-z0-9_.-]', '_', row_id)}_{Path(image_ref).name}"
     digest = ""
@@ -128,13 +134,14 @@ def _rows(
     csv_root: Path,
     out_dir: Path,
     true_aus: dict[str, list[int]] | None,
+    allow_outside_source: bool = False,
 ) -> list[dict[str, Any]]:
     subject_col = _pick_column(table.columns, ("subject", "subject_id"))
     split_col = _pick_column(table.columns, ("split",))
     rows = []
     for i, image_ref in enumerate(table["__image__"].str.strip()):
         row_id = f"{label_set}/{Path(image_ref).with_suffix('').as_posix()}"
-        ref, relative, digest = _copy_image(csv_root, image_ref, out_dir, f"{label_set}{i}")
+        ref, relative, digest = _copy_image(csv_root, image_ref, out_dir, f"{label_set}{i}", allow_outside_source)
         rows.append(
             {
                 "id": row_id,
@@ -158,12 +165,13 @@ def _rows(
     return rows
 
 
-def _unlabelled_rows(folder: Path, source: Path, out_dir: Path, num_aus: int) -> list[dict[str, Any]]:
+def _unlabelled_rows(folder: Path, source: Path, out_dir: Path, num_aus: int,
+                     allow_outside_source: bool = False) -> list[dict[str, Any]]:
     rows = []
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     for file in files:
         relative = file.relative_to(source).as_posix()
-        ref, _, digest = _copy_image(source, relative, out_dir, relative)
+        ref, _, digest = _copy_image(source, relative, out_dir, relative, allow_outside_source)
         rows.append(
             {
                 "id": Path(relative).with_suffix("").as_posix(),
@@ -195,8 +203,12 @@ def adapt(
     au_names: Sequence[str] | None = None,
     image_column: str | None = None,
     intensity_threshold: int | None = None,
+    allow_outside_source: bool = False,
 ) -> DatasetCard:
-    """Read an AU table or co-training folder at ``source`` (see module docstring)."""
+    """Read an AU table or co-training folder at ``source`` (see module docstring).
+
+    ``allow_outside_source``: copy listed images that lie outside ``source`` instead of refusing them.
+    """
     source, out_dir = Path(source), Path(out_dir)
     names = tuple(AU_NAMES if au_names is None else au_names)
     bad_names = [n for n in names if au_name(n) != n]
@@ -216,9 +228,10 @@ def adapt(
             if (source / file).is_file():
                 table, aus, skipped = read_au_table(source / file, names, **options)
                 ignored.update(skipped)
-                rows += _rows(label_set, table, aus, source, out_dir, truth if label_set == "noisy" else None)
+                rows += _rows(label_set, table, aus, source, out_dir, truth if label_set == "noisy" else None,
+                              allow_outside_source)
         if (source / UNLABELLED_DIR).is_dir():
-            rows += _unlabelled_rows(source / UNLABELLED_DIR, source, out_dir, len(names))
+            rows += _unlabelled_rows(source / UNLABELLED_DIR, source, out_dir, len(names), allow_outside_source)
     else:
         layout = "table"
         if source.is_dir():
@@ -230,7 +243,7 @@ def adapt(
             csv = source
         table, aus, skipped = read_au_table(csv, names, **options)
         ignored.update(skipped)
-        rows += _rows("clean", table, aus, csv.parent, out_dir, None)
+        rows += _rows("clean", table, aus, csv.parent, out_dir, None, allow_outside_source)
     if not rows:
         raise ValueError(f"no AU rows or images found at {source}")
 

@@ -35,7 +35,7 @@ import pandas as pd
 
 from fer_core.data.formats import DataFormat, register_format
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.data.manifest import DatasetCard, class_counts, content_hash, write_prepared
+from fer_core.data.manifest import DatasetCard, class_counts, content_hash, is_inside, write_prepared
 from fer_core.data.samples import IMAGE_SUFFIXES, decode_image_file
 
 SPLIT_ALIASES: Mapping[str, str] = {
@@ -147,6 +147,8 @@ def adapt(
             dropped[folder.name] = dropped.get(folder.name, 0) + len(files)
             continue
         for file in files:
+            if not is_inside(source, file):  # a symlink out of the tree: never read files beyond the source
+                raise ValueError(f"{file} links to {file.resolve()}, outside the source folder {source.resolve()}")
             relative = file.relative_to(source).as_posix()
             match = subject_regex.search(file.name) if subject_regex else None
             subject = match.group(1) if match else ""

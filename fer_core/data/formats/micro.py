@@ -50,7 +50,7 @@ import pandas as pd
 
 from fer_core.data.formats import DataFormat, register_format
 from fer_core.data.labels import CASME2_CLASSES, SMIC_CLASSES
-from fer_core.data.manifest import DatasetCard, class_counts, content_hash, write_prepared
+from fer_core.data.manifest import DatasetCard, class_counts, content_hash, is_inside, write_prepared
 from fer_core.data.preprocess import estimate_apex
 from fer_core.data.samples import frame_files, read_clip
 
@@ -307,6 +307,10 @@ def _adapt_sheet_dataset(
             for key in ("onsetframe", "apexframe", "offsetframe")
         }
         clip_folder = frames_root / subject / clip_name
+        # The sheet's filename is free text: "../../x" or an absolute path must not make us read
+        # (or, through ``ref``, write) outside the source and the prepared folder.
+        if Path(clip_name).is_absolute() or ".." in Path(clip_name).parts or not is_inside(folder, clip_folder):
+            raise ValueError(f"{sheet_path.name} row {i}: filename {clip_name!r} leaves the source folder {folder}")
         relative = clip_folder.relative_to(folder).as_posix()
         ref = f"clips/{relative}"
         num_frames, onset, apex, offset, digest = 0, -1, -1, -1, ""

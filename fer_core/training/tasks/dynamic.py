@@ -38,13 +38,11 @@ import pandas as pd
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector, detect_and_align, resample_clip, to_model_input
 from fer_core.data.samples import read_clip
-from fer_core.data.transforms import AugmentConfig
 from fer_core.losses.ecstfl import EcStflLoss
 from fer_core.models import create_model
-from fer_core.training.datasets import ManifestDataset, split_rows
 from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import TaskSpec, register_task
-from fer_core.training.tasks.static import ClassificationReportMixin
+from fer_core.training.tasks.static import SingleLabelClassificationTask
 
 NUM_FOLDS = 5
 
@@ -60,7 +58,7 @@ def select_fold(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     return out
 
 
-class DynamicClassificationTask(ClassificationReportMixin):
+class DynamicClassificationTask(SingleLabelClassificationTask):
     """Fixed-length clips with one expression label each."""
 
     primary_metric = "uar"
@@ -101,19 +99,6 @@ class DynamicClassificationTask(ClassificationReportMixin):
         frames = resample_clip(frames, self.num_frames, self.resample)
         x = to_model_input(frames, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
         return np.round(x * 255.0).astype(np.uint8)  # (T, C, H, W)
-
-    @staticmethod
-    def _targets(row: pd.Series) -> dict[str, Any]:
-        return {"label": int(row["label"])}
-
-    def build_datasets(self, recipe: Recipe) -> dict[str, ManifestDataset]:
-        splits = split_rows(self.manifest, recipe.data.get("val_fraction", 0.15), recipe.seed)
-        aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None  # {} = off
-        return {
-            split: ManifestDataset(self.root, rows, self._decode, self._targets, self.meta.mean, self.meta.std,
-                                   augment_cfg=aug if split == "train" else None, seed=recipe.seed)
-            for split, rows in splits.items()
-        }
 
     def build_loss(self, recipe: Recipe, model):
         kwargs = dict(recipe.loss_kwargs)

@@ -46,20 +46,17 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.data.preprocess import estimate_apex, onset_apex_pair, to_model_input
 from fer_core.data.samples import read_clip
-from fer_core.data.transforms import AugmentConfig
 from fer_core.losses.micro import micro_classification_loss
 from fer_core.metrics.classification import classification_metrics
 from fer_core.models import create_model
 from fer_core.training.callbacks import Callback
-from fer_core.training.datasets import ManifestDataset
 from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import TaskSpec, register_task
-from fer_core.training.tasks.static import ClassificationReportMixin
+from fer_core.training.tasks.static import SingleLabelClassificationTask
 from fer_core.training.trainer import Trainer
 
 
@@ -118,7 +115,7 @@ def subject_splits(
     return {"train": manifest[~test_mask & ~val_mask], "val": manifest[val_mask], "test": manifest[test_mask]}
 
 
-class MicroExpressionTask(ClassificationReportMixin):
+class MicroExpressionTask(SingleLabelClassificationTask):
     """Onset/apex pairs of micro-expression clips with one class each."""
 
     primary_metric = "uf1"
@@ -145,24 +142,12 @@ class MicroExpressionTask(ClassificationReportMixin):
         x = to_model_input(pair, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
         return np.round(x * 255.0).astype(np.uint8)  # (2, C, H, W)
 
-    @staticmethod
-    def _targets(row: pd.Series) -> dict[str, Any]:
-        return {"label": int(row["label"])}
-
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
         """The rows of each split for ``recipe`` (``data.val_fraction``, ``data.test_fraction``, ``data.fold``)."""
         data = dict(recipe.data)
         fold = data.get("fold")
         return subject_splits(self.manifest, float(data.get("val_fraction", 0.2)), float(data.get("test_fraction", 0.2)),
                               recipe.seed, None if fold is None else str(fold))
-
-    def build_datasets(self, recipe: Recipe) -> dict[str, ManifestDataset]:
-        aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None  # {} = off
-        return {
-            split: ManifestDataset(self.root, rows, self._decode, self._targets, self.meta.mean, self.meta.std,
-                                   augment_cfg=aug if split == "train" else None, seed=recipe.seed)
-            for split, rows in self.splits(recipe).items()
-        }
 
     def build_loss(self, recipe: Recipe, model):
         if recipe.loss_kwargs:

@@ -26,10 +26,31 @@ from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import TaskSpec, register_task
 
 
-class ClassificationReportMixin:
-    """Accuracy/UAR/UF1 metrics and a confusion-matrix report over ``outputs["logits"]``."""
+class SingleLabelClassificationTask:
+    """Shared parts of the one-label-per-sample tasks (static, dynamic, micro).
+
+    Subclasses set ``root``, ``manifest``, ``meta`` (the model metadata) and ``label_names`` and
+    implement ``_decode``; they may override :meth:`splits`. Metrics: accuracy (= WAR), UAR, UF1,
+    per-class recall/F1 over ``outputs["logits"]``; report: confusion matrix and per-class table.
+    """
 
     label_names: tuple[str, ...]
+
+    @staticmethod
+    def _targets(row: pd.Series) -> dict[str, Any]:
+        return {"label": int(row["label"])}
+
+    def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
+        """Rows by split; a manifest without "val" holds out ``data.val_fraction`` of train."""
+        return split_rows(self.manifest, recipe.data.get("val_fraction", 0.15), recipe.seed)
+
+    def build_datasets(self, recipe: Recipe) -> dict[str, ManifestDataset]:
+        aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None  # {} = off
+        return {
+            split: ManifestDataset(self.root, rows, self._decode, self._targets, self.meta.mean, self.meta.std,
+                                   augment_cfg=aug if split == "train" else None, seed=recipe.seed)
+            for split, rows in self.splits(recipe).items()
+        }
 
     def compute_metrics(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> dict[str, float]:
         pred = outputs["logits"].argmax(1).numpy()
@@ -45,7 +66,7 @@ class ClassificationReportMixin:
         }
 
 
-class StaticClassificationTask(ClassificationReportMixin):
+class StaticClassificationTask(SingleLabelClassificationTask):
     """Images with one expression label each."""
 
     primary_metric = "accuracy"
@@ -67,19 +88,6 @@ class StaticClassificationTask(ClassificationReportMixin):
         image = read_image(root, row["path"])
         x = to_model_input(image, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
         return np.round(x * 255.0).astype(np.uint8)
-
-    @staticmethod
-    def _targets(row: pd.Series) -> dict[str, Any]:
-        return {"label": int(row["label"])}
-
-    def build_datasets(self, recipe: Recipe) -> dict[str, ManifestDataset]:
-        splits = split_rows(self.manifest, recipe.data.get("val_fraction", 0.15), recipe.seed)
-        aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None  # {} = off
-        return {
-            split: ManifestDataset(self.root, rows, self._decode, self._targets, self.meta.mean, self.meta.std,
-                                   augment_cfg=aug if split == "train" else None, seed=recipe.seed)
-            for split, rows in splits.items()
-        }
 
     def build_loss(self, recipe: Recipe, model):
         kwargs = dict(recipe.loss_kwargs)
