@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from fer_core.workspace import Workspace
     from serving.repository import ModelRepository
-    from serving.server import EmbeddedTriton, ServingError, TritonEndpoint
+    from serving.server import EmbeddedTriton, ServingError, TritonEndpoint, supervise
 
     if args.url:
         endpoint = TritonEndpoint(args.url)
@@ -79,16 +79,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         _report_start(server, repository, models)
         deadline = None if args.duration is None else time.monotonic() + args.duration
-        while deadline is None or time.monotonic() < deadline:
-            time.sleep(args.check_interval)
-            if not server.running:
-                print(f"tritonserver died (log: {server.log_path}); restarting", file=sys.stderr, flush=True)
-                try:
-                    server.restart()
-                except ServingError as exc:
-                    print(f"restart failed: {exc}; retrying", file=sys.stderr, flush=True)
-                    continue
-                _report_start(server, repository, models)
+        supervise(server, check_interval_s=args.check_interval,
+                  should_stop=lambda: deadline is not None and time.monotonic() >= deadline,
+                  on_restart=lambda s: _report_start(s, repository, models),
+                  on_failure=lambda message: print(message, file=sys.stderr, flush=True))
     finally:
         server.stop()
     return 0

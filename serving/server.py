@@ -32,12 +32,12 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import util as importlib_util
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from serving.repository import PROJECT_ROOT, PYTHONPATH_ENV, ModelRepository
 
 __all__ = ["ServingError", "TritonEndpoint", "EmbeddedTriton", "TritonInstall", "find_triton",
-           "build_backend_directory", "free_port"]
+           "build_backend_directory", "free_port", "supervise"]
 
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB = "triton_python_backend_stub"
@@ -263,6 +263,7 @@ class EmbeddedTriton:
         self.process: subprocess.Popen | None = None
         self.load_failures: dict[str, str] = {}
         self._log_handle = None
+        self._strict = True
 
     @property
     def log_path(self) -> Path:
@@ -311,6 +312,7 @@ class EmbeddedTriton:
         """
         if self.running:
             return self
+        self._strict = strict  # restart() starts the same way (fer serve tolerates a model that fails)
         install = find_triton()
         self.workspace_dir.mkdir(parents=True, exist_ok=True)
         self.repository.root.mkdir(parents=True, exist_ok=True)
@@ -382,19 +384,66 @@ class EmbeddedTriton:
                 except subprocess.TimeoutExpired:
                     os.killpg(self.process.pid, signal.SIGKILL)  # its own session: stubs included
                     self.process.wait()
+            else:
+                # The server died (killed, crashed): its Python-backend stubs may outlive it in its
+                # process group, holding memory; end them before a restart starts new ones.
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             self.process = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
 
     def restart(self) -> "EmbeddedTriton":
-        """Stop if needed and start again on the same ports, reloading ``models``."""
+        """Stop if needed and start again on the same ports, reloading ``models`` (as strictly as the
+        last :meth:`start`)."""
         self._requested_ports = (self.http_port, self.grpc_port, self.metrics_port)
         self.stop()
-        return self.start()
+        return self.start(strict=self._strict)
 
     def __enter__(self) -> "EmbeddedTriton":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def supervise(
+    server: EmbeddedTriton,
+    *,
+    check_interval_s: float = 2.0,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_restart: Callable[[EmbeddedTriton], None] | None = None,
+    on_failure: Callable[[str], None] | None = None,
+) -> int:
+    """Keep a started ``server`` running until ``should_stop()``: when its process dies it is
+    restarted on the same ports and its models are loaded again (what ``fer serve`` does).
+
+    ``on_failure`` gets a one-line message for each death and each failed restart (which is retried
+    at the next check); ``on_restart`` is called after each successful restart. Returns the number of
+    restarts. Checks every ``check_interval_s`` seconds, so recovery takes at most that long plus the
+    server's start-up and model loading.
+    """
+    if check_interval_s <= 0:
+        raise ValueError(f"check_interval_s must be > 0, got {check_interval_s}")
+    restarts = 0
+    while not should_stop():
+        time.sleep(check_interval_s)
+        if should_stop():
+            break
+        if server.running:
+            continue
+        if on_failure is not None:
+            on_failure(f"tritonserver died (log: {server.log_path}); restarting")
+        try:
+            server.restart()
+        except ServingError as exc:
+            if on_failure is not None:
+                on_failure(f"restart failed: {str(exc).splitlines()[0]}; retrying")
+            continue
+        restarts += 1
+        if on_restart is not None:
+            on_restart(server)
+    return restarts

@@ -414,7 +414,7 @@ def test_au_cotraining_layout_label_sets_and_truth(tmp_path):
         src / "noisy_truth.csv", index=False
     )
     out = tmp_path / "out"
-    card = formats.adapt("au_table", src, out, name="co", au_names=["AU1", "AU4"])
+    card = formats.adapt("au_table", src, out, name="co", au_names=["AU1", "AU4"], allow_outside_source=True)
     df = _check_prepared(out).set_index("id")
     assert card.provenance["layout"] == "co-training"
     assert card.provenance["label_sets"] == {"clean": 2, "noisy": 2, "unlabelled": 1}
