@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="model repository (default: $FER_HOME/triton/models)")
     p.add_argument("--url", default=None,
                    help="check/use an external Triton at grpc://HOST:PORT or http://HOST:PORT instead")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default=None,
+                   help="bind address (default: FER_BIND_HOST, else 127.0.0.1; expose with care, see README)")
     p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
     p.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
@@ -70,7 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
     repository = ModelRepository(args.repository or workspace.triton_repository)
     repository.root.mkdir(parents=True, exist_ok=True)
     models = repository.load_order()
-    server = EmbeddedTriton(repository, workspace.root / "triton", host=args.host, http_port=args.http_port,
+    from fer_core.settings import Settings
+
+    host = args.host or Settings.load().bind_host
+    server = EmbeddedTriton(repository, workspace.root / "triton", host=host, http_port=args.http_port,
                             grpc_port=args.grpc_port, metrics_port=args.metrics_port, models=models)
     try:
         server.start(strict=False)

@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for reviewing runs",
                        description="Serve the workspace's MLflow store (runs, plots, models, registry).")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; expose with care)")
+    p.add_argument("--host", default=None,
+                   help="bind address (default: FER_BIND_HOST, else 127.0.0.1; expose with care, see README)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_ui)
 
@@ -93,14 +94,17 @@ def _ui(args: argparse.Namespace) -> int:
     from fer_core.workspace import Workspace
     from registry.tracking import tracking_uri
 
+    from fer_core.settings import Settings
+
     workspace = Workspace.from_env().ensure()
     uri = tracking_uri(workspace)
+    host = args.host or Settings.load().bind_host
     workspace.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("mlflow")
     cmd = [str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", workspace.mlflow_artifacts.resolve().as_uri(),
-           "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {uri}); Ctrl-C stops it", flush=True)
+           "--host", host, "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{host}:{args.port}  (store {uri}); Ctrl-C stops it", flush=True)
     try:
         return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ ENV_PREFIX = "FER_"
 CONFIG_ENV = "FER_CONFIG"
 DEFAULT_HOME = ".fer"
 DEFAULT_BIND_HOST = "127.0.0.1"
+FACE_DETECTION_MODES = ("off", "haar")
 
 # Keys that look like credentials (matched case-insensitively against settings-file keys).
 _SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|credential|access[_-]?key|api[_-]?key|private[_-]?key|auth",
@@ -82,6 +83,10 @@ class Settings:
     """Interface our servers bind to (``FER_BIND_HOST``); 127.0.0.1 keeps them off the network."""
     s3_endpoint_url: str
     """S3 endpoint for an S3-compatible store such as MinIO (``FER_S3_ENDPOINT_URL``); empty = AWS."""
+    face_detection: str = "off"
+    """Face detection in the serving ensembles (``FER_FACE_DETECTION``): "off" = requests are face
+    crops, resized like the training data (FER2013, AffectNet crops, DFEW clips); "haar" = detect,
+    align and crop the largest face first (for full photos)."""
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """Names of the fields set by the environment or the file (the rest are defaults)."""
     config_file: Path | None = field(default=None, compare=False, repr=False)
@@ -123,12 +128,15 @@ class Settings:
             "prefect_api_url": pick("prefect_api_url") or "",
             "bind_host": pick("bind_host") or DEFAULT_BIND_HOST,
             "s3_endpoint_url": pick("s3_endpoint_url") or "",
+            "face_detection": pick("face_detection") or "off",
         }
         settings = cls(**values, explicit=frozenset(from_env) | frozenset(from_file), config_file=path)
         settings._validate()
         return settings
 
     def _validate(self) -> None:
+        if self.face_detection not in FACE_DETECTION_MODES:
+            raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {self.face_detection!r}")
         for name in ("tracking_uri", "registry_uri"):
             uri = getattr(self, name)
             if "://" not in uri and not Path(uri).is_absolute():

@@ -194,7 +194,7 @@ class MlflowCallback(Callback):
                     warnings.simplefilter("ignore", UserWarning)
                     dataset = mlflow.data.from_pandas(self.manifest, source=self.data_ref or "unversioned",
                                                       name=name or "dataset", digest=(digest or None) and digest[:36])
-                mlflow.log_input(dataset, context="training")
+                    mlflow.log_input(dataset, context="training")
         self.run_id = mlflow.active_run().info.run_id
 
     def _log_missing_epochs(self, run_id: str) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from fer_core.models.registry import ModelMetadata
+from fer_core.settings import FACE_DETECTION_MODES, Settings
 from serving.ensembles import processing
 from serving.export import metadata_to_json, read_onnx_metadata
 
@@ -157,18 +158,26 @@ def _ensemble_input(metadata: ModelMetadata) -> tuple[str, tuple[int, ...]]:
     return ("FRAMES", (-1,)) if processing.is_video_network(metadata) else ("IMAGE", (1,))
 
 
-def _python_parameters(metadata: ModelMetadata, max_image_bytes: int, max_image_pixels: int) -> list[str]:
+def _python_parameters(metadata: ModelMetadata, max_image_bytes: int, max_image_pixels: int,
+                       face_detection: str = "off") -> list[str]:
     return _parameters({
         "fer_metadata": metadata_to_json(metadata), "max_image_bytes": str(int(max_image_bytes)),
-        "max_image_pixels": str(int(max_image_pixels)),
+        "max_image_pixels": str(int(max_image_pixels)), "face_detection": face_detection,
     })
 
 
 def preprocess_config(
     metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1,
     max_image_bytes: int = processing.MAX_IMAGE_BYTES, max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
+    face_detection: str = "off",
 ) -> str:
-    """``config.pbtxt`` of ``<network>_preprocess`` (Python backend, always on CPU)."""
+    """``config.pbtxt`` of ``<network>_preprocess`` (Python backend, always on CPU).
+
+    ``face_detection`` "off" treats requests as face crops (resized whole, like the training data);
+    "haar" detects, aligns and crops the largest face first (full photos).
+    """
+    if face_detection not in FACE_DETECTION_MODES:
+        raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
     _check_common(max_batch_size, instances, "KIND_CPU")
     input_name, input_dims = _ensemble_input(metadata)
     spec = metadata.input
@@ -180,7 +189,7 @@ def preprocess_config(
         _block("output", [_tensor(spec.name, spec.dtype, spec.shape), _tensor("FACE_FOUND", "bool", (1,)),
                           _tensor("TO_INPUT", "float32", (2, 3))]),
         *_common_tail(max_batch_size, instances, "KIND_CPU", 0),
-        *_python_parameters(metadata, max_image_bytes, max_image_pixels),
+        *_python_parameters(metadata, max_image_bytes, max_image_pixels, face_detection),
     ]
     return "\n".join(lines) + "\n"
 
@@ -287,11 +296,13 @@ class ModelRepository:
     NVIDIA's container can use ``KIND_GPU``). Pre/post-processing models always run on CPU.
     """
 
-    def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU") -> None:
+    def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU", face_detection: str | None = None) -> None:
         if instance_kind not in INSTANCE_KINDS:
             raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
         self.root = Path(root).resolve()
         self.instance_kind = instance_kind
+        # The ensembles' pre-processing mode (see preprocess_config); default from the settings.
+        self.face_detection = face_detection or Settings.load().face_detection
 
     # -- paths and queries ----------------------------------------------------------------------
 
@@ -493,7 +504,8 @@ class ModelRepository:
         self._write_python_model(
             f"{network}_preprocess", "PreprocessModel",
             preprocess_config(metadata, max_batch_size=max_batch_size, instances=preprocess_instances,
-                              max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels))
+                              max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                              face_detection=self.face_detection))
         self._write_python_model(
             f"{network}_postprocess", "PostprocessModel",
             postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances))

@@ -24,7 +24,6 @@ from mlflow.tracking import MlflowClient
 from fer_cli.main import main
 from fer_core.data.formats import adapt, get_format
 from fer_core.data.manifest import read_manifest
-from fer_core.data.preprocess import HaarFaceDetector
 from fer_core.data.samples import read_image
 from fer_core.training.trainer import load_model_from_checkpoint
 from fer_core.workspace import Workspace
@@ -98,8 +97,8 @@ def test_images(platform):
 def _expected_probabilities(platform, version: int, encoded: list[bytes]) -> np.ndarray:
     """What the ensemble must answer when it serves ``version``: same pre-processing, PyTorch, softmax."""
     model, _ = load_model_from_checkpoint(platform.outcomes[version].result.best_checkpoint)
-    detector = HaarFaceDetector()
-    prepared = [processing.prepare([data], model.metadata, detector) for data in encoded]
+    # The repository's default pre-processing (face_detection "off"): requests are face crops.
+    prepared = [processing.prepare([data], model.metadata, None) for data in encoded]
     with torch.no_grad():
         logits = model(torch.from_numpy(np.stack([p.tensor for p in prepared]))).numpy()
     return processing.postprocess({"logits": logits}, model.metadata, np.stack([p.to_input for p in prepared]))[

@@ -17,7 +17,7 @@ from fer_core.data.synthfacs import SynthFACS
 from fer_core.models import create_model
 from serving.ensembles import processing
 from serving.export import export_onnx
-from serving.repository import ModelRepository, ensemble_config, network_config
+from serving.repository import ModelRepository, ensemble_config, network_config, preprocess_config
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +270,15 @@ def test_clip_preparation(face):
         processing.prepare_clip([face], micro, detector)
     with pytest.raises(ValueError, match="clip"):
         processing.prepare_image(face, meta, detector)
+
+
+def test_face_detection_off_uses_the_whole_image_like_training(onnx_files, face):
+    """The default serving mode builds exactly the tensor the training tasks build from a face crop."""
+    _, meta = onnx_files["ca_resnet"]
+    prepared = processing.prepare_image(face, meta, None)
+    expected = to_model_input(face, meta.input_size, meta.in_chans, meta.mean, meta.std)
+    assert not prepared.face_found and np.array_equal(prepared.tensor, expected)
+    assert 'key: "face_detection"' in preprocess_config(meta) and '"off"' in preprocess_config(meta)
+    with pytest.raises(ValueError, match="face_detection"):
+        preprocess_config(meta, face_detection="dlib")
+

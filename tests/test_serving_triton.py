@@ -58,7 +58,7 @@ def _tiny(name: str, seed: int, **kwargs):
 def served(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serving")
-    repo = ModelRepository(root / "models")
+    repo = ModelRepository(root / "models", face_detection="haar")  # full-photo mode: exercise the detector
     models = {
         ("ca_resnet", 3): _tiny("ca_resnet", 3, **CA_KWARGS),
         ("ca_resnet", 5): _tiny("ca_resnet", 5, **CA_KWARGS),

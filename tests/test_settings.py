@@ -74,7 +74,7 @@ def test_every_setting_has_its_fer_variable(tmp_path):
         "home": str(tmp_path / "h"), "tracking_uri": "http://mlflow:5000", "registry_uri": "http://registry:5000",
         "artifact_root": "s3://mlflow/artifacts", "dvc_remote": "s3://dvc/store", "triton_url": "http://triton:8000",
         "model_repository": "s3://triton/models", "prefect_api_url": "http://prefect:4200/api",
-        "bind_host": "0.0.0.0", "s3_endpoint_url": "http://minio:9000",
+        "bind_host": "0.0.0.0", "s3_endpoint_url": "http://minio:9000", "face_detection": "haar",
     }
     assert set(values) == set(setting_names())
     s = Settings.load(env={env_var(k): v for k, v in values.items()})
@@ -163,3 +163,9 @@ def test_the_library_reads_its_configuration_from_the_settings_file(tmp_path, mo
     assert tracking_uri() == f"sqlite:///{(tmp_path / 'ws' / 'mlflow' / 'mlflow.db').resolve()}"
     store = DatasetStore()
     assert store.workspace.root == (tmp_path / "ws").resolve() and store.remote_url == "s3://bucket/dvc"
+
+
+def test_face_detection_mode_is_validated():
+    assert Settings.load(env={}).face_detection == "off"
+    with pytest.raises(ValueError, match="face_detection"):
+        Settings.load(env={"FER_FACE_DETECTION": "dlib"})

@@ -159,7 +159,9 @@ def _resize_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarr
     return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]], dtype=np.float64)
 
 
-def _align(image: np.ndarray, detector: RecordingDetector, size: tuple[int, int]) -> tuple[np.ndarray, FaceBox | None]:
+def _align(image: np.ndarray, detector: RecordingDetector | None, size: tuple[int, int]) -> tuple[np.ndarray, FaceBox | None]:
+    if detector is None:  # face detection off: the request is a face crop, used whole like training data
+        return image, None
     aligned = detect_and_align(image, detector, out_size=size)
     if aligned is None:
         return image, None
@@ -170,12 +172,13 @@ def _normalise(pixels: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
     return to_model_input(pixels, metadata.input_size, metadata.in_chans, metadata.mean, metadata.std)
 
 
-def prepare_image(image: np.ndarray, metadata: ModelMetadata, detector: HaarFaceDetector) -> PreparedInput:
-    """Face-align one decoded image and build the ``(C, H, W)`` input of an image network."""
+def prepare_image(image: np.ndarray, metadata: ModelMetadata, detector: HaarFaceDetector | None) -> PreparedInput:
+    """Build the ``(C, H, W)`` input of an image network from one decoded image: face-aligned when a
+    detector is given (and finds a face), else the whole image resized like the training data."""
     if is_video_network(metadata):
         raise ValueError(f"{metadata.name} takes a clip of frames, not one image")
     size = metadata.input_size
-    pixels, box = _align(image, RecordingDetector(detector), size)
+    pixels, box = _align(image, RecordingDetector(detector) if detector else None, size)
     if box is None:
         to_input = _resize_matrix(image.shape[:2], size)
     else:
@@ -183,7 +186,7 @@ def prepare_image(image: np.ndarray, metadata: ModelMetadata, detector: HaarFace
     return PreparedInput(_normalise(pixels, metadata), box is not None, to_input.astype(np.float32))
 
 
-def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector: HaarFaceDetector) -> PreparedInput:
+def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector: HaarFaceDetector | None) -> PreparedInput:
     """Build the ``(T, C, H, W)`` input of a video network from decoded frames of one clip.
 
     The face is detected on the first frame where one is found and every frame is aligned with
@@ -199,9 +202,9 @@ def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector
     if len(shapes) != 1:
         raise ValueError(f"all frames of a clip must have the same size, got {sorted(shapes)}")
     size = metadata.input_size
-    recorder = RecordingDetector(detector)
+    recorder = RecordingDetector(detector) if detector else None
     box = None
-    for frame in frames:
+    for frame in frames if recorder else ():
         if detect_and_align(frame, recorder, out_size=size) is not None:
             box = recorder.last_faces[0]
             break
@@ -222,7 +225,7 @@ def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector
     return PreparedInput(_normalise(aligned, metadata), box is not None, to_input.astype(np.float32))
 
 
-def prepare(encoded: Sequence[bytes], metadata: ModelMetadata, detector: HaarFaceDetector,
+def prepare(encoded: Sequence[bytes], metadata: ModelMetadata, detector: HaarFaceDetector | None,
             max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> PreparedInput:
     """Decode and prepare one sample: one encoded image, or the encoded frames of one clip."""
     decoded = [decode_image_bytes(b, max_bytes, max_pixels) for b in encoded]

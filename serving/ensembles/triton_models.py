@@ -46,7 +46,8 @@ class PreprocessModel(_Base):
 
     def initialize(self, args: dict[str, str]) -> None:
         super().initialize(args)
-        self.detector = HaarFaceDetector()
+        # "off": requests are face crops like the training data; "haar": detect + align first.
+        self.detector = HaarFaceDetector() if _parameter(self.config, "face_detection", "off") == "haar" else None
         self.input_name = self.config["input"][0]["name"]
         self.tensor_name = self.metadata.input.name
 

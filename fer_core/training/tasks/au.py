@@ -308,7 +308,7 @@ def _profiles() -> dict[str, Recipe]:
     quick = paper.with_overrides({
         "profile": "quick",
         "model_kwargs": {"layers": [1, 1, 1, 1], "width": 8, "img_size": 40, "stem": "small"},
-        "data": {"val_fraction": 0.15}, "lr": 3e-3, "weight_decay": 0.0, "epochs": 8, "batch_size": 32,
+        "data": {"val_fraction": 0.15}, "lr": 3e-3, "weight_decay": 0.0, "epochs": 15, "batch_size": 32,
         "eval_batch_size": 64, "early_stopping_patience": 4, "num_workers": 0, "max_steps_per_epoch": 30,
         "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [0.9, 1.0], "gamma_max": 1.2,
                     "noise_var": 0.0, "erase_prob": 0.0},

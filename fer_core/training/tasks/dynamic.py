@@ -133,7 +133,8 @@ def _profiles() -> dict[str, Recipe]:
         "model_kwargs": {"num_frames": 8, "img_size": 32, "width": 8, "fc_width": 128, "drop_rate": 0.0},
         "data": {"val_fraction": 0.15, "align_faces": False, "resample": "interpolate"},
         "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
-        "epochs": 8, "batch_size": 28, "eval_batch_size": 64, "early_stopping_patience": 3, "num_workers": 0,
+        # C3D sits on a plateau for ~100 steps before it starts to learn: enough epochs, patient stopping.
+        "epochs": 15, "batch_size": 28, "eval_batch_size": 64, "early_stopping_patience": 6, "num_workers": 0,
         "max_steps_per_epoch": 40,
         "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [0.85, 1.0], "gamma_max": 1.2,
                     "noise_var": 0.0, "erase_prob": 0.0},

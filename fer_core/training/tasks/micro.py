@@ -262,7 +262,7 @@ def _profiles() -> dict[str, Recipe]:
         "profile": "quick",
         "model_kwargs": {"img_size": 32, "width": 8, "stem": "small", "magnifier_width": 8, "num_mag_frames": 4,
                          "head_hidden": 32, "shared_qk": True},
-        "lr": 2e-3, "weight_decay": 0.0, "epochs": 6, "batch_size": 16, "early_stopping_patience": 4,
+        "lr": 2e-3, "weight_decay": 0.0, "epochs": 15, "batch_size": 16, "early_stopping_patience": 6,
         "num_workers": 0, "max_steps_per_epoch": 30,
         "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.0,
                     "noise_var": 0.0, "erase_prob": 0.0},

@@ -239,7 +239,7 @@ def _profiles() -> dict[str, Recipe]:
         "profile": "quick",
         "model_kwargs": {"width": 16, "num_stacks": 1, "hourglass_depth": 2, "pyramid_dim": 16, "num_heads": 2,
                          "head_hidden": 32},
-        "data": {"val_fraction": 0.15}, "lr": 2e-3, "warmup_epochs": 0, "epochs": 5, "batch_size": 32,
+        "data": {"val_fraction": 0.15}, "lr": 2e-3, "warmup_epochs": 0, "epochs": 15, "batch_size": 32,
         "eval_batch_size": 64, "early_stopping_patience": 3, "num_workers": 0, "max_steps_per_epoch": 30,
         "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.3,
                     "noise_var": 0.0005, "erase_prob": 0.0},

@@ -111,8 +111,8 @@ def _static_profiles(network: str, paper_kwargs: Mapping[str, Any], quick_kwargs
                  "noise_var": 0.001, "erase_prob": 0.5},
     )
     quick = paper.with_overrides({
-        "profile": "quick", "model_kwargs": dict(quick_kwargs), "epochs": 4, "batch_size": 64,
-        "early_stopping_patience": 3, "num_workers": 0, "max_steps_per_epoch": 40,
+        "profile": "quick", "model_kwargs": dict(quick_kwargs), "epochs": 12, "batch_size": 64,
+        "early_stopping_patience": 4, "num_workers": 0, "max_steps_per_epoch": 40,
         "augment": {"hflip": True, "rotation_deg": 8.0, "crop_area": [0.8, 1.0], "gamma_max": 1.5,
                     "noise_var": 0.001, "erase_prob": 0.25},
     })
