@@ -4,7 +4,7 @@
    loop written here, on the same model, data pipeline (the same cached dataset and DataLoader
    settings) and batch size, augmentation off in both, in one process. Target: within 5 %.
 2. Wall time of each network's ``quick`` profile end to end (data version → tracked training),
-   on generated data in that network's real format.
+   on generated data in that network's real format, at the demo's dataset sizes.
 
     .venv/bin/python bench/train_throughput.py [--steps 60] [--network ca_resnet] [--skip-quick]
 """
@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fer_cli.demo import DEMO_SIZES  # noqa: E402
 from fer_core.data.formats import adapt, get_format  # noqa: E402
 from fer_core.models import create_model  # noqa: E402
 from fer_core.training.tasks import create_task, get_recipe, list_networks  # noqa: E402
@@ -59,7 +60,7 @@ def overhead(network: str, steps: int, repeats: int) -> None:
         tmp = Path(tmp)
         os.environ["FER_HOME"] = str(tmp / "home")
         fmt = FORMAT_FOR[network]
-        source = get_format(fmt).write_synthetic(tmp / "src", seed=0)
+        source = get_format(fmt).write_synthetic(tmp / "src", seed=0, size=4 * DEMO_SIZES[fmt])
         adapt(fmt, source, tmp / "data", name="bench")
         recipe = get_recipe(network, "quick").with_overrides({"augment": {}, "epochs": 1, "max_steps_per_epoch": steps})
         task = create_task(network, tmp / "data", recipe)
@@ -69,6 +70,8 @@ def overhead(network: str, steps: int, repeats: int) -> None:
             train_ds[i]
         batch = recipe.batch_size
         steps = min(steps, len(train_ds) // batch)
+        if steps < 1:
+            raise SystemExit(f"{network}: {len(train_ds)} training samples make no batch of {batch}")
         recipe = recipe.with_overrides({"max_steps_per_epoch": steps})
         bare, platform = [], []
         from registry.tracking import MlflowCallback
@@ -99,7 +102,7 @@ def quick_profiles(networks: list[str]) -> None:
             tmp = Path(tmp)
             os.environ["FER_HOME"] = str(tmp / "home")
             fmt = FORMAT_FOR[network]
-            source = get_format(fmt).write_synthetic(tmp / "src", seed=0)
+            source = get_format(fmt).write_synthetic(tmp / "src", seed=0, size=DEMO_SIZES[fmt])
             adapt(fmt, source, tmp / "prepared", name="bench")
             version = DatasetStore().add("bench", tmp / "prepared")
             start = time.perf_counter()

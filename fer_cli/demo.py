@@ -9,8 +9,8 @@
    labels out) and are printed beside their true labels;
 5. it prints where to look: MLflow UI, Great Expectations Data Docs, the Prefect run, Triton.
 
-The demo's promotion gates are relaxed (no metric floor, a generous latency budget): quick models
-on a few dozen generated faces are near chance, and a shared CPU makes latency noisy. A second
+The demo's promotion gates are relaxed (no metric floor, a generous latency budget): quick CPU models
+on a few hundred generated faces are far from paper numbers, and a shared CPU makes latency noisy. A second
 ``fer demo`` on the same workspace reuses the data and skips unchanged networks.
 """
 

@@ -13,21 +13,19 @@ library code (no Prefect).
 from __future__ import annotations
 
 from fer_core.training.recipe import Recipe
+from fer_core.training.trainer import effective_recipe
 from fer_core.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore, parse_ref
 
 
-def effective_recipe(network: str, data_ref: str, recipe: Recipe, workspace: Workspace | None = None) -> Recipe:
+def recipe_on_data(network: str, data_ref: str, recipe: Recipe, workspace: Workspace | None = None) -> Recipe:
     """The recipe the trainer will actually run on ``data_ref`` (as ``Trainer`` folds data-decided kwargs)."""
     from fer_core.training.tasks import create_task
 
     name, version = parse_ref(data_ref)
     root = DatasetStore(workspace).pull(name, version)
-    task = create_task(network, root, recipe)
-    overrides = task.model_overrides() if hasattr(task, "model_overrides") else {}
-    changed = {f"model_kwargs.{k}": v for k, v in overrides.items() if recipe.model_kwargs.get(k) != v}
-    return recipe.with_overrides(changed) if changed else recipe
+    return effective_recipe(recipe, create_task(network, root, recipe))
 
 
 def find_trained_version(network: str, data_ref: str, recipe: Recipe,
@@ -35,7 +33,7 @@ def find_trained_version(network: str, data_ref: str, recipe: Recipe,
     """The newest registered version of ``network`` trained on ``data_ref`` with ``recipe``, or None."""
     if not parse_ref(data_ref)[1]:
         raise ValueError(f"the cache needs a full data version (name@md5), got {data_ref!r}")
-    fingerprint = effective_recipe(network, data_ref, recipe, workspace).fingerprint()
+    fingerprint = recipe_on_data(network, data_ref, recipe, workspace).fingerprint()
     hits = [v for v in reg.list_versions(network, workspace)
             if v.tags.get("data_version") == data_ref and v.tags.get("recipe_fingerprint") == fingerprint]
     return hits[-1] if hits else None

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from fer_core.workspace import Workspace
-from flows.tasks import adapt_source, data_gate, version_dataset
+from flows.tasks import adapt_source, data_gate, push_dataset, version_dataset
 from registry.datasets import DatasetVersion, check_dataset_name
 
 
@@ -28,5 +28,7 @@ def ingest(name: str, fmt: str, source: str, options: dict[str, Any] | None = No
     with tempfile.TemporaryDirectory(dir=staging) as tmp:
         prepared = adapt_source(fmt, Path(source), Path(tmp) / name, name, options or {})
         data_gate(prepared, workspace.gx_docs)
-        return version_dataset(name, prepared, str(Path(source).resolve()),
-                               {"format": fmt, "options": options or {}})
+        version = version_dataset(name, prepared, str(Path(source).resolve()),
+                                  {"format": fmt, "options": options or {}})
+    push_dataset(name)
+    return version

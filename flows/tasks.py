@@ -70,9 +70,15 @@ def data_gate(prepared: Path, docs_dir: Path) -> GateReport:
 
 @task(name="version-dataset", cache_policy=NO_CACHE)
 def version_dataset(name: str, prepared: Path, source: str, extra: Mapping[str, Any]) -> DatasetVersion:
-    """DVC-version (and push) a gated dataset. Not retried: ``DatasetStore.add`` moves ``prepared``
-    into the store first, so a second try would find nothing to add."""
-    return DatasetStore().add(name, Path(prepared), source=source, extra=dict(extra))
+    """DVC-version a gated dataset (local: cache + index). Not retried: ``DatasetStore.add`` moves
+    ``prepared`` into the store first, so a second try would find nothing to add."""
+    return DatasetStore().add(name, Path(prepared), source=source, extra=dict(extra), push=False)
+
+
+@task(name="push-dataset", retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def push_dataset(name: str) -> None:
+    """Upload the new version to the DVC remote; network I/O, so retried."""
+    DatasetStore().push(name)
 
 
 # -- training --------------------------------------------------------------------------------------

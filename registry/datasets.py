@@ -125,11 +125,12 @@ class DatasetStore:
 
     # -- public API ---------------------------------------------------------------------------
     def add(self, name: str, prepared: Path, *, source: str = "", parent: str = "",
-            extra: Mapping[str, Any] | None = None) -> DatasetVersion:
+            extra: Mapping[str, Any] | None = None, push: bool = True) -> DatasetVersion:
         """Version a prepared (already validated) dataset folder under ``name`` and push it.
 
         ``prepared`` is moved into the store's working copy. Returns the version; adding identical
-        content again returns the same version.
+        content again returns the same version. ``push=False`` leaves the upload to :meth:`push`
+        (so an orchestrator can retry the network part alone).
         """
         check_dataset_name(name)
         prepared = Path(prepared)
@@ -140,7 +141,8 @@ class DatasetStore:
             shutil.rmtree(target)
         shutil.move(str(prepared), str(target))
         self._dvc("add", "-q", f"datasets/{name}")
-        self._dvc("push", "-q", f"datasets/{name}.dvc")
+        if push:
+            self.push(name)
         out = yaml.safe_load(self._pointer(name).read_text())["outs"][0]
         version = DatasetVersion(
             name=name, version=str(out["md5"]).removesuffix(".dir"), task=card.task,
@@ -154,6 +156,10 @@ class DatasetStore:
             index.parent.mkdir(parents=True, exist_ok=True)
             index.write_text(json.dumps(asdict(version), indent=2) + "\n")
         return self.get(name, version.version)
+
+    def push(self, name: str) -> None:
+        """Upload the checked-out version of ``name`` to the remote (idempotent)."""
+        self._dvc("push", "-q", f"datasets/{check_dataset_name(name)}.dvc")
 
     def list(self, name: str | None = None) -> list[DatasetVersion]:
         """All known versions (of one dataset, or of all), oldest first."""

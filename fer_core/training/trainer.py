@@ -64,6 +64,14 @@ class _TrainForward(nn.Module):
         return self.model.forward_train(x)
 
 
+def effective_recipe(recipe: Recipe, task: Task) -> Recipe:
+    """``recipe`` with the model kwargs the data decides (e.g. the number of classes) folded in, so
+    that checkpoints, logged params and fingerprints show what was really built."""
+    overrides = task.model_overrides() if hasattr(task, "model_overrides") else {}
+    changed = {f"model_kwargs.{k}": v for k, v in overrides.items() if recipe.model_kwargs.get(k) != v}
+    return recipe.with_overrides(changed) if changed else recipe
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,12 +98,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         data_version: str = "",
     ) -> None:
-        # The data decides some model kwargs (e.g. the number of classes); they become part of the
-        # effective recipe so that checkpoints, logged params and fingerprints show what was built.
-        overrides = task.model_overrides() if hasattr(task, "model_overrides") else {}
-        changed = {f"model_kwargs.{k}": v for k, v in overrides.items() if recipe.model_kwargs.get(k) != v}
-        if changed:
-            recipe = recipe.with_overrides(changed)
+        recipe = effective_recipe(recipe, task)
         self.recipe, self.task, self.run_dir = recipe, task, Path(run_dir)
         self.callbacks = list(callbacks)
         self.data_version = data_version

@@ -260,7 +260,10 @@ def _profiles() -> dict[str, Recipe]:
     )
     quick = paper.with_overrides({
         "profile": "quick",
-        "model_kwargs": {"img_size": 32, "width": 8, "stem": "small", "magnifier_width": 8, "num_mag_frames": 4,
+        # The linear magnifier: the learned one, trained end to end from scratch in a CPU-minutes
+        # budget, collapsed to one class (test UF1 0.06 vs 0.51 linear on 320 generated CASME II clips,
+        # held-out subjects). It needs pre-training on magnified pairs first, which no task runs yet.
+        "model_kwargs": {"img_size": 32, "width": 8, "stem": "small", "magnifier": "linear", "num_mag_frames": 4,
                          "head_hidden": 32, "shared_qk": True},
         "lr": 2e-3, "weight_decay": 0.0, "epochs": 15, "batch_size": 16, "early_stopping_patience": 6,
         "num_workers": 0, "max_steps_per_epoch": 30,
