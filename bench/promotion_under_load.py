@@ -171,11 +171,10 @@ def reference_probabilities(model, encoded: Sequence[bytes]) -> np.ndarray:
     """What the ensemble must answer with ``model`` as champion: the same pre-processing, PyTorch, softmax."""
     import torch
 
-    from fer_core.data.preprocess import HaarFaceDetector
     from serving.ensembles import processing
 
-    detector = HaarFaceDetector()
-    prepared = [processing.prepare([data], model.metadata, detector) for data in encoded]
+    # The repository's default pre-processing (face detection off): requests are face crops.
+    prepared = [processing.prepare([data], model.metadata, None) for data in encoded]
     with torch.no_grad():
         logits = model(torch.from_numpy(np.stack([p.tensor for p in prepared]))).numpy()
     return processing.postprocess({"logits": logits}, model.metadata,

@@ -78,6 +78,10 @@ def _test_samples(dataset: str, count: int) -> list[tuple[Any, str]]:
 def _answer_requests(url: str, sources: dict[str, tuple[str, str, str]], networks: list[str]) -> None:
     from serving.client import FERClient
 
+    from fer_core.settings import Settings
+
+    # With face detection off (the default) requests are face crops and FACE_FOUND is always false.
+    detecting = Settings.load().face_detection != "off"
     with FERClient(url) as client:
         served = set(client.networks())
         for network in networks:
@@ -90,8 +94,9 @@ def _answer_requests(url: str, sources: dict[str, tuple[str, str, str]], network
             ms = (time.perf_counter() - start) * 1e3 / max(1, len(samples))
             for (_, truth), prediction in zip(samples, predictions):
                 extra = f" active={','.join(prediction.active)}" if prediction.active is not None else ""
+                face = f"face found: {prediction.face_found}; " if detecting else ""
                 print(f"  {network:14s} predicted {prediction.label:10s} p={prediction.confidence:.2f}{extra}  "
-                      f"(true: {truth}; face found: {prediction.face_found}; {ms:.0f} ms/request)")
+                      f"(true: {truth}; {face}{ms:.0f} ms/request)")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -62,8 +62,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.url:
         endpoint = TritonEndpoint(args.url)
-        if not endpoint.server_ready():
-            raise CommandError(f"Triton at {endpoint.url} is unreachable or not ready", EXIT_ERROR)
+        if not endpoint.server_live():
+            raise CommandError(f"Triton at {endpoint.url} is unreachable", EXIT_ERROR)
+        try:  # a live server reports "not ready" for a moment while a model version unloads
+            endpoint.wait_ready(timeout_s=30.0)
+        except ServingError as exc:
+            raise CommandError(str(exc), EXIT_ERROR) from None
         print(f"Triton at {endpoint.url} is ready")
         _print_index(endpoint.index())
         return 0
