@@ -26,7 +26,7 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): requirements/*.txt pyproject.toml
+$(STAMP): requirements/*.txt docker/requirements-deploy.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel
 	$(PIP) install -q -c requirements/constraints.txt -r requirements/test.txt
