@@ -207,6 +207,16 @@ def _card(
     )
 
 
+def _clip_row(subject: str, clip: str, source: str, test: bool, ref: str, label: int, label_name: str,
+              onset: int, apex: int, offset: int, num_frames: int, digest: str) -> dict[str, Any]:
+    """One manifest row of a micro-expression clip (all three datasets share this shape)."""
+    return {
+        "id": f"{subject}/{clip}", "task": "micro", "source": source, "split": "test" if test else "train",
+        "path": ref, "label": label, "subject": subject, "onset": onset, "apex": apex, "offset": offset,
+        "num_frames": num_frames, "content_hash": digest, "label_name": label_name,
+    }
+
+
 def _rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     columns = (
         "id", "task", "source", "split", "path", "label", "subject", "onset", "apex", "offset",
@@ -325,23 +335,8 @@ def _adapt_sheet_dataset(
             if apex < 0 and estimate_missing_apex and frames is not None and 0 <= onset <= offset:
                 apex = estimate_apex(frames, onset, offset)
                 apex_filled += 1
-        rows.append(
-            {
-                "id": f"{subject}/{clip_name}",
-                "task": "micro",
-                "source": relative,
-                "split": "test" if subject in wanted_test else "train",
-                "path": ref,
-                "label": card_classes.index(cls),
-                "subject": subject,
-                "onset": onset,
-                "apex": apex,
-                "offset": offset,
-                "num_frames": num_frames,
-                "content_hash": digest,
-                "label_name": cls,
-            }
-        )
+        rows.append(_clip_row(subject, clip_name, relative, subject in wanted_test, ref, card_classes.index(cls),
+                              cls, onset, apex, offset, num_frames, digest))
     if not rows:
         raise ValueError(f"{sheet_path.name} lists no clips of the classes {card_classes} (dropped: {dropped})")
     df = _rows_frame(rows)
@@ -448,23 +443,9 @@ def adapt_smic(
                 digest, frames = clip_hash_and_frames(out_dir, ref)
                 onset, offset = (0, num_frames - 1) if num_frames else (-1, -1)
                 apex = estimate_apex(frames, onset, offset) if frames is not None else -1
-                rows.append(
-                    {
-                        "id": f"{subject_folder.name}/{clip_folder.name}",
-                        "task": "micro",
-                        "source": relative,
-                        "split": "test" if subject_folder.name in wanted_test else "train",
-                        "path": ref,
-                        "label": SMIC_CLASSES.index(cls),
-                        "subject": subject_folder.name,
-                        "onset": onset,
-                        "apex": apex,
-                        "offset": offset,
-                        "num_frames": num_frames,
-                        "content_hash": digest,
-                        "label_name": cls,
-                    }
-                )
+                subject = subject_folder.name
+                rows.append(_clip_row(subject, clip_folder.name, relative, subject in wanted_test, ref,
+                                      SMIC_CLASSES.index(cls), cls, onset, apex, offset, num_frames, digest))
     if not rows:
         raise ValueError(f"no SMIC clips below {root}/sN/micro/<class>/")
     df = _rows_frame(rows)
