@@ -90,7 +90,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:  # building the parser reads the network registry (help texts), which can refuse a bad plugin list
+        parser = build_parser()
+    except FERError as exc:
+        print(f"fer: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
