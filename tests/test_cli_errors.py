@@ -115,6 +115,7 @@ def _run(argv: list[str], home: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # ~25 CLI subprocesses, minutes on a loaded 2-core machine
 def test_semantic_errors_in_subprocesses_give_one_line_and_no_traceback(tmp_path):
     cases = _semantic_cases(tmp_path)
     # One workspace per case: MLflow creating the schema of a fresh SQLite store from several

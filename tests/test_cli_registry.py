@@ -24,6 +24,8 @@ from registry.training import resolve_recipe, train_tracked
 from serving.repository import ModelRepository
 from serving.server import EmbeddedTriton, free_port
 
+pytestmark = pytest.mark.integration  # starts the embedded tritonserver
+
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 

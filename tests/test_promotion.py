@@ -40,6 +40,8 @@ from serving.ensembles import processing
 from serving.repository import ModelRepository
 from serving.server import EmbeddedTriton
 
+pytestmark = pytest.mark.integration  # starts the embedded tritonserver
+
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 

@@ -65,6 +65,7 @@ def _wait_listening(root_pid: int, port: int, timeout_s: float) -> set[tuple[str
 
 # -- servers bind to loopback ---------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_embedded_triton_listens_on_loopback_only(tmp_path):
     pytest.importorskip("pytriton")
     from serving.repository import ModelRepository
@@ -77,6 +78,7 @@ def test_embedded_triton_listens_on_loopback_only(tmp_path):
     assert {ip for ip, _ in addresses} <= LOOPBACK, addresses
 
 
+@pytest.mark.integration
 def test_fer_ui_mlflow_server_listens_on_loopback_only(workspace):
     from serving.server import free_port
 
@@ -96,6 +98,7 @@ def test_fer_ui_mlflow_server_listens_on_loopback_only(workspace):
     assert {ip for ip, _ in addresses} <= LOOPBACK, addresses
 
 
+@pytest.mark.integration
 def test_local_prefect_server_listens_on_loopback_only(tmp_path):
     from flows.local_server import LocalPrefectServer
 

@@ -27,6 +27,8 @@ from serving.export import export_onnx
 from serving.repository import ModelRepository
 from serving.server import EmbeddedTriton, TritonEndpoint, free_port
 
+pytestmark = pytest.mark.integration  # starts the embedded tritonserver
+
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 
