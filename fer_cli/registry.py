@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from fer_cli.main import EXIT_ERROR, CommandError
+from fer_cli.main import EXIT_ERROR, EXIT_SERVICE, CommandError
 
 TRITON_URL_ENV = "FER_TRITON_URL"
 
@@ -108,7 +108,7 @@ def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
     try:
         server.start(strict=False)
     except ServingError as exc:
-        raise CommandError(f"cannot start the embedded Triton: {exc}", EXIT_ERROR) from None
+        raise CommandError(f"cannot start the embedded Triton: {exc}", EXIT_SERVICE) from None
     for model, error in server.load_failures.items():
         print(f"warning: {model} did not load: {error}", file=sys.stderr)
     print(f"started the embedded Triton at {server.grpc_url} for this command (log {server.log_path})")

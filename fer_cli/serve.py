@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from fer_cli.main import EXIT_ERROR, CommandError
+from fer_cli.main import EXIT_ERROR, EXIT_SERVICE, CommandError
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 _VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -63,11 +63,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.url:
         endpoint = TritonEndpoint(args.url)
         if not endpoint.server_live():
-            raise CommandError(f"Triton at {endpoint.url} is unreachable", EXIT_ERROR)
+            raise CommandError(f"Triton at {endpoint.url} is unreachable", EXIT_SERVICE)
         try:  # a live server reports "not ready" for a moment while a model version unloads
             endpoint.wait_ready(timeout_s=30.0)
         except ServingError as exc:
-            raise CommandError(str(exc), EXIT_ERROR) from None
+            raise CommandError(str(exc), EXIT_SERVICE) from None
         print(f"Triton at {endpoint.url} is ready")
         _print_index(endpoint.index())
         return 0

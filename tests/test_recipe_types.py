@@ -133,3 +133,10 @@ def test_exit_codes_are_documented_in_fer_help(capsys):
     out = capsys.readouterr().out
     for code, meaning in EXIT_CODES:
         assert f"{code:>3}  {meaning}" in out
+
+
+def test_an_unreachable_service_exits_with_the_service_code(capsys, workspace):
+    from fer_core.errors import EXIT_SERVICE
+
+    code, err = _cli_error(["serve", "--url", "127.0.0.1:9"], capsys)  # nothing listens on the discard port
+    assert code == EXIT_SERVICE and "unreachable" in err[-1] and not any("Traceback" in line for line in err)
