@@ -252,11 +252,13 @@ def evaluate_many(network: str, data_refs: Sequence[str], **kwargs: Any) -> list
     return [evaluate(network, ref, **kwargs) for ref in data_refs]
 
 
-def registered_test_sets(workspace: Workspace | None = None) -> list[str]:
-    """Refs of the newest version of every dataset added as an evaluation-only test set."""
+def registered_test_sets(task: str | None = None, workspace: Workspace | None = None) -> list[str]:
+    """Refs of the newest version of every dataset added as an evaluation-only test set (``-o role=test``,
+    recorded in the version's options), of ``task`` when given."""
     store = DatasetStore(workspace)
     newest: dict[str, Any] = {}
     for v in store.list():
         newest[v.name] = v
     return [v.ref for v in newest.values()
-            if isinstance(v.extra, Mapping) and v.extra.get("options", {}).get("role") == "test"]
+            if isinstance(v.extra, Mapping) and (v.extra.get("options") or {}).get("role") == "test"
+            and (task is None or v.task == task)]
