@@ -60,7 +60,12 @@ def _train(args: argparse.Namespace) -> int:
         outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
     except RunExistsError as exc:
         raise CommandError(f"{exc} (pass --resume to continue it)", EXIT_ERROR) from None
-    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir)
+    from registry.datasets import DatasetStore, parse_ref
+    from registry.training import measured_on
+
+    source_format = DatasetStore().get(*parse_ref(outcome.data_ref)).source_format
+    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir,
+                   measured_on(source_format, outcome.result.test_metrics))
     if args.register:
         if args.no_track:
             raise ValueError("--register needs the MLflow run: drop --no-track")
@@ -72,7 +77,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path) -> None:
+def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path,
+                   measured: str = "") -> None:
     final = result.final_metrics
     rows = [("network", network), ("data", data_ref), ("epochs run", str(result.epochs_run)),
             ("best epoch", str(result.best_epoch + 1)), ("stopped early", str(result.stopped_early))]
@@ -80,6 +86,8 @@ def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_
     # The final evaluation (best weights) on the test split, or on val when there is no test split.
     rows += [(f"{k} (best)" if k in final else k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items())
              if k.count("/") == 1]
+    if measured:
+        rows.append(("measured on", measured))
     rows += [("throughput", f"{final.get('throughput/samples_per_s', 0):.1f} samples/s"),
              ("checkpoint", str(result.best_checkpoint))]
     if run_id:

@@ -160,3 +160,11 @@ def test_cross_dataset_evaluation_in_process_and_through_triton(workspace, tmp_p
         infer = inferred[there["file"]]
         assert infer["label"] == there["predicted"]
         assert max(infer["probabilities"].values()) == pytest.approx(there["confidence"], abs=1e-5)
+
+
+def test_measured_on_names_fer2013_splits_honestly():
+    from registry.training import measured_on
+
+    assert measured_on("fer2013", {"test/accuracy": 0.5}) == "test (PrivateTest)"
+    assert measured_on("fer2013", {"val/accuracy": 0.5}).startswith("val (PublicTest; no test split")
+    assert measured_on("image_folder", {"val/accuracy": 0.5}) == "val (no test split, and val also chose the best epoch)"
