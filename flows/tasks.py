@@ -186,6 +186,17 @@ def evaluate_version(network: str, version: int, data_ref: str, triton_url: str 
     return evaluate(network, data_ref, version=version, url=triton_url).to_dict()
 
 
+@task(name="train-loso", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_loso_protocol(network: str, data_ref: str, recipe: Recipe,
+                        subjects: list[str] | None = None) -> dict[str, Any]:
+    """Leave-one-subject-out, tracked; a retry resumes with the first fold not finished."""
+    import dataclasses
+
+    from registry.protocols import train_loso
+
+    return dataclasses.asdict(train_loso(network, data_ref, recipe, subjects=subjects))
+
+
 @task(name="publish-table", cache_policy=NO_CACHE)
 def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
     """A Prefect table artifact (shown on the flow run's page)."""
