@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from fer_core.errors import UsageError
+
 from fer_cli.main import EXIT_ERROR, CommandError
 
 
@@ -78,8 +80,12 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"option {pair!r} must look like KEY=VALUE")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
+            raise UsageError(f"option {pair!r} must look like KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"option {key}: {value!r} is not a YAML value "
+                             f"({getattr(exc, 'problem', None) or 'syntax error'})") from None
     return options
 
 

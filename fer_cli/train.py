@@ -8,7 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fer_cli.main import EXIT_ERROR, CommandError
+from fer_core.errors import StateError, UsageError
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port 1..65535 (argparse turns the ValueError into a usage error)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,35 +39,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after training: export to ONNX, check parity against PyTorch and register the run "
                    "as a new version of fer-NETWORK (alias challenger); promote it with `fer promote`")
     p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved recipe (profile + --config + --set) as YAML and exit; needs no --data")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for reviewing runs",
                        description="Serve the workspace's MLflow store (runs, plots, models, registry).")
     p.add_argument("--host", default=None,
                    help="bind address (default: FER_BIND_HOST, else 127.0.0.1; expose with care, see README)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=port_number, default=5000, help="TCP port 1-65535 (default 5000)")
     p.set_defaults(func=_ui)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fer_core.models.registry import network_specs
     from fer_core.training.recipe import parse_set_options
-    from fer_core.training.tasks import get_task_spec, list_networks
+    from fer_core.training.tasks import get_task_kind
 
     if args.list:
-        for network in list_networks():
-            spec = get_task_spec(network)
-            print(f"{network:16s} trains on {spec.data_task:8s} data; profiles: {', '.join(sorted(spec.profiles))}")
+        for spec in network_specs():
+            kind = get_task_kind(spec.task)
+            print(f"{spec.name:16s} task {spec.task:9s} trains on {kind.data_task:7s} data (default source "
+                  f"{spec.data_format}); profiles: {', '.join(spec.profile_names)}; metric {spec.primary_metric}")
         return 0
-    if not args.network or not args.data:
-        raise ValueError("give a NETWORK and --data NAME@VERSION (see `fer train --help`)")
-
-    from registry.training import RunExistsError, resolve_recipe, train_tracked
+    if not args.network:
+        raise UsageError("give a NETWORK (see `fer train --list`)")
+    from registry.training import resolve_recipe
 
     recipe = resolve_recipe(args.network, args.profile, args.config, parse_set_options(args.overrides))
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    if not args.data:
+        raise UsageError("give --data NAME@VERSION (see `fer train --help`)")
+
+    from registry.training import RunExistsError, train_tracked
+
     try:
         outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
     except RunExistsError as exc:
-        raise CommandError(f"{exc} (pass --resume to continue it)", EXIT_ERROR) from None
+        raise StateError(f"{exc} (pass --resume to continue it)") from None
     from registry.datasets import DatasetStore, parse_ref
     from registry.training import measured_on
 
@@ -68,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
                    measured_on(source_format, outcome.result.test_metrics))
     if args.register:
         if args.no_track:
-            raise ValueError("--register needs the MLflow run: drop --no-track")
+            raise UsageError("--register needs the MLflow run: drop --no-track")
         from registry.export import export_and_register
 
         version = export_and_register(outcome)

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 
+from fer_core.models.registry import list_networks, network_specs
 from fer_core.settings import Settings
 from fer_core.workspace import Workspace
 from flows.ingest import ingest
@@ -25,23 +26,21 @@ from flows.tasks import (champion_of, evaluate_version, find_trained_version, pu
                          stop_triton, test_sets_for)
 from flows.train import train
 
-DEFAULT_NETWORKS = ("ca_resnet", "multitask_fer", "micro_lsh", "c3d_ecstfl", "au_cotrain")
-# Network -> (dataset name, data format) of the default sources: data in each network's real format,
-# expected under <FER_HOME>/sources/<format> (`fer demo` generates it there).
-DEFAULT_DATASETS: dict[str, tuple[str, str]] = {
-    "ca_resnet": ("fer2013", "fer2013"),
-    "multitask_fer": ("affectnet", "affectnet"),
-    "micro_lsh": ("casme2", "casme2"),
-    "c3d_ecstfl": ("dfew", "dfew"),
-    "au_cotrain": ("au-cotrain", "au_table"),
-}
+# The default networks and their sources come from the network specs (fer_core.models.registry):
+# data in each network's real format, expected under <FER_HOME>/sources/<format> (`fer demo`
+# generates it there).
 TABLE_KEY = "retrain-all-summary"
 
 
 def default_sources(workspace: Workspace | None = None) -> dict[str, tuple[str, str, str]]:
     """Network -> (dataset name, format, source path) under ``<FER_HOME>/sources``."""
     workspace = workspace or Workspace.from_env()
-    return {net: (name, fmt, str(workspace.root / "sources" / fmt)) for net, (name, fmt) in DEFAULT_DATASETS.items()}
+    return {s.name: (s.dataset, s.data_format, str(workspace.root / "sources" / s.data_format)) for s in network_specs()}
+
+
+def default_networks() -> list[str]:
+    """The networks retrained when none are given: every registered spec with ``default=True``."""
+    return list_networks(default_only=True)
 
 
 def _version_text(version: Any) -> str:
@@ -80,14 +79,14 @@ def retrain_all(
     gates: dict[str, dict[str, Any]] | None = None,
     triton_url: str | None = None,
 ) -> list[dict[str, str]]:
-    """Retrain and promote ``networks`` (default: all five); returns the summary rows.
+    """Retrain and promote ``networks`` (default: :func:`default_networks`); returns the summary rows.
 
     ``sources``: network -> (dataset name, format, source path), over :func:`default_sources`.
     ``overrides``: network -> recipe overrides. ``gates``: network -> ``PromotionGates`` fields.
     ``triton_url``: Triton to promote into (default ``FER_TRITON_URL``, else an embedded server).
     """
     workspace = Workspace.from_env().ensure()
-    networks = list(networks or DEFAULT_NETWORKS)
+    networks = list(networks or default_networks())
     sources = {**default_sources(workspace), **{k: tuple(v) for k, v in (sources or {}).items()}}
     unknown = [n for n in networks if n not in sources]
     if unknown:

@@ -172,10 +172,11 @@ def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retr
 @task(name="test-sets", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def test_sets_for(network: str) -> list[str]:
     """Registered evaluation-only test sets of the network's data task."""
-    from fer_core.training.tasks import get_task_spec
+    from fer_core.models.registry import get_network
+    from fer_core.training.tasks import get_task_kind
     from registry.evaluation import registered_test_sets
 
-    return registered_test_sets(get_task_spec(network).data_task)
+    return registered_test_sets(get_task_kind(get_network(network).task).data_task)
 
 
 @task(name="evaluate-version", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
+from fer_core.errors import DataError, ServiceError, StateError, UsageError
 from fer_core.metrics.evaluation import LabelScore, score_labels
 from fer_core.workspace import Workspace
 from registry import models as reg
@@ -64,17 +65,17 @@ def resolve_version(network: str, version: int | None = None, alias: str | None 
                     workspace: Workspace | None = None) -> reg.ModelVersion:
     """The model version to evaluate: explicit, by alias, else the champion, else the newest."""
     if version is not None and alias is not None:
-        raise ValueError("give --version or --alias, not both")
+        raise UsageError("give --version or --alias, not both")
     if version is not None:
         return reg.get_version(network, version, workspace)
     found = reg.get_alias(network, alias or "champion", workspace)
     if found is not None:
         return found
     if alias is not None:
-        raise ValueError(f"{reg.registered_name(network)} has no version with alias {alias!r}")
+        raise StateError(f"{reg.registered_name(network)} has no version with alias {alias!r}")
     versions = reg.list_versions(network, workspace)
     if not versions:
-        raise ValueError(f"{reg.registered_name(network)} has no registered version (fer train --register)")
+        raise StateError(f"{reg.registered_name(network)} has no registered version (fer train --register)")
     return versions[-1]
 
 
@@ -92,11 +93,11 @@ def dataset_samples(root: Path, split: str | None = None) -> tuple[str, pd.DataF
     splits = set(manifest["split"])
     if split is None:
         if "test" not in splits:
-            raise ValueError(f"{card.name} has no test split (splits: {', '.join(sorted(splits))}); "
+            raise DataError(f"{card.name} has no test split (splits: {', '.join(sorted(splits))}); "
                              "pass --split val to measure on val, knowing it may have chosen the checkpoint")
         split = "test"
     if split not in splits:
-        raise ValueError(f"{card.name} has no {split!r} split (splits: {', '.join(sorted(splits))})")
+        raise DataError(f"{card.name} has no {split!r} split (splits: {', '.join(sorted(splits))})")
     rows = manifest[manifest["split"] == split].reset_index(drop=True)
     names = list(card.classes)
     rows["true_label"] = [names[i] if 0 <= i < len(names) else "" for i in rows["label"]]
@@ -121,7 +122,7 @@ def _download_onnx(version: reg.ModelVersion, into: Path) -> Path:
     try:
         return Path(MlflowClient().download_artifacts(version.run_id, ONNX_ARTIFACT, str(into)))
     except (MlflowException, OSError) as exc:
-        raise ValueError(f"{reg.registered_name(version.network)} v{version.version}: its run "
+        raise StateError(f"{reg.registered_name(version.network)} v{version.version}: its run "
                          f"{version.run_id} has no {ONNX_ARTIFACT} ({str(exc).splitlines()[0]})") from None
 
 
@@ -148,14 +149,14 @@ def evaluate(network: str, data_ref: str, *, version: int | None = None, alias: 
                 with FERClient(url, protocol=protocol, batch_size=batch_size) as client:
                     served = client.endpoint.served_versions(network)
                     if served and mv.version not in served:
-                        raise ValueError(f"Triton at {url} serves {network} v{served}, not v{mv.version}; "
+                        raise StateError(f"Triton at {url} serves {network} v{served}, not v{mv.version}; "
                                          "evaluate the served version (--version) or promote this one")
                     metadata = client._network(network)[0]
                     inputs = samples if metadata.input.shape and len(metadata.input.shape) == 4 else \
                         [s[0] for s in samples]
                     predictions = client.predict(inputs, network=network)
             except ServingError as exc:
-                raise ValueError(str(exc)) from None
+                raise ServiceError(str(exc)) from None
             backend = client.url
         else:
             from serving.local import LocalPredictor
@@ -167,7 +168,7 @@ def evaluate(network: str, data_ref: str, *, version: int | None = None, alias: 
             backend = "onnxruntime"
     seconds = time.perf_counter() - start
     if metadata.extra.get("multi_label"):
-        raise ValueError(f"{network} is a multi-label (AU) network; fer evaluate scores expression labels only")
+        raise UsageError(f"{network} is a multi-label (AU) network; fer evaluate scores expression labels only")
     classes = tuple(predictions[0].probabilities) if predictions else ()
     table = pd.DataFrame({
         "file": rows["source"].astype(str), "id": rows["id"].astype(str), "subject": rows["subject"].astype(str),

@@ -55,7 +55,8 @@ from fer_core.metrics.classification import classification_metrics
 from fer_core.models import create_model
 from fer_core.training.callbacks import Callback
 from fer_core.training.recipe import Recipe
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
+from fer_core.data.transforms import AugmentConfig
 from fer_core.training.tasks.static import SingleLabelClassificationTask
 from fer_core.training.trainer import Trainer
 
@@ -115,6 +116,20 @@ def subject_splits(
     return {"train": manifest[~test_mask & ~val_mask], "val": manifest[val_mask], "test": manifest[test_mask]}
 
 
+@dataclass(frozen=True)
+class MicroData:
+    """``data.*`` of the micro kind (subject-independent splits)."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    fold: str | None = None  # a subject id: leave that subject out as the test split
+
+
+@dataclass(frozen=True)
+class NoLossOptions:
+    """The micro kind's cross-entropy takes no ``loss_kwargs``."""
+
+
 class MicroExpressionTask(SingleLabelClassificationTask):
     """Onset/apex pairs of micro-expression clips with one class each."""
 
@@ -144,10 +159,8 @@ class MicroExpressionTask(SingleLabelClassificationTask):
 
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
         """The rows of each split for ``recipe`` (``data.val_fraction``, ``data.test_fraction``, ``data.fold``)."""
-        data = dict(recipe.data)
-        fold = data.get("fold")
-        return subject_splits(self.manifest, float(data.get("val_fraction", 0.2)), float(data.get("test_fraction", 0.2)),
-                              recipe.seed, None if fold is None else str(fold))
+        data = MicroData(**recipe.data)
+        return subject_splits(self.manifest, data.val_fraction, data.test_fraction, recipe.seed, data.fold)
 
     def build_loss(self, recipe: Recipe, model):
         if recipe.loss_kwargs:
@@ -241,40 +254,7 @@ def run_loso(
                       extra={"num_folds": len(folds), "num_test_clips": int(len(y_true))})
 
 
-# ---------------------------------------------------------------------------------------------
-# Profiles
-# ---------------------------------------------------------------------------------------------
-
-
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(
-        network="micro_lsh", profile="paper",
-        # Model defaults (112 px, ResNet-18 width 64, 32 magnified frames, learned magnifier) plus the
-        # Reformer-style shared Q/K that keeps the LSH attention alive (module docstring).
-        model_kwargs={"shared_qk": True},
-        data={"val_fraction": 0.2, "test_fraction": 0.2},
-        optimizer="adam", lr=1e-4, weight_decay=1e-4, scheduler="cosine", epochs=60, batch_size=32,
-        eval_batch_size=64, early_stopping_patience=10, monitor="val/loss", monitor_mode="min", num_workers=4,
-        augment={"hflip": True, "rotation_deg": 5.0, "crop_area": [0.9, 1.0], "gamma_max": 1.2,
-                 "noise_var": 0.0, "erase_prob": 0.0},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick",
-        # The linear magnifier: the learned one, trained end to end from scratch in a CPU-minutes
-        # budget, collapsed to one class (test UF1 0.06 vs 0.51 linear on 320 generated CASME II clips,
-        # held-out subjects). It needs pre-training on magnified pairs first, which no task runs yet.
-        "model_kwargs": {"img_size": 32, "width": 8, "stem": "small", "magnifier": "linear", "num_mag_frames": 4,
-                         "head_hidden": 32, "shared_qk": True},
-        "lr": 2e-3, "weight_decay": 0.0, "epochs": 15, "batch_size": 16, "early_stopping_patience": 6,
-        "num_workers": 0, "max_steps_per_epoch": 30,
-        "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.0,
-                    "noise_var": 0.0, "erase_prob": 0.0},
-    })
-    return {"paper": paper, "quick": quick}
-
-
-register_task(TaskSpec(
-    network="micro_lsh", data_task="micro",
-    build=lambda root, recipe: MicroExpressionTask(root, recipe, "micro_lsh"),
-    profiles=_profiles(),
+register_task_kind(TaskKind(
+    name="micro", data_task="micro", build=MicroExpressionTask,
+    data_options=MicroData, loss_options=NoLossOptions, augment_options=AugmentConfig,
 ))
