@@ -39,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after training: export to ONNX, check parity against PyTorch and register the run "
                    "as a new version of fer-NETWORK (alias challenger); promote it with `fer promote`")
     p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
+    p.add_argument("--protocol", choices=("single", "loso"), default="single",
+                   help="single: one run (default); loso: leave-one-subject-out for micro-expression data, one "
+                   "parent MLflow run with a child run per subject and pooled UF1/UAR, resumable fold by fold")
     p.add_argument("--print-recipe", action="store_true",
                    help="print the resolved recipe (profile + --config + --set) as YAML and exit; needs no --data")
     p.set_defaults(func=_train)
@@ -75,6 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     if not args.data:
         raise UsageError("give --data NAME@VERSION (see `fer train --help`)")
 
+    if args.protocol == "loso":
+        return _train_loso(args, recipe)
     from registry.training import RunExistsError, train_tracked
 
     try:
@@ -95,6 +100,27 @@ def _train(args: argparse.Namespace) -> int:
         version = export_and_register(outcome)
         print(f"\nregistered fer-{outcome.network} version {version.version} "
               f"(parity passed: {version.tags.get('parity_passed')}); promote it: fer promote {outcome.network}")
+    return 0
+
+
+def _train_loso(args: argparse.Namespace, recipe) -> int:
+    from fer_core.models.registry import get_network
+
+    if get_network(args.network).task != "micro":
+        raise UsageError(f"--protocol loso is for micro-expression networks; {args.network} is not one")
+    if args.register or args.no_track:
+        raise UsageError("--protocol loso is always tracked and registers nothing: drop --register/--no-track")
+    from registry.protocols import train_loso
+
+    outcome = train_loso(args.network, args.data, recipe)
+    print(f"\nleave-one-subject-out: {len(outcome.per_fold)} folds"
+          + (f" ({len(outcome.resumed_folds)} kept from an earlier run)" if outcome.resumed_folds else ""))
+    print(f"  {'subject':10s} {'accuracy':>8s} {'UAR':>8s} {'UF1':>8s}")
+    for subject, m in outcome.per_fold.items():
+        print(f"  {subject:10s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
+    p = outcome.pooled
+    print(f"  {'pooled':10s} {p['accuracy']:8.4f} {p['uar']:8.4f} {p['uf1']:8.4f}")
+    print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
     return 0
 
 
