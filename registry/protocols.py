@@ -8,7 +8,9 @@ saves its test labels and predictions (``predictions.npz`` in its fold folder, a
 parent's pooled metrics (``loso/uf1``, ``loso/uar``, ``loso/accuracy``: every fold's predictions
 pooled, as MEGC reports them) are recomputed from what the children recorded.
 
-Not built yet (issue 15): ``fer train --protocol``, k-fold for DFEW (mean ± std), a flow with folds
+``train_kfold`` does k-fold (DFEW: mean ± std of the folds' test metrics) the same way.
+
+Not built yet (issue 15): a flow with folds
 in parallel on a work pool, the composite CASME II + SAMM + SMIC protocol.
 """
 
@@ -113,3 +115,77 @@ def train_loso(network: str, data_ref: str, recipe: Recipe, *, subjects: list[st
         mlflow.log_dict({"pooled": pooled, "per_fold": per_fold, "children": children}, "loso/summary.json")
         mlflow.log_param("num_folds", len(chosen))
     return ProtocolOutcome(network, data.ref, pooled, per_fold, parent.info.run_id, children, tuple(resumed))
+
+
+@dataclass(frozen=True)
+class KFoldOutcome:
+    """Per-fold final metrics, their mean and (population) std, and the MLflow ids."""
+
+    network: str
+    data_ref: str
+    per_fold: dict[int, dict[str, float]]
+    mean: dict[str, float]
+    std: dict[str, float]
+    parent_run_id: str
+    child_run_ids: dict[int, str]
+
+
+def mean_std(per_fold: dict[int, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean and std (ddof 0, as DFEW's papers report over 5 folds) of every metric all folds share."""
+    keys = sorted(set.intersection(*(set(m) for m in per_fold.values()))) if per_fold else []
+    values = {k: np.array([m[k] for m in per_fold.values()], dtype=np.float64) for k in keys}
+    return {k: float(v.mean()) for k, v in values.items()}, {k: float(v.std()) for k, v in values.items()}
+
+
+def train_kfold(network: str, data_ref: str, recipe: Recipe, *, folds: int = 5,
+                workspace: Workspace | None = None) -> KFoldOutcome:
+    """k-fold cross-validation (DFEW's ``data.fold`` = 1..k) as a parent run with one child run per fold.
+
+    Each fold is :func:`registry.training.train_tracked` with ``data.fold`` set, so a fold's run
+    folder and MLflow run are the ones a single ``fer train --set data.fold=K`` would use, and a
+    finished fold (its run folder holds ``best.pt`` and its run id) is kept on a re-run.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import RUN_ID_FILE
+    from registry.training import train_tracked
+
+    workspace = (workspace or Workspace.from_env()).ensure()
+    setup_tracking(workspace)
+    name, version = parse_ref(data_ref)
+    data = DatasetStore(workspace).get(name, version)
+    run_dir = run_dir_for(workspace, network, data.version, recipe) / f"kfold-{folds}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / PARENT_ID_FILE
+    parent_id = id_file.read_text().strip() if id_file.is_file() else None
+    start = (dict(run_id=parent_id) if parent_id else
+             dict(experiment_id=get_or_create_experiment(network, workspace),
+                  run_name=f"{network} {folds}-fold on {data.name}@{data.short}",
+                  tags={"protocol": f"kfold-{folds}", "network": network, "data_version": data.ref}))
+    client = MlflowClient()
+    per_fold: dict[int, dict[str, float]] = {}
+    children: dict[int, str] = {}
+    with mlflow.start_run(**start) as parent:
+        id_file.write_text(parent.info.run_id)
+        for fold in range(1, folds + 1):
+            fold_recipe = recipe.with_overrides({"data.fold": fold})
+            fold_dir = run_dir_for(workspace, network, data.version, fold_recipe)
+            child = (fold_dir / RUN_ID_FILE).read_text().strip() if (fold_dir / RUN_ID_FILE).is_file() else None
+            if child and client.get_run(child).info.status == "FINISHED":
+                metrics = {k.split("/", 1)[1]: v for k, v in client.get_run(child).data.metrics.items()
+                           if k.startswith("test/") and k.count("/") == 1}
+            else:
+                outcome = train_tracked(network, data.ref, fold_recipe, resume=(fold_dir / "last.pt").exists(),
+                                        parent_run_id=parent.info.run_id, progress=False, workspace=workspace)
+                child = outcome.run_id or ""
+                metrics = {k.split("/", 1)[1]: v for k, v in outcome.result.test_metrics.items()
+                           if k.startswith("test/") and k.count("/") == 1}
+                client.set_tag(child, "fold", str(fold))
+            per_fold[fold], children[fold] = metrics, child
+        mean, std = mean_std(per_fold)
+        mlflow.log_metrics({**{f"kfold/{k}_mean": v for k, v in mean.items()},
+                            **{f"kfold/{k}_std": v for k, v in std.items()}})
+        mlflow.log_dict({"per_fold": per_fold, "mean": mean, "std": std, "children": children},
+                        "kfold/summary.json")
+    return KFoldOutcome(network, data.ref, per_fold, mean, std, parent.info.run_id, children)

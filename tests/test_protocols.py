@@ -58,3 +58,37 @@ def test_loso_over_casme2_subjects_has_one_child_per_subject(workspace, tmp_path
     (fold_dirs[-1] / "predictions.npz").unlink()
     again = train_loso("micro_lsh", data.ref, recipe, workspace=workspace)
     assert again.parent_run_id == outcome.parent_run_id and len(again.resumed_folds) == 2, run_dir
+
+
+def test_mean_std_over_folds():
+    from registry.protocols import mean_std
+
+    mean, std = mean_std({1: {"uar": 0.2, "war": 0.5}, 2: {"uar": 0.4, "war": 0.5, "extra": 1.0}})
+    assert mean == pytest.approx({"uar": 0.3, "war": 0.5}) and std == pytest.approx({"uar": 0.1, "war": 0.0})
+
+
+def test_dfew_like_five_fold_gives_mean_and_std(workspace, tmp_path):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from registry.datasets import DatasetStore
+    from registry.protocols import train_kfold
+
+    torch.set_num_threads(1)
+    src = get_format("dfew").write_synthetic(tmp_path / "src", seed=0, size=60, image_size=32, num_frames=8,
+                                             num_subjects=10)
+    adapt("dfew", src, tmp_path / "prep", name="dfew", fold=1)
+    data = DatasetStore(workspace).add("dfew", tmp_path / "prep")
+    recipe = get_recipe("c3d_ecstfl", "quick").with_overrides({
+        "device": "cpu", "epochs": 1, "max_steps_per_epoch": 1, "batch_size": 8, "early_stopping_patience": 0})
+    outcome = train_kfold("c3d_ecstfl", data.ref, recipe, folds=5, workspace=workspace)
+    assert sorted(outcome.per_fold) == [1, 2, 3, 4, 5]
+    uars = np.array([outcome.per_fold[k]["uar"] for k in range(1, 6)])
+    assert outcome.mean["uar"] == pytest.approx(uars.mean()) and outcome.std["uar"] == pytest.approx(uars.std())
+    client = MlflowClient()
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["kfold/uar_mean"] == pytest.approx(uars.mean())
+    assert parent.data.metrics["kfold/war_std"] == pytest.approx(outcome.std["war"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    assert sorted(r.data.tags["fold"] for r in children) == ["1", "2", "3", "4", "5"]
