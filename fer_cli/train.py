@@ -39,9 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after training: export to ONNX, check parity against PyTorch and register the run "
                    "as a new version of fer-NETWORK (alias challenger); promote it with `fer promote`")
     p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
-    p.add_argument("--protocol", choices=("single", "loso"), default="single",
+    p.add_argument("--protocol", choices=("single", "loso", "kfold"), default="single",
                    help="single: one run (default); loso: leave-one-subject-out for micro-expression data, one "
-                   "parent MLflow run with a child run per subject and pooled UF1/UAR, resumable fold by fold")
+                   "parent MLflow run with a child run per subject and pooled UF1/UAR, resumable fold by fold; "
+                   "kfold: data with folds (DFEW), a child run per fold, mean ± std of the test metrics")
+    p.add_argument("--folds", type=int, default=5, help="number of folds for --protocol kfold (DFEW: 5)")
     p.add_argument("--print-recipe", action="store_true",
                    help="print the resolved recipe (profile + --config + --set) as YAML and exit; needs no --data")
     p.set_defaults(func=_train)
@@ -80,6 +82,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.protocol == "loso":
         return _train_loso(args, recipe)
+    if args.protocol == "kfold":
+        return _train_kfold(args, recipe)
     from registry.training import RunExistsError, train_tracked
 
     try:
@@ -120,6 +124,25 @@ def _train_loso(args: argparse.Namespace, recipe) -> int:
         print(f"  {subject:10s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
     p = outcome.pooled
     print(f"  {'pooled':10s} {p['accuracy']:8.4f} {p['uar']:8.4f} {p['uf1']:8.4f}")
+    print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
+    return 0
+
+
+def _train_kfold(args: argparse.Namespace, recipe) -> int:
+    if args.folds < 2:
+        raise UsageError(f"--folds must be >= 2, got {args.folds}")
+    if args.register or args.no_track:
+        raise UsageError("--protocol kfold is always tracked and registers nothing: drop --register/--no-track")
+    from registry.protocols import train_kfold
+
+    outcome = train_kfold(args.network, args.data, recipe, folds=args.folds)
+    print(f"\n{args.folds}-fold cross-validation")
+    print(f"  {'fold':8s} {'UAR':>8s} {'WAR':>8s}")
+    for fold, m in outcome.per_fold.items():
+        print(f"  {fold:<8d} {m.get('uar', float('nan')):8.4f} {m.get('war', float('nan')):8.4f}")
+    for key in ("uar", "war"):
+        if key in outcome.mean:
+            print(f"  {key.upper()} {outcome.mean[key]:.4f} ± {outcome.std[key]:.4f}")
     print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
     return 0
 
