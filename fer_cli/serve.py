@@ -51,7 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("grpc", "http"), default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-frames", type=int, default=300, help="frames read from a video at most")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table (one object per input, "
+                   "with its \"file\")")
+    p.add_argument("--chunk", type=int, default=256, help=argparse.SUPPRESS)  # files read and sent per chunk
     p.set_defaults(func=_infer)
 
 
@@ -125,10 +127,13 @@ def _inputs(path: Path, video_network: bool, max_frames: int) -> tuple[list, lis
     if video_network:
         return [read_clip_frames(path, max_frames)], [str(path)]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        # Recursive, hidden folders skipped; sorted by relative path so the order is stable everywhere.
+        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                       key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise ValueError(f"{path} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
-        return files, [p.name for p in files]
+        return files, [p.relative_to(path).as_posix() for p in files]
     if path.suffix.lower() in _VIDEO_SUFFIXES:
         frames = read_clip_frames(path, max_frames)
         return frames, [f"{path.name}#{i}" for i in range(len(frames))]
@@ -136,32 +141,51 @@ def _inputs(path: Path, video_network: bool, max_frames: int) -> tuple[list, lis
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from serving.client import FERClient, ServingError, predictions_to_json
+    import json
+
+    from serving.client import FERClient, ServingError
     from serving.ensembles.processing import is_video_network
 
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     try:
         client = FERClient(args.url, protocol=args.protocol or ("http" if args.url.startswith("http://") else "grpc"),
                            batch_size=args.batch_size)
         metadata = client._network(args.network)[0]
         inputs, names = _inputs(args.input, is_video_network(metadata), args.max_frames)
         start = time.perf_counter()
-        predictions = client.predict(inputs, network=args.network)
+        if not args.json:
+            print(f"{'input':32s} {'label':12s} {'conf':>6s}  face  extras")
+        count = 0
+        # Files are read and sent a chunk at a time and printed as they come, so a large folder
+        # neither sits in memory nor shows nothing until the end. JSON stays one array.
+        for offset in range(0, len(inputs), args.chunk):
+            chunk = client.predict(inputs[offset:offset + args.chunk], network=args.network)
+            for name, p in zip(names[offset:offset + args.chunk], chunk):
+                if args.json:
+                    print(("[" if count == 0 else ",") + "\n" + json.dumps({"file": name, **p.to_dict()}), end="")
+                else:
+                    _print_row(name, p)
+                count += 1
+            sys.stdout.flush()
         seconds = time.perf_counter() - start
     except ServingError as exc:
         raise CommandError(str(exc), EXIT_ERROR) from None
     if args.json:
-        print(predictions_to_json(predictions))
+        print("\n]" if count else "[]")
         return 0
-    print(f"{'input':32s} {'label':12s} {'conf':>6s}  face  extras")
-    for name, p in zip(names, predictions):
-        extras = []
-        if p.active is not None:
-            extras.append("AUs " + ("+".join(p.active) or "none"))
-        if p.valence is not None:
-            extras.append(f"valence {p.valence:+.2f} arousal {p.arousal:+.2f}")
-        if p.landmarks is not None:
-            extras.append(f"{len(p.landmarks)} landmarks")
-        print(f"{name[:32]:32s} {p.label[:12]:12s} {p.confidence:6.3f}  {'yes' if p.face_found else 'no ':4s}  "
-              f"{'; '.join(extras)}")
-    print(f"{len(predictions)} prediction(s) from {args.network} at {client.url} in {seconds:.2f}s")
+    print(f"{count} prediction(s) from {args.network} at {client.url} in {seconds:.2f}s")
     return 0
+
+
+def _print_row(name: str, p) -> None:
+    """One table row of `fer infer`."""
+    extras = []
+    if p.active is not None:
+        extras.append("AUs " + ("+".join(p.active) or "none"))
+    if p.valence is not None:
+        extras.append(f"valence {p.valence:+.2f} arousal {p.arousal:+.2f}")
+    if p.landmarks is not None:
+        extras.append(f"{len(p.landmarks)} landmarks")
+    print(f"{name[:32]:32s} {p.label[:12]:12s} {p.confidence:6.3f}  {'yes' if p.face_found else 'no ':4s}  "
+          f"{'; '.join(extras)}")

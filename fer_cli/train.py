@@ -39,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after training: export to ONNX, check parity against PyTorch and register the run "
                    "as a new version of fer-NETWORK (alias challenger); promote it with `fer promote`")
     p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
+    p.add_argument("--protocol", choices=("single", "loso", "kfold"), default="single",
+                   help="single: one run (default); loso: leave-one-subject-out for micro-expression data, one "
+                   "parent MLflow run with a child run per subject and pooled UF1/UAR, resumable fold by fold; "
+                   "kfold: data with folds (DFEW), a child run per fold, mean ± std of the test metrics")
+    p.add_argument("--folds", type=int, default=5, help="number of folds for --protocol kfold (DFEW: 5)")
     p.add_argument("--print-recipe", action="store_true",
                    help="print the resolved recipe (profile + --config + --set) as YAML and exit; needs no --data")
     p.set_defaults(func=_train)
@@ -75,13 +80,22 @@ def _train(args: argparse.Namespace) -> int:
     if not args.data:
         raise UsageError("give --data NAME@VERSION (see `fer train --help`)")
 
+    if args.protocol == "loso":
+        return _train_loso(args, recipe)
+    if args.protocol == "kfold":
+        return _train_kfold(args, recipe)
     from registry.training import RunExistsError, train_tracked
 
     try:
         outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
     except RunExistsError as exc:
         raise StateError(f"{exc} (pass --resume to continue it)") from None
-    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir)
+    from registry.datasets import DatasetStore, parse_ref
+    from registry.training import measured_on
+
+    source_format = DatasetStore().get(*parse_ref(outcome.data_ref)).source_format
+    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir,
+                   measured_on(source_format, outcome.result.test_metrics))
     if args.register:
         if args.no_track:
             raise UsageError("--register needs the MLflow run: drop --no-track")
@@ -93,7 +107,48 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path) -> None:
+def _train_loso(args: argparse.Namespace, recipe) -> int:
+    from fer_core.models.registry import get_network
+
+    if get_network(args.network).task != "micro":
+        raise UsageError(f"--protocol loso is for micro-expression networks; {args.network} is not one")
+    if args.register or args.no_track:
+        raise UsageError("--protocol loso is always tracked and registers nothing: drop --register/--no-track")
+    from registry.protocols import train_loso
+
+    outcome = train_loso(args.network, args.data, recipe)
+    print(f"\nleave-one-subject-out: {len(outcome.per_fold)} folds"
+          + (f" ({len(outcome.resumed_folds)} kept from an earlier run)" if outcome.resumed_folds else ""))
+    print(f"  {'subject':10s} {'accuracy':>8s} {'UAR':>8s} {'UF1':>8s}")
+    for subject, m in outcome.per_fold.items():
+        print(f"  {subject:10s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
+    p = outcome.pooled
+    print(f"  {'pooled':10s} {p['accuracy']:8.4f} {p['uar']:8.4f} {p['uf1']:8.4f}")
+    print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
+    return 0
+
+
+def _train_kfold(args: argparse.Namespace, recipe) -> int:
+    if args.folds < 2:
+        raise UsageError(f"--folds must be >= 2, got {args.folds}")
+    if args.register or args.no_track:
+        raise UsageError("--protocol kfold is always tracked and registers nothing: drop --register/--no-track")
+    from registry.protocols import train_kfold
+
+    outcome = train_kfold(args.network, args.data, recipe, folds=args.folds)
+    print(f"\n{args.folds}-fold cross-validation")
+    print(f"  {'fold':8s} {'UAR':>8s} {'WAR':>8s}")
+    for fold, m in outcome.per_fold.items():
+        print(f"  {fold:<8d} {m.get('uar', float('nan')):8.4f} {m.get('war', float('nan')):8.4f}")
+    for key in ("uar", "war"):
+        if key in outcome.mean:
+            print(f"  {key.upper()} {outcome.mean[key]:.4f} ± {outcome.std[key]:.4f}")
+    print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
+    return 0
+
+
+def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path,
+                   measured: str = "") -> None:
     final = result.final_metrics
     rows = [("network", network), ("data", data_ref), ("epochs run", str(result.epochs_run)),
             ("best epoch", str(result.best_epoch + 1)), ("stopped early", str(result.stopped_early))]
@@ -101,6 +156,8 @@ def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_
     # The final evaluation (best weights) on the test split, or on val when there is no test split.
     rows += [(f"{k} (best)" if k in final else k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items())
              if k.count("/") == 1]
+    if measured:
+        rows.append(("measured on", measured))
     rows += [("throughput", f"{final.get('throughput/samples_per_s', 0):.1f} samples/s"),
              ("checkpoint", str(result.best_checkpoint))]
     if run_id:

@@ -22,7 +22,8 @@ from fer_core.settings import Settings
 from fer_core.workspace import Workspace
 from flows.ingest import ingest
 from flows.promote import promote
-from flows.tasks import champion_of, find_trained_version, publish_table, recipe_for, start_triton, stop_triton
+from flows.tasks import (champion_of, evaluate_version, find_trained_version, publish_table, recipe_for, start_triton,
+                         stop_triton, test_sets_for)
 from flows.train import train
 
 # The default networks and their sources come from the network specs (fer_core.models.registry):
@@ -51,6 +52,22 @@ def _failure(state: Any) -> str:
     error = state.result(raise_on_failure=False)
     text = str(error) if isinstance(error, BaseException) else (state.message or state.name)
     return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[:600]
+
+
+def _evaluate_champion(network: str, version: int) -> str:
+    """Evaluate a newly promoted champion (in-process ONNX) on every registered test set of its task.
+
+    A failed evaluation is reported in the summary, never undoes the promotion: the gates decided it.
+    """
+    results = []
+    for ref in test_sets_for(network):
+        state = evaluate_version(network, version, ref, return_state=True)
+        if state.is_failed():
+            results.append(f"{ref.split('@')[0]}: failed ({_failure(state)})")
+        else:
+            metrics = state.result()["metrics"]
+            results.append(f"{ref.split('@')[0]}: UAR {metrics['uar']:.3f} WAR {metrics['war']:.3f}")
+    return "; ".join(results) or "none registered"
 
 
 @flow(name="retrain_all", log_prints=True)
@@ -83,7 +100,7 @@ def retrain_all(
         for network in networks:
             name, fmt, path = sources[network]
             row = {"network": network, "data version": "", "metric": "", "champion before": "",
-                   "champion after": "", "decision": ""}
+                   "champion after": "", "decision": "", "test sets": ""}
             rows.append(row)
             data_state = ingest(name, fmt, path, return_state=True)
             if data_state.is_failed():
@@ -123,6 +140,7 @@ def retrain_all(
                 row["decision"] = "unchanged"  # this version's promotion was decided by an earlier run
             elif result.promoted:
                 row["decision"] = f"promoted v{version.version}"
+                row["test sets"] = _evaluate_champion(network, version.version)
             else:
                 row["decision"] = f"kept champion (v{version.version} refused by {', '.join(g.name for g in result.failed)})"
         publish_table(rows, TABLE_KEY, f"retrain_all ({profile} profile): data version, primary metric, "

@@ -169,6 +169,35 @@ def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retr
     return run_tracked_au_rounds(data_ref, recipe, rounds, gamma=gamma, retrain=retrain, round_epochs=round_epochs)
 
 
+@task(name="test-sets", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def test_sets_for(network: str) -> list[str]:
+    """Registered evaluation-only test sets of the network's data task."""
+    from fer_core.models.registry import get_network
+    from fer_core.training.tasks import get_task_kind
+    from registry.evaluation import registered_test_sets
+
+    return registered_test_sets(get_task_kind(get_network(network).task).data_task)
+
+
+@task(name="evaluate-version", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_version(network: str, version: int, data_ref: str, triton_url: str | None = None) -> dict[str, Any]:
+    """``fer evaluate``: one MLflow evaluation run of a version on a dataset; returns its JSON summary."""
+    from registry.evaluation import evaluate
+
+    return evaluate(network, data_ref, version=version, url=triton_url).to_dict()
+
+
+@task(name="train-loso", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_loso_protocol(network: str, data_ref: str, recipe: Recipe,
+                        subjects: list[str] | None = None) -> dict[str, Any]:
+    """Leave-one-subject-out, tracked; a retry resumes with the first fold not finished."""
+    import dataclasses
+
+    from registry.protocols import train_loso
+
+    return dataclasses.asdict(train_loso(network, data_ref, recipe, subjects=subjects))
+
+
 @task(name="publish-table", cache_policy=NO_CACHE)
 def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
     """A Prefect table artifact (shown on the flow run's page)."""

@@ -50,6 +50,21 @@ def run_dir_for(workspace: Workspace, network: str, data_version: str, recipe: R
     return workspace.runs / network / f"{data_version[:12]}-{recipe.fingerprint()}"
 
 
+# What each split is called in the source dataset, for an honest "measured on" (FER2013's CSV Usage).
+_SOURCE_SPLIT_NAMES = {"fer2013": {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}}
+
+
+def measured_on(source_format: str, test_metrics: dict[str, float]) -> str:
+    """Which split the final metrics were measured on, named as the source names it, e.g.
+    ``test (PrivateTest)`` or ``val (PublicTest; no test split, and val also chose the best epoch)``."""
+    split = next(iter(test_metrics), "").split("/", 1)[0]
+    if not split:
+        return "nothing (no val or test split)"
+    source = _SOURCE_SPLIT_NAMES.get(source_format, {}).get(split)
+    note = "; no test split, and val also chose the best epoch" if split == "val" else ""
+    return f"{split} ({source}{note})" if source else f"{split}{f' ({note[2:]})' if note else ''}"
+
+
 def train_tracked(
     network: str,
     data_ref: str,
@@ -96,5 +111,9 @@ def train_tracked(
             end_active_run("KILLED")
         raise
     model_uri = tracker.model_info.model_uri if tracker is not None and tracker.model_info else None
+    if tracker is not None and tracker.run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_tag(tracker.run_id, "measured_on", measured_on(data.source_format, result.test_metrics))
     return TrainOutcome(network=network, data_ref=data.ref, recipe=trainer.recipe, result=result,
                         run_dir=run_dir, run_id=tracker.run_id if tracker else None, model_uri=model_uri)
