@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from fer_core.models.registry import ModelMetadata
+from fer_core.metadata import ModelMetadata
 from fer_core.settings import FACE_DETECTION_MODES, Settings
 from serving.ensembles import processing
 from serving.export import metadata_to_json, read_onnx_metadata

@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils  # provided by the stub
 
 from fer_core.data.preprocess import HaarFaceDetector
 from serving.ensembles import processing
-from serving.export import metadata_from_json
+from fer_core.metadata import metadata_from_json
 
 _METADATA_PARAMETER = "fer_metadata"
 
