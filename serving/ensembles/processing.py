@@ -115,6 +115,18 @@ def decode_image_bytes(
     return image
 
 
+def check_decoded(image: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A decoded image given as an array: uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB (one-line ``ValueError``)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {image.dtype}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or 0 in image.shape:
+        raise ValueError(f"image arrays must be (H, W) grey or (H, W, 3) RGB, got shape {image.shape}")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
+    return image
+
+
 class RecordingDetector:
     """Wraps a detector and remembers the faces of its last call."""
 
