@@ -167,4 +167,10 @@ class _PackageFlavor:
 
 def log_package_model(package: ModelPackage, run_id: str, name: str = "fer_model") -> Any:
     """Log the package as an MLflow model (pyfunc + onnx) to ``run_id``; returns MLflow's ModelInfo."""
-    return Model.log(artifact_path=None, name=name, flavor=_PackageFlavor, run_id=run_id, package=package)
+    # Inside the run, so the logged model lands in the run's experiment (not MLflow's default one,
+    # whose artifact root is ./mlruns of the current folder); the run ends FINISHED again.
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        return Model.log(artifact_path=None, name=name, flavor=_PackageFlavor, run_id=run_id, package=package)
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        return Model.log(artifact_path=None, name=name, flavor=_PackageFlavor, run_id=run_id, package=package)
