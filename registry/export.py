@@ -190,7 +190,7 @@ def _register(network: str, run_id: str, model_uri: str, checkpoint: Path, data_
     code = code_fingerprint(network)
     info = {"network": network, "data_version": data_ref, "recipe_fingerprint": recipe.fingerprint(),
             "code_fingerprint": code, "git_commit": commit, "run_id": run_id,
-            "primary_metric": held.primary_metric}
+            "primary_metric": held.primary_metric, "recipe": recipe.to_dict()}
     with tempfile.TemporaryDirectory() as tmp:
         package, parity, pipeline_diff = _export_and_check(checkpoint, held, Path(tmp), atol, recipe=recipe,
                                                            face=face, info=info)

@@ -57,6 +57,8 @@ __all__ = [
 
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
 STAGING_SUFFIX = ".staging"
+# The promotion's candidate ensemble: <network>_candidate_{preprocess,postprocess,ensemble}.
+CANDIDATE_SUFFIX = "_candidate"
 MODEL_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
 # The folder holding fer_core/ and serving/: the Python-backend models put it on sys.path.
@@ -181,7 +183,7 @@ def _python_parameters(metadata: ModelMetadata, max_image_bytes: int, max_image_
 def preprocess_config(
     metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1,
     max_image_bytes: int = processing.MAX_IMAGE_BYTES, max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
-    face_detection: str = "off", pipeline: InputPipeline | None = None,
+    face_detection: str = "off", pipeline: InputPipeline | None = None, stem: str | None = None,
 ) -> str:
     """``config.pbtxt`` of ``<network>_preprocess`` (Python backend, always on CPU).
 
@@ -197,7 +199,7 @@ def preprocess_config(
     input_name, input_dims = _ensemble_input(metadata)
     spec = metadata.input
     lines = [
-        f"name: {_quote(metadata.name + '_preprocess')}",
+        f"name: {_quote((stem or metadata.name) + '_preprocess')}",
         'backend: "python"',
         f"max_batch_size: {int(max_batch_size)}",
         _block("input", [_tensor(input_name, "BYTES", input_dims)]),
@@ -209,7 +211,8 @@ def preprocess_config(
     return "\n".join(lines) + "\n"
 
 
-def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1) -> str:
+def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1,
+                       stem: str | None = None) -> str:
     """``config.pbtxt`` of ``<network>_postprocess`` (Python backend, always on CPU)."""
     _check_common(max_batch_size, instances, "KIND_CPU")
     spec = {s.name: s for s in metadata.outputs}
@@ -217,7 +220,7 @@ def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, ins
     inputs.append(_tensor("TO_INPUT", "float32", (2, 3)))
     outputs = [_tensor(n, dtype, shape) for n, (dtype, shape) in processing.postprocess_outputs(metadata).items()]
     lines = [
-        f"name: {_quote(metadata.name + '_postprocess')}",
+        f"name: {_quote((stem or metadata.name) + '_postprocess')}",
         'backend: "python"',
         f"max_batch_size: {int(max_batch_size)}",
         _block("input", inputs),
@@ -232,31 +235,34 @@ def _map(key: str, pairs: Iterable[tuple[str, str]]) -> str:
     return " ".join(f"{key} {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in pairs)
 
 
-def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32) -> str:
-    """``config.pbtxt`` of ``<network>_ensemble``; the network step pins ``champion_version``."""
+def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32,
+                    stem: str | None = None) -> str:
+    """``config.pbtxt`` of ``<stem>_ensemble`` (stem = the network by default); the network step pins
+    ``champion_version``, the pre/post steps are ``<stem>_preprocess`` / ``<stem>_postprocess``."""
     if int(champion_version) < 1:
         raise ValueError(f"champion_version must be >= 1, got {champion_version}")
     network = metadata.name
+    stem = stem or network
     input_name, input_dims = _ensemble_input(metadata)
     post_outputs = processing.postprocess_outputs(metadata)
     raw = processing.postprocess_inputs(metadata)
     model_input = metadata.input.name
     steps = [
-        f'  {{ model_name: {_quote(network + "_preprocess")} model_version: -1 '
+        f'  {{ model_name: {_quote(stem + "_preprocess")} model_version: -1 '
         + _map("input_map", [(input_name, input_name)]) + " "
         + _map("output_map", [(model_input, "model_input"), ("FACE_FOUND", "FACE_FOUND"), ("TO_INPUT", "to_input")])
         + " }",
         f"  {{ model_name: {_quote(network)} model_version: {int(champion_version)} "
         + _map("input_map", [(model_input, "model_input")]) + " "
         + _map("output_map", [(n, f"raw_{n}") for n in raw]) + " }",
-        f'  {{ model_name: {_quote(network + "_postprocess")} model_version: -1 '
+        f'  {{ model_name: {_quote(stem + "_postprocess")} model_version: -1 '
         + _map("input_map", [(n, f"raw_{n}") for n in raw] + [("TO_INPUT", "to_input")]) + " "
         + _map("output_map", [(n, n) for n in post_outputs]) + " }",
     ]
     outputs = [_tensor("FACE_FOUND", "bool", (1,))]
     outputs += [_tensor(n, dtype, shape) for n, (dtype, shape) in post_outputs.items()]
     lines = [
-        f"name: {_quote(network + '_ensemble')}",
+        f"name: {_quote(stem + '_ensemble')}",
         'platform: "ensemble"',
         f"max_batch_size: {int(max_batch_size)}",
         _block("input", [_tensor(input_name, "BYTES", input_dims)]),
@@ -611,13 +617,18 @@ class ModelRepository:
         postprocess_instances: int = 1,
         max_image_bytes: int = processing.MAX_IMAGE_BYTES,
         max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
+        stem: str | None = None,
+        face: str | None = None,
     ) -> list[str]:
         """Write ``<network>_preprocess``, ``_postprocess`` and ``_ensemble`` pinned to ``champion_version``.
 
         Pre/post-processing is generated from the champion's package (metadata and input-pipeline
         spec, face handling per :meth:`face_handling`). Writes the ensemble last, so it never
         references a step that does not exist yet. Returns the models whose files changed.
+        ``stem`` names the three models ``<stem>_preprocess`` … instead of ``<network>_…`` (the
+        promotion's candidate ensemble, :meth:`candidate_stem`); ``face`` forces the face handling.
         """
+        stem = stem or network
         champion_version = int(champion_version)
         if champion_version not in self.versions(network):
             raise ValueError(f"{network} has no version {champion_version} on disk (has {self.versions(network)})")
@@ -625,21 +636,37 @@ class ModelRepository:
         pipeline = self.pipeline(network, champion_version)
         changed = []
         if self._write_python_model(
-                f"{network}_preprocess", "PreprocessModel",
+                f"{stem}_preprocess", "PreprocessModel",
                 preprocess_config(metadata, max_batch_size=max_batch_size, instances=preprocess_instances,
                                   max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                                  face_detection=self.face_handling(network, champion_version), pipeline=pipeline)):
-            changed.append(f"{network}_preprocess")
+                                  face_detection=face or self.face_handling(network, champion_version), pipeline=pipeline,
+                                  stem=stem)):
+            changed.append(f"{stem}_preprocess")
         if self._write_python_model(
-                f"{network}_postprocess", "PostprocessModel",
-                postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances)):
-            changed.append(f"{network}_postprocess")
-        ensemble_dir = self.root / f"{network}_ensemble"
+                f"{stem}_postprocess", "PostprocessModel",
+                postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances,
+                                   stem=stem)):
+            changed.append(f"{stem}_postprocess")
+        ensemble_dir = self.root / f"{stem}_ensemble"
         (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even empty
         if self._write_if_changed(ensemble_dir / "config.pbtxt",
-                                  ensemble_config(metadata, champion_version, max_batch_size=max_batch_size)):
-            changed.append(f"{network}_ensemble")
+                                  ensemble_config(metadata, champion_version, max_batch_size=max_batch_size,
+                                                  stem=stem)):
+            changed.append(f"{stem}_ensemble")
         return changed
+
+    def candidate_stem(self, network: str) -> str:
+        """Stem of the promotion's temporary ensemble of a candidate version."""
+        return f"{network}{CANDIDATE_SUFFIX}"
+
+    def remove_models(self, names: Sequence[str]) -> None:
+        """Delete whole Triton model folders (the candidate ensemble after its smoke test)."""
+        for name in names:
+            folder = self.root / name
+            if folder.is_dir():
+                trash = self._stage(f"removed-{name}")
+                os.rename(folder, trash / "model")
+                shutil.rmtree(trash, ignore_errors=True)
 
     def set_champion(self, network: str, version: int, endpoint: "TritonEndpoint | str | None" = None) -> None:
         """Pin the ensemble of ``network`` to ``version`` (atomic config rewrite) and reload it.
