@@ -53,7 +53,7 @@ from serving.repository import ModelRepository, atomic_write_bytes
 from serving.server import ServingError, TritonEndpoint
 
 __all__ = ["PromotionGates", "RetentionPolicy", "GateResult", "PromotionResult", "RollbackResult",
-           "NetworkStatus", "PromotionBusy", "promotion_lock", "registry_gates", "package_gates", "download_package",
+           "NetworkStatus", "PromotionBusy", "promotion_lock", "package_gates", "download_package",
            "score_package", "promote", "rollback", "models"]
 
 _NETWORK_NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -215,50 +215,6 @@ def promotion_lock(network: str, workspace: Workspace | None = None) -> Iterator
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()
-
-
-# -- registry gates --------------------------------------------------------------------------------
-
-def _float_tag(tags: Mapping[str, str], key: str) -> float | None:
-    try:
-        return float(tags[key])
-    except (KeyError, ValueError):
-        return None
-
-
-def registry_gates(candidate: reg.ModelVersion, champion: reg.ModelVersion | None,
-                   gates: PromotionGates) -> list[GateResult]:
-    """``data_gate``, ``onnx_parity`` and ``metric_vs_champion``, decided from the versions' tags."""
-    tags = candidate.tags
-    data = tags.get("data_version", "?")
-    results = [GateResult("data_gate", tags.get("data_gate") == "passed",
-                          f"training data {data} gate: {tags.get('data_gate', 'unknown')}")]
-    diff = _float_tag(tags, "parity_max_abs_diff")
-    agreement = _float_tag(tags, "parity_label_agreement")
-    numbers = {k: v for k, v in (("max_abs_diff", diff), ("label_agreement", agreement)) if v is not None}
-    results.append(GateResult("onnx_parity", tags.get("parity_passed") == "true",
-                              f"ONNX vs PyTorch parity tag: {tags.get('parity_passed', 'missing')}", numbers))
-    metric = tags.get("primary_metric", "")
-    value = _float_tag(tags, "primary_metric_value")
-    if value is None:
-        results.append(GateResult("metric_vs_champion", False, f"v{candidate.version} has no primary metric value"))
-    elif champion is None:
-        results.append(GateResult("metric_vs_champion", value >= gates.floor,
-                                  f"first version: {metric} {value:.4f} vs floor {gates.floor:.4f}",
-                                  {"candidate": value, "floor": gates.floor}))
-    else:
-        champion_value = _float_tag(champion.tags, "primary_metric_value")
-        if champion_value is None or champion.tags.get("primary_metric") != metric:
-            results.append(GateResult("metric_vs_champion", False,
-                                      f"champion v{champion.version} has no {metric or 'primary metric'} to compare"))
-        else:
-            note = "" if champion.tags.get("data_version") == data else " (different data versions)"
-            results.append(GateResult(
-                "metric_vs_champion", value >= champion_value - gates.margin,
-                f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} - margin "
-                f"{gates.margin:.4f}{note}",
-                {"candidate": value, "champion": champion_value, "margin": gates.margin}))
-    return results
 
 
 # -- the model package -----------------------------------------------------------------------------
@@ -653,6 +609,8 @@ def promote(
             except PackageError as exc:
                 results.append(GateResult("package", False, str(exc)))
             else:
+                results.append(GateResult("package", True, f"v{candidate.version} package {package.digest[:12]} "
+                                          f"matches its registration (format, hashes)"))
                 results += package_gates(candidate, champion, package, champion_package, gates, workspace)
 
             def refused() -> PromotionResult:
