@@ -167,6 +167,14 @@ def test_training_decode_and_pyfunc_agree_on_raw_inputs(built, pyfuncs, network)
     assert [i.name for i in onnx_model.graph.input] == [item.package.metadata.input.name]
 
 
+def _tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Triton's Python stubs are children)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
 @pytest.mark.integration
 def test_training_decode_pyfunc_and_triton_ensemble_agree_for_each_network(built, tmp_path):
     """The five ensembles, generated from the packages, answer the raw smoke samples like training's
@@ -181,9 +189,10 @@ def test_training_decode_pyfunc_and_triton_ensemble_agree_for_each_network(built
         repo.write_model(network, 1, item.package.root)
         repo.write_ensemble(network, 1)
         assert 'key: "fer_pipeline"' in (repo.root / f"{network}_preprocess" / "config.pbtxt").read_text()
-    server = EmbeddedTriton(repo, tmp_path / "triton").start()
+    server = EmbeddedTriton(repo, tmp_path / "triton", models=repo.load_order()).start()
     try:
         endpoint = server.endpoint()
+        print(f"\nTriton + stubs resident memory, five ensembles loaded: {_tree_rss_mib(server.process.pid):.0f} MiB")
         for network, item in built.items():
             name = "FRAMES" if item.package.pipeline.kind == "clip" else "IMAGE"
             got = np.stack([_infer_raw(endpoint, f"{network}_ensemble", name, s)
