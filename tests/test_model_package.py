@@ -202,3 +202,50 @@ def test_training_decode_pyfunc_and_triton_ensemble_agree_for_each_network(built
             assert diff <= 1e-4, network
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_an_encoded_image(built, pyfuncs):
+    """MLflow's own server (``mlflow models serve --env-manager local``) on the registered model
+    format answers an HTTP request carrying an encoded image like the package does."""
+    import base64
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from serving.server import free_port
+
+    port = free_port("127.0.0.1")
+    item = built["ca_resnet"]
+    command = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", str(pyfuncs["ca_resnet"]),
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # MLflow execs the venv's uvicorn by name: the venv's bin folder must be on PATH.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow models serve did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(1)
+        images = [s[0] for s in item.package.smoke_samples()[:3]]
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(b).decode()] for b in images]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())["predictions"]
+        probabilities = np.array([row["probabilities"] for row in answer])
+        assert np.abs(probabilities - item.package.expected()["PROBABILITIES"][:3]).max() <= 1e-6
+        labels = item.package.metadata.label_names
+        assert [row["label"] for row in answer] == [labels[i] for i in probabilities.argmax(1)]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
