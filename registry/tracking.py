@@ -190,7 +190,8 @@ class MlflowCallback(Callback):
             mlflow.set_tags({
                 "network": self.network, "profile": recipe.profile, "data_version": self.data_ref,
                 "recipe_fingerprint": recipe.fingerprint(), "git_commit": git_commit(),
-                "world_size": str(trainer.world_size), **system_info(str(trainer.device)), **self.tags,
+                "world_size": str(trainer.world_size), **system_info(str(trainer.device)),
+                **_code_fingerprint_tag(self.network), **self.tags,
             })
             if self.manifest is not None:
                 name, _, digest = self.data_ref.partition("@")
@@ -246,6 +247,16 @@ class MlflowCallback(Callback):
             self.model_info = log_model(trainer.model)
             trainer.model.to(trainer.device)
         mlflow.end_run()
+
+
+def _code_fingerprint_tag(network: str) -> dict[str, str]:
+    """``code_fingerprint`` of a trainable network (part of the retrain cache key), else nothing."""
+    from fer_core.training.fingerprint import code_fingerprint
+
+    try:
+        return {"code_fingerprint": code_fingerprint(network)}
+    except ValueError:  # a model without a training task (e.g. a bare backbone)
+        return {}
 
 
 def _key(name: str) -> str:

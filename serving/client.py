@@ -16,9 +16,9 @@ from typing import Any, Sequence, Union
 import cv2
 import numpy as np
 
-from fer_core.models.registry import ModelMetadata
+from fer_core.metadata import ModelMetadata
 from serving.ensembles.processing import MAX_IMAGE_BYTES, is_video_network
-from serving.export import metadata_from_json
+from fer_core.metadata import metadata_from_json
 from serving.server import ServingError, TritonEndpoint, _one_line
 
 __all__ = ["FERClient", "Prediction", "ServingError", "ImageInput", "encode_image", "read_clip_frames"]

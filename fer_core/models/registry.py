@@ -28,65 +28,8 @@ if TYPE_CHECKING:
 import torch
 from torch import nn
 
-TASKS = ("static", "multitask", "micro", "dynamic", "au")
-OUTPUT_KINDS = ("logits", "probabilities", "regression", "heatmaps", "features", "multilabel_logits")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output tensor; ``shape`` excludes the batch axis (-1 = dynamic)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    kind: str = "image"
-    labels: tuple[str, ...] = ()  # per-index names for classification / multi-label outputs
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What serving, tracking and data transforms need to know about a model."""
-
-    name: str
-    task: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    label_names: tuple[str, ...] = ()
-    primary_output: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
-        if not self.inputs or not self.outputs:
-            raise ValueError("a model needs at least one input and one output spec")
-        names = [s.name for s in self.outputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate output names: {names}")
-        if self.primary_output and self.primary_output not in names:
-            raise ValueError(f"primary_output {self.primary_output!r} is not among outputs {names}")
-
-    @property
-    def input(self) -> TensorSpec:
-        """The (single) input spec."""
-        return self.inputs[0]
-
-    @property
-    def in_chans(self) -> int:
-        """Channels of an image or per-frame input (the axis before H, W)."""
-        return self.input.shape[-3]
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """(H, W) of the input images or frames."""
-        return (self.input.shape[-2], self.input.shape[-1])
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.outputs)
+# The metadata is torch-free (package readers need it without torch); re-exported here.
+from fer_core.metadata import OUTPUT_KINDS, TASKS, ModelMetadata, TensorSpec  # noqa: F401
 
 
 class FERModel(nn.Module):

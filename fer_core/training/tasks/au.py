@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import to_model_input
+from fer_core.data.pipeline import InputPipeline, prepare_pixels
 from fer_core.data.samples import read_image
 from fer_core.data.transforms import AugmentConfig
 from fer_core.losses.au_cotrain import AUCoTrainLoss
@@ -181,8 +181,8 @@ class AUCoTrainTask:
     # -- data -------------------------------------------------------------------------------
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         image = read_image(root, row["path"])
-        x = to_model_input(image, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)
+        # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
+        return prepare_pixels([image], InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
     def _targets(self, row: pd.Series) -> dict[str, Any]:
         num_aus = len(self.au_names)

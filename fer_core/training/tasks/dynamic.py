@@ -37,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector, detect_and_align, resample_clip, to_model_input
+from fer_core.data.pipeline import InputPipeline, make_detector, prepare_pixels
+from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector
 from fer_core.data.samples import read_clip
 from fer_core.losses.ecstfl import EcStflLoss
 from fer_core.models import create_model
@@ -108,21 +109,13 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
     def model_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.label_names)}
 
-    def _aligned(self, frames: np.ndarray) -> np.ndarray:
-        """Frames with a detected face, each aligned on the eyes at the model's size (raw if none has one)."""
-        if self._detector is None:
-            self._detector = HaarFaceDetector()
-        aligned = [detect_and_align(frame, self._detector, self.meta.input_size) for frame in frames]
-        kept = [face for face in aligned if face is not None]
-        return np.stack(kept) if kept else frames
-
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         frames = read_clip(root, row["path"])
-        if self.align_faces:
-            frames = self._aligned(frames)
-        frames = resample_clip(frames, self.num_frames, self.resample)
-        x = to_model_input(frames, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)  # (T, C, H, W)
+        # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
+        pipeline = InputPipeline.for_model(self.meta, self.recipe.data)
+        if pipeline.face == "haar" and self._detector is None:
+            self._detector = make_detector(pipeline)
+        return prepare_pixels(list(frames), pipeline, self._detector).pixels  # (T, C, H, W)
 
     def build_loss(self, recipe: Recipe, model):
         criterion = EcStflLoss(**asdict(EcStflOptions(**recipe.loss_kwargs)))

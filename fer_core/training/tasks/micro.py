@@ -48,7 +48,8 @@ import numpy as np
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import estimate_apex, onset_apex_pair, to_model_input
+from fer_core.data.pipeline import InputPipeline, prepare_pixels
+from fer_core.data.preprocess import estimate_apex, onset_apex_pair
 from fer_core.data.samples import read_clip
 from fer_core.losses.micro import micro_classification_loss
 from fer_core.metrics.classification import classification_metrics
@@ -154,8 +155,8 @@ class MicroExpressionTask(SingleLabelClassificationTask):
         frames = read_clip(root, row["path"])
         onset, apex = clip_key_frames(frames, int(row["onset"]), int(row["apex"]), int(row["offset"]))
         pair = onset_apex_pair(frames, onset, apex)
-        x = to_model_input(pair, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)  # (2, C, H, W)
+        # (2, C, H, W) through the package's input-pipeline spec (onset/apex given as two frames).
+        return prepare_pixels(list(pair), InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
         """The rows of each split for ``recipe`` (``data.val_fraction``, ``data.test_fraction``, ``data.fold``)."""
