@@ -43,7 +43,7 @@ from fer_core.workspace import Workspace
 from registry import models as reg
 from registry.export import ONNX_ARTIFACT, SMOKE_ARTIFACT
 from serving.repository import ModelRepository, atomic_write_bytes
-from serving.server import ServingError, TritonEndpoint
+from serving.server import ServingError, TritonEndpoint, control_key
 
 __all__ = ["PromotionGates", "RetentionPolicy", "GateResult", "PromotionResult", "RollbackResult",
            "NetworkStatus", "PromotionBusy", "promotion_lock", "registry_gates", "promote", "rollback",
@@ -281,7 +281,8 @@ def _infer(endpoint: TritonEndpoint, network: str, version: int, input_name: str
     tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     requested = [module.InferRequestedOutput(name) for name in outputs]
     try:
-        result = endpoint.client.infer(network, [tensor], model_version=str(version), outputs=requested)
+        result = endpoint.client.infer(network, [tensor], model_version=str(version), outputs=requested,
+                                       headers=endpoint.headers)
     except Exception as exc:  # noqa: BLE001 -- tritonclient raises InferenceServerException or gRPC errors
         message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
         first_line = (str(message).strip().splitlines() or [type(exc).__name__])[0]
@@ -406,8 +407,10 @@ class _Snapshot:
 
 # -- promotion -------------------------------------------------------------------------------------
 
-def _endpoint(triton: TritonEndpoint | str) -> TritonEndpoint:
-    endpoint = triton if isinstance(triton, TritonEndpoint) else TritonEndpoint(triton)
+def _endpoint(triton: TritonEndpoint | str, repository: ModelRepository) -> TritonEndpoint:
+    """The endpoint to act on; a URL gets the repository's control key (model control is keyed)."""
+    endpoint = triton if isinstance(triton, TritonEndpoint) else \
+        TritonEndpoint(triton, key=control_key(repository.root.parent))
     if not endpoint.server_live():
         raise ServingError(f"Triton at {endpoint.url} is unreachable")
     return endpoint
@@ -510,7 +513,7 @@ def promote(
 
         if not all(r.passed for r in results):
             return refused()
-        endpoint = _endpoint(triton)
+        endpoint = _endpoint(triton, repository)
         with tempfile.TemporaryDirectory() as tmp:
             smoke = dict(np.load(_download(candidate, SMOKE_ARTIFACT, Path(tmp), workspace)))
             snapshot = _Snapshot.take(repository, network, endpoint)
@@ -552,7 +555,7 @@ def rollback(
         if previous is None or champion is None:
             raise ValueError(f"{network} has no {'previous' if champion else 'champion'} version, so nothing to "
                              "roll back to (that takes two promotions)")
-        endpoint = _endpoint(triton)
+        endpoint = _endpoint(triton, repository)
         snapshot = _Snapshot.take(repository, network, endpoint)
         served = repository.served_versions(network) if snapshot.files[network] is not None else []
         try:
@@ -579,7 +582,7 @@ def models(
     repository's versions/served/champion and, with ``triton``, the versions Triton has loaded."""
     workspace = workspace or Workspace.from_env()
     repository = repository or ModelRepository(workspace.triton_repository)
-    endpoint = _endpoint(triton) if triton is not None else None
+    endpoint = _endpoint(triton, repository) if triton is not None else None
     described = repository.describe()
     out = []
     for network in sorted(set(reg.list_networks(workspace)) | set(described)):
