@@ -138,6 +138,9 @@ def _check_external(url: str, repository) -> int:
         endpoint.wait_ready(timeout_s=30.0)
         index = endpoint.index()
     except ServingError as exc:
+        if "restricted" in str(exc):
+            raise CommandError(f"Triton at {endpoint.url} refuses this workspace's control key: it is not this "
+                               "workspace's server (or was started with another key)", EXIT_ERROR) from None
         raise CommandError(str(exc), EXIT_ERROR) from None
     expected = set(repository.models())
     listed = {m.get("name") for m in index}
@@ -198,20 +201,19 @@ def _reconcile_once(server, repository, workspace, reconcile) -> list[str]:
 
 
 def _busy_networks(repository, workspace) -> list[str]:
-    """Networks whose promotion lock is held (a promotion is changing them now)."""
-    import fcntl
+    """Networks whose promotion lock is held (a promotion is changing them now), read from the lock
+    file's holder line rather than by trying the lock, so this probe never makes a promotion busy."""
+    from serving.server import _pid_alive
 
     busy = []
     for network in repository.networks():
         path = workspace.root / "locks" / f"promote-{network}.lock"
-        if not path.exists():
+        try:
+            holder = path.read_text().split()
+        except OSError:
             continue
-        with open(path, "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            except BlockingIOError:
-                busy.append(network)
+        if len(holder) >= 2 and holder[0] == "pid" and holder[1].isdigit() and _pid_alive(int(holder[1])):
+            busy.append(network)
     return busy
 
 
@@ -225,6 +227,9 @@ def _report_start(server, repository, models: list[str]) -> None:
     print(f"  loaded   {', '.join(loaded) if loaded else 'nothing (the repository is empty)'}")
     for model, error in server.load_failures.items():
         print(f"  FAILED   {model}: {error}", file=sys.stderr)
+    if not server.key_hidden:
+        print("  warning  no C compiler: the control key is visible in tritonserver's command line to local "
+              "users (see serving/server.py)", file=sys.stderr)
     print("Ctrl-C stops the server.", flush=True)
 
 

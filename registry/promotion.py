@@ -21,6 +21,11 @@ A refusal at step 3 (or a failed switch) restores the repository files byte for 
 version folder is removed, configs are rewritten as they were) and reloads what changed, so
 aliases, repository and the served model are exactly as before. :func:`rollback` makes
 ``previous`` the champion again (reinstalling its ONNX from the registry if its folder is gone).
+
+The ensemble switch and the alias moves are one recoverable operation: a journal written just
+before the switch is replayed by the next promote/rollback (and ``fer serve`` at start) when a
+process dies in between (:func:`replay_journal`). Model control on the server needs the
+repository's control key (:func:`serving.server.control_key`); a URL given as ``triton`` gets it.
 """
 
 from __future__ import annotations

@@ -125,6 +125,16 @@ def _ensemble_pin(config: Mapping, network: str) -> int | None:
     return None
 
 
+def _reload_from_files(endpoint: TritonEndpoint, repository: ModelRepository, model: str) -> None:
+    """Reload ``model`` from its files. Triton keeps a model loaded with an override config when its
+    files look unchanged, so the config's mtime is bumped first (content untouched); the loaded
+    version keeps answering until the reloaded one is ready."""
+    config = repository.root / model / "config.pbtxt"
+    with contextlib.suppress(OSError):
+        os.utime(config)
+    endpoint.load(model)
+
+
 def reconcile(endpoint: TritonEndpoint, repository: ModelRepository,
               registry_champions: Mapping[str, int | None] | None = None,
               skip: Sequence[str] = ()) -> list[str]:
@@ -154,7 +164,7 @@ def reconcile(endpoint: TritonEndpoint, repository: ModelRepository,
             else:
                 messages.append(f"{network}: {what}: reloading")
             try:
-                endpoint.load(network)
+                _reload_from_files(endpoint, repository, network)
             except ServingError as exc:
                 messages.append(f"ALERT {network}: reload failed: {exc}")
         champion = repository.champion(network)
@@ -174,7 +184,7 @@ def reconcile(endpoint: TritonEndpoint, repository: ModelRepository,
                 reason = "not loaded" if ensemble not in ready else f"pinned to v{pin}, repository says v{champion}"
                 messages.append(("" if ensemble not in ready else "ALERT ") + f"{ensemble}: {reason}: reloading")
                 try:
-                    endpoint.load(ensemble)
+                    _reload_from_files(endpoint, repository, ensemble)
                 except ServingError as exc:
                     messages.append(f"ALERT {ensemble}: reload failed: {exc}")
         wanted = (registry_champions or {}).get(network)

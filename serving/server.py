@@ -16,6 +16,17 @@ virtual environment, and ignores ``PYTHONPATH``; so the server's environment get
 package folders (numpy, onnxruntime, OpenCV), and every ``model.py`` we write puts those folders at
 the front of ``sys.path`` before importing anything. On NVIDIA's container set the same variable
 (or install the packages into the container's Python) and mount the project.
+
+Security: model control (load/unload, the repository index), logging, trace and shared-memory
+APIs need the workspace's control key (:func:`control_key`, sent as a header by
+:class:`TritonEndpoint` when given ``key``); HTTP is off unless ``allow_http``, and then every HTTP
+API but health needs the key too (see ``RESTRICTED_APIS``); busy ports are refused and the server
+answering on the gRPC port must be the process started here (:meth:`EmbeddedTriton.owns_ports`).
+Triton takes the key on its command line, which every local user can read in
+``/proc/<pid>/cmdline``; a preload compiled from ``serving/backends/scrub_argv.c``
+(:func:`build_argv_scrubber`) overwrites it there before ``main()`` runs. Without a C compiler the
+server runs without it and :attr:`EmbeddedTriton.key_hidden` is False (``fer serve`` warns); then
+mount ``/proc`` with ``hidepid=2`` or run the server as its own user.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from typing import Any, Callable, Sequence
 from serving.repository import PROJECT_ROOT, PYTHONPATH_ENV, ModelRepository
 
 __all__ = ["ServingError", "TritonEndpoint", "EmbeddedTriton", "TritonInstall", "find_triton",
-           "build_backend_directory", "free_port", "port_in_use", "supervise", "control_key",
+           "build_backend_directory", "build_argv_scrubber", "free_port", "port_in_use", "supervise", "control_key",
            "CONTROL_HEADER", "RESTRICTED_APIS"]
 
 # Model control is closed by default: Triton's restricted-API options put these APIs behind a header
@@ -108,6 +119,28 @@ def build_backend_directory(target: str | Path, install: TritonInstall | None = 
         (folder / _STUB).chmod(0o755)
     _copy_if_changed(ort_model, target / "onnxruntime" / "model.py")
     return target
+
+
+def build_argv_scrubber(target: str | Path) -> Path | None:
+    """Compile ``serving/backends/scrub_argv.c`` to ``<target>/libferscrub.so`` (once; needs a C
+    compiler), the preload that hides the control key from ``/proc/<pid>/cmdline``. ``None`` when no
+    compiler is found: the server still runs, and the key is then visible to local users' ``ps``."""
+    source = Path(__file__).resolve().parent / "backends" / "scrub_argv.c"
+    library = Path(target) / "libferscrub.so"
+    if library.is_file() and library.stat().st_mtime >= source.stat().st_mtime:
+        return library
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    library.parent.mkdir(parents=True, exist_ok=True)
+    tmp = library.with_name(f".{library.name}.{os.getpid()}.tmp")
+    result = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(source)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return None
+    os.replace(tmp, library)
+    return library
 
 
 def _copy_if_changed(source: Path, target: Path) -> None:
@@ -331,6 +364,8 @@ class EmbeddedTriton:
         self.load_failures: dict[str, str] = {}
         self.key = control_key(self.repository.root.parent)  # beside the repository: one key per workspace
         self._shm_prefix = ""
+        self._segment_guard_stop = None
+        self._scrubber: Path | None = None
         self._log_handle = None
         self._strict = True
 
@@ -364,6 +399,8 @@ class EmbeddedTriton:
         packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
         env[PYTHONPATH_ENV] = os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT), *packages]))
         env.setdefault("OMP_NUM_THREADS", "1")  # stubs share the CPU with each other and ORT
+        if self._scrubber is not None:
+            env["LD_PRELOAD"] = os.pathsep.join(filter(None, [str(self._scrubber), env.get("LD_PRELOAD")]))
         return env
 
     def command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
@@ -397,6 +434,7 @@ class EmbeddedTriton:
         self.repository.root.mkdir(parents=True, exist_ok=True)
         self.repository.repair()  # a crash may have left staging leftovers
         backend_dir = build_backend_directory(self.workspace_dir / "backends", install)
+        self._scrubber = build_argv_scrubber(self.workspace_dir / "backends")
         self.http_port, self.grpc_port, self.metrics_port = (
             p or free_port(self.host) for p in self._requested_ports)
         # A port already in use would make this server exit while another one answers "ready" there
@@ -417,6 +455,7 @@ class EmbeddedTriton:
             env=self._environment(install), cwd=self.workspace_dir, start_new_session=True,
             umask=0o077,  # request buffers (/dev/shm segments of the Python backend) readable by us only
         )
+        self._start_segment_guard()
         try:
             self._wait_ready()
             failures = self.load_failures = self.load_models(self.models)
@@ -440,6 +479,33 @@ class EmbeddedTriton:
         finally:
             endpoint.close()
         return failures
+
+    def protect_segments(self) -> int:
+        """chmod 0600 this server's Python-backend segments in ``/dev/shm``; returns how many changed.
+
+        Why not umask alone: the Python backend creates its segments through Boost.Interprocess, which
+        sets their mode explicitly (0644) after ``shm_open``, so the server's umask 077 does not reach
+        them. A guard thread (:meth:`_start_segment_guard`) runs this every 0.2 s; a segment is
+        therefore readable by others for at most that long after a stub starts, before it holds requests.
+        """
+        changed = 0
+        for path in _SEGMENT_DIR.glob(f"{self._shm_prefix}*") if self._shm_prefix else ():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mode & 0o077:
+                    os.chmod(path, 0o600)
+                    changed += 1
+        return changed
+
+    def _start_segment_guard(self) -> None:
+        import threading
+
+        stop = self._segment_guard_stop = threading.Event()
+
+        def guard() -> None:
+            while not stop.wait(0.2):
+                self.protect_segments()
+
+        threading.Thread(target=guard, name="triton-segment-guard", daemon=True).start()
 
     def owns_ports(self) -> bool:
         """True when the gRPC port's listening socket belongs to this server's process: the server
@@ -471,6 +537,11 @@ class EmbeddedTriton:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     @property
+    def key_hidden(self) -> bool:
+        """Whether the control key is hidden from ``/proc/<pid>/cmdline`` (the scrubber preload ran)."""
+        return self._scrubber is not None
+
+    @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -492,6 +563,8 @@ class EmbeddedTriton:
                 except (ProcessLookupError, PermissionError):
                     pass
             self.process = None
+            if self._segment_guard_stop is not None:
+                self._segment_guard_stop.set()
             _remove_stale_segments(self.workspace_dir, also=self._shm_prefix)
         if self._log_handle is not None:
             self._log_handle.close()
