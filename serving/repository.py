@@ -546,9 +546,10 @@ class ModelRepository:
                               rf'\g<1>"{version}"', text)
                 _atomic_write_text(config, text)
         if endpoint is not None:
-            from serving.server import TritonEndpoint
+            from serving.server import TritonEndpoint, control_key
 
-            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else TritonEndpoint(endpoint)
+            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else \
+                TritonEndpoint(endpoint, key=control_key(self.root.parent))  # model control is keyed
             if not endpoint.model_ready(network, version):
                 endpoint.load(network)
             # Reloading a Python model restarts its stub (seconds): only when its config changed.
