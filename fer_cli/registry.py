@@ -198,8 +198,10 @@ def _models(args: argparse.Namespace) -> int:
     except ServingError as exc:
         raise CommandError(str(exc), EXIT_ERROR) from None
     alerts = list(live.alerts) if live is not None else []
-    if args.json:
-        print(json.dumps({"triton": url, "alerts": alerts, "networks": [s.to_dict() for s in statuses]}, indent=2))
+    if args.json:  # the list of networks, as before; alerts go to stderr
+        for alert in alerts:
+            print(f"alert: {alert}", file=sys.stderr)
+        print(json.dumps([s.to_dict() for s in statuses], indent=2))
         return 0
     print(f"Triton: {url} ({'fer serve pid ' + str(live.pid) if live else 'as given'})" if url else
           f"Triton: none running{' (' + why + ')' if why else ''}; nothing is served")
