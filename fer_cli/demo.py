@@ -156,7 +156,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  Great Expectations Data Docs:               {docs}")
         print(f"  Prefect flow run {state.state_details.flow_run_id} ({state.name}), table artifact "
               f"'retrain-all-summary': PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start  (UI on :4200)")
-        print(f"  Triton (gRPC {triton.grpc_url}, HTTP {triton.http_url}, metrics {triton.metrics_url});"
+        print(f"  Triton (gRPC {triton.grpc_url}, HTTP off, metrics {triton.metrics_url});"
               " after the demo: fer serve")
         if args.keep_serving:
             print("serving until Ctrl-C ...", flush=True)

@@ -30,7 +30,7 @@ from registry.datasets import DatasetStore, DatasetVersion
 from registry.export import export_and_register
 from registry.training import TrainOutcome, resolve_recipe, train_tracked
 from serving.repository import ModelRepository
-from serving.server import EmbeddedTriton, TritonEndpoint
+from serving.server import EmbeddedTriton, TritonEndpoint, control_key
 
 
 def _busy(task, task_run, state) -> bool:
@@ -146,7 +146,8 @@ def promote_version(version: reg.ModelVersion, gates: Mapping[str, Any], triton_
 @task(name="ensemble-ready", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def ensemble_serves(network: str, version: int, triton_url: str) -> bool:
     """Is ``<network>_ensemble`` ready and is ``version`` the network version Triton serves?"""
-    endpoint = TritonEndpoint(triton_url)
+    key = control_key(Workspace.from_env().triton_repository.parent)  # the repository index needs the key
+    endpoint = TritonEndpoint(triton_url, key=key)
     try:
         return endpoint.model_ready(f"{network}_ensemble") and version in endpoint.served_versions(network)
     finally:

@@ -27,6 +27,12 @@ version folder is removed, configs are rewritten as they were) and reloads what 
 aliases, repository and the served model are exactly as before. :func:`rollback` makes
 ``previous`` the champion again after the same integrity checks (its package against its digest,
 a folder still on disk against its package), reinstalling it from the registry if its folder is gone.
+
+
+The ensemble switch and the alias moves are one recoverable operation: a journal written just
+before the switch is replayed by the next promote/rollback (and ``fer serve`` at start) when a
+process dies in between (:func:`replay_journal`). Model control on the server needs the
+repository's control key (:func:`serving.server.control_key`); a URL given as ``triton`` gets it.
 """
 
 from __future__ import annotations
@@ -50,11 +56,11 @@ from registry import models as reg
 from registry.export import PACKAGE_ARTIFACT, PACKAGE_DIGEST_PARAM
 from serving.package import ModelPackage, PackageError
 from serving.repository import ModelRepository, atomic_write_bytes
-from serving.server import ServingError, TritonEndpoint
+from serving.server import ServingError, TritonEndpoint, control_key
 
 __all__ = ["PromotionGates", "RetentionPolicy", "GateResult", "PromotionResult", "RollbackResult",
            "NetworkStatus", "PromotionBusy", "promotion_lock", "package_gates", "download_package",
-           "score_package", "promote", "rollback", "models"]
+           "score_package", "promote", "rollback", "models", "replay_journal"]
 
 _NETWORK_NAME = re.compile(r"[a-z][a-z0-9_]*")
 GATE_NAMES = ("package", "data_gate", "onnx_parity", "metric_vs_champion", "triton_smoke", "latency_p95")
@@ -217,7 +223,77 @@ def promotion_lock(network: str, workspace: Workspace | None = None) -> Iterator
         handle.close()
 
 
-# -- the model package -----------------------------------------------------------------------------
+# -- journal -------------------------------------------------------------------------------------
+#
+# The ensemble switch (repository + Triton) and the alias moves (MLflow) cannot be one transaction.
+# Just before the switch, the alias moves it implies are written to
+# ``<workspace>/locks/promote-<network>.journal``; they are removed once the aliases moved and the
+# old version was retired. A process killed in between leaves the journal, and
+# :func:`replay_journal` (run by the next promote/rollback under the lock, and by ``fer serve`` at
+# start) finishes the operation if the switch landed (the repository pins the new version) or
+# discards it if it did not (the old champion still serves), so registry and Triton agree again.
+
+def _journal_path(network: str, workspace: Workspace) -> Path:
+    return workspace.root / "locks" / f"promote-{network}.journal"
+
+
+def _write_journal(network: str, workspace: Workspace, op: str, champion: int, previous: int | None,
+                   drop_challenger: bool) -> Path:
+    import json
+
+    path = _journal_path(network, workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"op": op, "network": network, "champion": champion, "previous": previous,
+                                         "drop_challenger": drop_challenger, "pid": os.getpid()}).encode())
+    return path
+
+
+def replay_journal(network: str, *, workspace: Workspace | None = None, repository: ModelRepository | None = None,
+                   endpoint: TritonEndpoint | None = None, retention: RetentionPolicy | None = None) -> str:
+    """Finish or discard an interrupted promotion/rollback of ``network`` (call with its lock held).
+
+    Returns a one-line account ("" when there was no journal). With ``endpoint`` the live Triton is
+    brought in line too (the network and its ensemble are reloaded from the repository).
+    """
+    import json
+
+    workspace = workspace or Workspace.from_env()
+    repository = repository or ModelRepository(workspace.triton_repository)
+    path = _journal_path(network, workspace)
+    if not path.is_file():
+        return ""
+    try:
+        entry = json.loads(path.read_text())
+        champion, previous = int(entry["champion"]), entry.get("previous")
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink()
+        return f"{network}: discarded an unreadable promotion journal"
+    pinned = repository.champion(network) if network in repository.networks() else None
+    if pinned == champion:
+        reg.set_alias(network, "champion", champion, workspace)
+        reg.set_alias(network, "previous", previous, workspace)
+        if entry.get("drop_challenger"):
+            challenger = reg.get_alias(network, "challenger", workspace)
+            if challenger is not None and challenger.version == champion:
+                reg.set_alias(network, "challenger", None, workspace)
+        outcome = f"{network}: finished an interrupted {entry.get('op', 'promotion')} (champion v{champion})"
+    else:
+        champion = pinned
+        outcome = (f"{network}: discarded an interrupted {entry.get('op', 'promotion')} to v{entry['champion']} "
+                   f"(its ensemble switch never landed; champion stays v{pinned})")
+    if champion is not None:
+        retention = retention or RetentionPolicy()
+        serve = [champion] + ([previous] if retention.serve_previous and previous in repository.versions(network)
+                              else [])
+        repository.set_served_versions(network, serve)
+        if endpoint is not None:
+            endpoint.load(network)
+            endpoint.load(f"{network}_ensemble")
+    path.unlink()
+    return outcome
+
+
+# -- the model package --------------------------------------------------------------------------------
 
 def download_package(version: reg.ModelVersion, dst: Path, workspace: Workspace | None) -> ModelPackage:
     """The version's model package, checked: its ``package.json`` must match the digest the run
@@ -362,7 +438,8 @@ def _infer(endpoint: TritonEndpoint, network: str, version: int, input_name: str
     tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     requested = [module.InferRequestedOutput(name) for name in outputs]
     try:
-        result = endpoint.client.infer(network, [tensor], model_version=str(version), outputs=requested)
+        result = endpoint.client.infer(network, [tensor], model_version=str(version), outputs=requested,
+                                       headers=endpoint.headers)
     except Exception as exc:  # noqa: BLE001 -- tritonclient raises InferenceServerException or gRPC errors
         raise _triton_error(endpoint, f"{network} v{version}", exc) from None
     return {name: result.as_numpy(name) for name in outputs}
@@ -503,8 +580,10 @@ class _Snapshot:
 
 # -- promotion -------------------------------------------------------------------------------------
 
-def _endpoint(triton: TritonEndpoint | str) -> TritonEndpoint:
-    endpoint = triton if isinstance(triton, TritonEndpoint) else TritonEndpoint(triton)
+def _endpoint(triton: TritonEndpoint | str, repository: ModelRepository) -> TritonEndpoint:
+    """The endpoint to act on; a URL gets the repository's control key (model control is keyed)."""
+    endpoint = triton if isinstance(triton, TritonEndpoint) else \
+        TritonEndpoint(triton, key=control_key(repository.root.parent))
     if not endpoint.server_live():
         raise ServingError(f"Triton at {endpoint.url} is unreachable")
     return endpoint
@@ -550,7 +629,7 @@ def _trim(repository: ModelRepository, network: str, champion: int, previous: in
 
 
 def _install_check_and_switch(repository: ModelRepository, endpoint: TritonEndpoint, candidate: reg.ModelVersion,
-                              package: ModelPackage, gates: PromotionGates) -> list[GateResult]:
+                              package: ModelPackage, gates: PromotionGates, before_switch=lambda: None) -> list[GateResult]:
     """Serve the candidate beside the champion, run the Triton gates and, only if they pass, switch
     the ensemble to it. Returns the gate results; the caller restores the repository on a failure."""
     from serving.package import PackageRunner
@@ -567,6 +646,7 @@ def _install_check_and_switch(repository: ModelRepository, endpoint: TritonEndpo
               _latency_gate(endpoint, network, version, package.metadata, sample, gates)]
     if not all(c.passed for c in checks):
         return checks
+    before_switch()
     try:
         repository.set_champion(network, version, endpoint)
     except (ServingError, ValueError) as exc:
@@ -595,6 +675,9 @@ def promote(
     repository = repository or ModelRepository(workspace.triton_repository)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
+        if _journal_path(network, workspace).is_file():
+            replay_journal(network, workspace=workspace, repository=repository,
+                           endpoint=_endpoint(triton, repository), retention=retention)
         candidate = _pick_candidate(network, version, workspace)
         champion = reg.get_alias(network, "champion", workspace)
         if champion is not None and champion.version == candidate.version:
@@ -620,22 +703,29 @@ def promote(
 
             if not all(r.passed for r in results):
                 return refused()
-            endpoint = _endpoint(triton)
+            endpoint = _endpoint(triton, repository)
             snapshot = _Snapshot.take(repository, network, endpoint)
+            challenger = reg.get_alias(network, "challenger", workspace)
+            journal = lambda: _write_journal(  # noqa: E731 -- written just before the ensemble switch
+                network, workspace, "promotion", candidate.version, before,
+                challenger is not None and challenger.version == candidate.version)
             try:
-                results += _install_check_and_switch(repository, endpoint, candidate, package, gates)
+                results += _install_check_and_switch(repository, endpoint, candidate, package, gates,
+                                                     before_switch=journal)
             except BaseException:
                 snapshot.restore(endpoint)  # an unexpected error or an interrupt: put things back first
+                _journal_path(network, workspace).unlink(missing_ok=True)
                 raise
             if not all(r.passed for r in results):
                 snapshot.restore(endpoint)
+                _journal_path(network, workspace).unlink(missing_ok=True)
                 return refused()
         reg.set_alias(network, "champion", candidate.version, workspace)
         reg.set_alias(network, "previous", before, workspace)
-        challenger = reg.get_alias(network, "challenger", workspace)
         if challenger is not None and challenger.version == candidate.version:
             reg.set_alias(network, "challenger", None, workspace)
         _trim(repository, network, candidate.version, before, retention, endpoint)
+        _journal_path(network, workspace).unlink(missing_ok=True)
         return PromotionResult(network, candidate.version, True, before, tuple(results),
                                time.perf_counter() - start, tuple(repository.served_versions(network)))
 
@@ -654,12 +744,15 @@ def rollback(
     repository = repository or ModelRepository(workspace.triton_repository)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
+        if _journal_path(network, workspace).is_file():
+            replay_journal(network, workspace=workspace, repository=repository,
+                           endpoint=_endpoint(triton, repository), retention=retention)
         previous = reg.get_alias(network, "previous", workspace)
         champion = reg.get_alias(network, "champion", workspace)
         if previous is None or champion is None:
             raise ValueError(f"{network} has no {'previous' if champion else 'champion'} version, so nothing to "
                              "roll back to (that takes two promotions)")
-        endpoint = _endpoint(triton)
+        endpoint = _endpoint(triton, repository)
         snapshot = _Snapshot.take(repository, network, endpoint)
         served = repository.served_versions(network) if snapshot.files[network] is not None else []
         with tempfile.TemporaryDirectory() as tmp:
@@ -671,13 +764,16 @@ def rollback(
             try:
                 _install(repository, previous, package, served)
                 endpoint.load(network)
+                _write_journal(network, workspace, "rollback", previous.version, champion.version, False)
                 repository.set_champion(network, previous.version, endpoint)
             except BaseException:
                 snapshot.restore(endpoint)
+                _journal_path(network, workspace).unlink(missing_ok=True)
                 raise
         reg.set_alias(network, "champion", previous.version, workspace)
         reg.set_alias(network, "previous", champion.version, workspace)
         _trim(repository, network, previous.version, champion.version, retention, endpoint)
+        _journal_path(network, workspace).unlink(missing_ok=True)
         return RollbackResult(network, previous.version, champion.version, time.perf_counter() - start)
 
 
@@ -691,7 +787,7 @@ def models(
     repository's versions/served/champion and, with ``triton``, the versions Triton has loaded."""
     workspace = workspace or Workspace.from_env()
     repository = repository or ModelRepository(workspace.triton_repository)
-    endpoint = _endpoint(triton) if triton is not None else None
+    endpoint = _endpoint(triton, repository) if triton is not None else None
     described = repository.describe()
     out = []
     for network in sorted(set(reg.list_networks(workspace)) | set(described)):

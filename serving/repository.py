@@ -685,9 +685,10 @@ class ModelRepository:
         # and reloaded (reloading a Python model restarts its stub, seconds).
         changed = self.write_ensemble(network, version)
         if endpoint is not None:
-            from serving.server import TritonEndpoint
+            from serving.server import TritonEndpoint, control_key
 
-            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else TritonEndpoint(endpoint)
+            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else \
+                TritonEndpoint(endpoint, key=control_key(self.root.parent))  # model control is keyed
             if not endpoint.model_ready(network, version):
                 endpoint.load(network)
             steps = [m for m in (f"{network}_preprocess", f"{network}_postprocess") if m in changed]

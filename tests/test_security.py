@@ -71,7 +71,7 @@ def test_embedded_triton_listens_on_loopback_only(tmp_path):
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton
 
-    with EmbeddedTriton(ModelRepository(tmp_path / "models"), tmp_path / "triton") as server:
+    with EmbeddedTriton(ModelRepository(tmp_path / "models"), tmp_path / "triton", allow_http=True) as server:
         addresses = _wait_listening(server.process.pid, server.grpc_port, 30)
     ports = {server.http_port, server.grpc_port, server.metrics_port}
     assert ports <= {p for _, p in addresses}, addresses  # HTTP, gRPC and metrics all found

@@ -27,6 +27,7 @@ from fer_core.metadata import ModelMetadata
 __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
+    "ACCEPTED_FORMATS",
     "PreparedInput",
     "RecordingDetector",
     "encoded_image_size",
@@ -53,27 +54,60 @@ def is_video_network(metadata: ModelMetadata) -> bool:
 
 
 def encoded_image_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` read from a PNG or JPEG header, ``None`` for other/unknown formats."""
+    """``(width, height)`` read from the image's header, ``None`` when it is no image format we accept
+    (``ValueError`` for one Pillow already refuses as a decompression bomb).
+
+    PNG and JPEG are parsed here (the common case, no allocation); every other format is identified by
+    Pillow, whose ``Image.open`` reads the header only (no pixel is decoded), so a small TIFF, BMP,
+    WebP or GIF that inflates to gigabytes is refused before OpenCV ever decodes it.
+    """
     if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         return int(width), int(height)
     if data[:2] == b"\xff\xd8":
-        pos = 2
-        while pos + 4 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-                pos += 2
-                continue
-            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-            if marker in _JPEG_SOF and pos + 9 <= len(data):
-                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-                return int(width), int(height)
-            pos += 2 + length
+        return _jpeg_size(data)
+    return _pillow_size(data)
+
+
+# Formats OpenCV decodes that Pillow can size from the header. Anything else is refused before
+# decoding: a format whose size cannot be read first cannot be bounded (OpenEXR, HDR, PFM, ...).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "DIB")
+
+
+def _pillow_size(data: bytes) -> tuple[int, int] | None:
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we check the size ourselves
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+                return int(image.width), int(image.height)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused at open
+        raise ValueError(f"image exceeds the pixel limit ({str(exc).split(',')[0]})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, EOFError):
+        return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _JPEG_SOF and pos + 9 <= len(data):
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return int(width), int(height)
+        pos += 2 + length
     return None
 
 
@@ -92,16 +126,18 @@ def decode_image_bytes(
     if len(data) > max_bytes:
         raise ValueError(f"image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     size = encoded_image_size(data)
-    if size is not None:
-        width, height = size
-        if width == 0 or height == 0:
-            raise ValueError(f"image has zero size ({width}x{height})")
-        if width * height > max_pixels:
-            raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    if size is None:  # never decode what cannot be sized first
+        raise ValueError(f"cannot decode {len(data)} bytes as an image (expected one of "
+                         f"{', '.join(ACCEPTED_FORMATS[:-1])}; no readable header)")
+    width, height = size
+    if width == 0 or height == 0:
+        raise ValueError(f"image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ValueError(f"cannot decode {len(data)} bytes as an image (expected JPEG or PNG)")
-    if image.shape[0] * image.shape[1] > max_pixels:  # formats whose header we do not parse
+    if image.shape[0] * image.shape[1] > max_pixels:  # a header that lied about the size
         raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
     # Same conversions as fer_core.data.samples.decode_image_file, so serving sees training's pixels.
     if image.dtype != np.uint8:

@@ -77,9 +77,16 @@ class PreprocessModel(_Base):
                 ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # one bad request must not fail the others of the batch
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(exc)))
         return responses
+
+
+def _error(exc: Exception):
+    """The request's error, one line: a client fault (``ValueError``: bad bytes, too large, wrong
+    dtype or shape) is ``INVALID_ARG`` (HTTP 400, gRPC INVALID_ARGUMENT); anything else ``INTERNAL``."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else pb_utils.TritonError.INTERNAL
+    return pb_utils.TritonError(message, code)
 
 
 class PostprocessModel(_Base):
@@ -100,6 +107,5 @@ class PostprocessModel(_Base):
                 outputs = [pb_utils.Tensor(n, result[n]) for n in self.output_names]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(exc)))
         return responses
