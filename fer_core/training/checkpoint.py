@@ -34,12 +34,17 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
     sidecar_tmp = path.with_name(f".{path.name}.sha256.tmp-{os.getpid()}")
-    sidecar_tmp.write_text(f"{digest}  {path.name}\n")
+    try:
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        sidecar_tmp.write_text(f"{digest}  {path.name}\n")
+    except BaseException:  # e.g. a full disk: leave no partial temporaries taking the space
+        tmp.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
+        raise
     # Hash first, then data: a crash between the renames leaves a hash that the old file fails,
     # which is reported as corruption instead of silently loading a mismatched pair.
     os.replace(sidecar_tmp, path.with_name(path.name + ".sha256"))
