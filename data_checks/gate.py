@@ -262,14 +262,13 @@ def _run_checkpoint(
     """
     relative = Path(asset) / f"{key}.parquet"
     _place_table(table_bytes, stored, tables / relative)
+    if project is not None:
+        _repoint_tables(project, tables)
     context = _context(project)
     try:
         source = context.data_sources.get(DATASOURCE)
     except (KeyError, ValueError):
         source = context.data_sources.add_pandas_filesystem(name=DATASOURCE, base_directory=tables.resolve())
-    if Path(source.base_directory) != tables.resolve():  # the workspace was moved or copied
-        source = context.data_sources.update_pandas_filesystem(
-            name=DATASOURCE, base_directory=tables.resolve(), assets=source.assets)
     try:
         data_asset = source.get_asset(asset)
     except LookupError:
@@ -309,6 +308,30 @@ def _run_checkpoint(
 
         docs_index = vendor_data_docs(context)
     return outcomes, docs_index, tables / relative
+
+
+def _repoint_tables(project: Path, tables: Path) -> None:
+    """Point the tables data source at this project's ``tables/`` after the workspace was moved or
+    copied. GX checks a relative ``base_directory`` against the current directory, so the config
+    holds an absolute one; this rewrites that one value (atomically) when it is stale."""
+    from ruamel.yaml import YAML
+
+    config = project / "great_expectations.yml"
+    if not config.is_file():
+        return
+    yaml = YAML()
+    data = yaml.load(config.read_text())
+    source = (data.get("fluent_datasources") or {}).get(DATASOURCE)
+    if source is None or Path(str(source.get("base_directory"))) == tables.resolve():
+        return
+    source["base_directory"] = str(tables.resolve())
+    import io
+
+    buffer = io.StringIO()
+    yaml.dump(data, buffer)
+    from fer_core.atomic import atomic_write_text
+
+    atomic_write_text(config, buffer.getvalue())
 
 
 def outcomes_of(result: Any, ids: pd.Series | None = None) -> list[ExpectationOutcome]:

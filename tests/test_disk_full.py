@@ -24,10 +24,10 @@ from training_toy import ToyTask, toy_recipe  # noqa: E402
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 4 MiB tmpfs; yields (mount point, fill(), free())."""
+    """A 64 MiB tmpfs; yields (mount point, fill(), free())."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
                                            capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
     filler = mount / "filler"
@@ -36,7 +36,7 @@ def small_disk(tmp_path):
         with open(filler, "ab") as handle:
             try:
                 while True:
-                    handle.write(b"\0" * 4096)
+                    handle.write(b"\0" * (1 << 16) if os.statvfs(mount).f_bavail > 64 else b"\0" * 4096)
                     handle.flush()
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC
@@ -90,3 +90,49 @@ def test_without_best_pt_the_summary_says_last_epoch_weights(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "none (no best.pt" in out and "(best)" not in out
     assert [line for line in out.splitlines() if "checkpoint" in line][0].endswith("last.pt")
+
+
+def test_disk_full_never_truncates_the_gx_project_config(small_disk):
+    import data_checks  # noqa: F401  (installs the atomic writes into GX's modules)
+    import great_expectations as gx
+
+    mount, fill, free = small_disk
+    project = mount / "gx"
+    context = gx.get_context(mode="file", context_root_dir=str(project))
+    context.data_sources.add_pandas(name="before")
+    config = project / "great_expectations.yml"
+    before = config.read_text()
+    fill()
+    with pytest.raises(OSError) as info:
+        for i in range(50):  # GX rewrites the whole config on each change; one of them meets the full disk
+            context.data_sources.add_pandas(name=f"while_full_{i}")
+    assert info.value.errno == errno.ENOSPC
+    after = config.read_text()
+    assert after == before or "while_full_" in after  # a complete file: the old one or a newer whole one
+    free()
+    reopened = gx.get_context(mode="file", context_root_dir=str(project))
+    assert "before" in [d.name for d in reopened.data_sources.all().values()]
+    assert not [p for p in project.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_fer_data_add_on_a_full_disk_says_so_in_one_line_and_works_once_freed(small_disk, monkeypatch, capsys):
+    from fer_cli.main import main
+    from fer_core.data.formats import get_format
+
+    mount, fill, free = small_disk
+    source = get_format("fer2013").write_synthetic(mount.parent / "src", size=60)
+    monkeypatch.setenv("FER_HOME", str(mount / "home"))
+    for var in ("FER_DVC_REMOTE", "FER_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["data", "add", "fer", str(source), "--format", "fer2013"]) == 0
+    config = mount / "home" / "gx" / "great_expectations.yml"
+    before = config.read_text()
+    capsys.readouterr()
+    fill()
+    other = get_format("fer2013").write_synthetic(mount.parent / "src2", size=60, seed=5)
+    assert main(["data", "add", "fer", str(other), "--format", "fer2013"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+    assert config.read_text() == before
+    free()
+    assert main(["data", "add", "fer", str(other), "--format", "fer2013"]) == 0
