@@ -33,13 +33,15 @@ def small_disk(tmp_path):
     filler = mount / "filler"
 
     def fill() -> None:
-        with open(filler, "ab") as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * (1 << 16) if os.statvfs(mount).f_bavail > 64 else b"\0" * 4096)
-                    handle.flush()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            while True:
+                os.write(fd, b"\0" * ((1 << 16) if os.statvfs(mount).f_bavail > 64 else 4096))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert os.statvfs(mount).f_bavail == 0
 
     def free() -> None:
         filler.unlink(missing_ok=True)
