@@ -35,8 +35,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import pandas as pd
 

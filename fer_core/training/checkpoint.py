@@ -7,6 +7,7 @@ A checkpoint holds only tensors and plain Python values (no pickled classes), so
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -41,9 +42,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
             os.fsync(f.fileno())
         digest = _sha256(tmp)
         sidecar_tmp.write_text(f"{digest}  {path.name}\n")
-    except BaseException:  # e.g. a full disk: leave no partial temporaries taking the space
+    except BaseException as exc:  # e.g. a full disk: leave no partial temporaries taking the space
         tmp.unlink(missing_ok=True)
         sidecar_tmp.unlink(missing_ok=True)
+        # torch's zip writer reports a full disk as RuntimeError("... iostream error"): say what it is.
+        if isinstance(exc, RuntimeError) and os.statvfs(path.parent).f_bavail == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
         raise
     # Hash first, then data: a crash between the renames leaves a hash that the old file fails,
     # which is reported as corruption instead of silently loading a mismatched pair.
