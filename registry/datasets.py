@@ -436,6 +436,9 @@ class DatasetStore:
             try:
                 # Into the cache first: a version the remote lacks fails here, before the working copy moves.
                 self._dvc("fetch", "-q", f"datasets/{name}.dvc")
+                # dvc fetch exits 0 for an object the remote lacks: check the cache holds it.
+                if not (self.repo / ".dvc" / "cache" / "files" / "md5" / version[:2] / f"{version[2:]}.dir").is_file():
+                    raise DataVersionError(f"the remote has no object {version}.dir")
             except DataVersionError as exc:
                 self._restore_pointer(name)  # the folder was not touched yet
                 self._end(name)
