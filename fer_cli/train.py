@@ -151,15 +151,18 @@ def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_
                    measured: str = "") -> None:
     final = result.final_metrics
     rows = [("network", network), ("data", data_ref), ("epochs run", str(result.epochs_run)),
-            ("best epoch", str(result.best_epoch + 1)), ("stopped early", str(result.stopped_early))]
+            ("best epoch", str(result.best_epoch + 1) if result.best_epoch >= 0
+             else "none (no best.pt: metrics below are of the last epoch's weights)"),
+            ("stopped early", str(result.stopped_early))]
     rows += [(k, f"{v:.4f}") for k, v in sorted(final.items()) if k.startswith("val/") and k.count("/") == 1]
     # The final evaluation (best weights) on the test split, or on val when there is no test split.
-    rows += [(f"{k} (best)" if k in final else k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items())
+    mark = " (best)" if result.best_epoch >= 0 else " (last)"
+    rows += [(f"{k}{mark}" if k in final else k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items())
              if k.count("/") == 1]
     if measured:
         rows.append(("measured on", measured))
     rows += [("throughput", f"{final.get('throughput/samples_per_s', 0):.1f} samples/s"),
-             ("checkpoint", str(result.best_checkpoint))]
+             ("checkpoint", str(result.best_checkpoint if result.best_epoch >= 0 else result.last_checkpoint))]
     if run_id:
         rows.append(("mlflow run", run_id))
     width = max(len(k) for k, _ in rows)
