@@ -7,7 +7,9 @@ that ``fer --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -17,6 +19,8 @@ from typing import Sequence
 _COMMAND_MODULES = ("fer_cli.data", "fer_cli.train", "fer_cli.au", "fer_cli.serve", "fer_cli.registry",
                     "fer_cli.pipeline", "fer_cli.demo")
 
+PRIVATE_UMASK = 0o077
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command ran and failed (e.g. a data gate refused the data)
 EXIT_USAGE = 2  # bad arguments or bad input
@@ -49,6 +53,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Everything the platform writes (datasets, checkpoints, the MLflow DB, server logs) is its
+    # owner's only; child processes (DVC, MLflow, Triton) inherit the mask.
+    os.umask(PRIVATE_UMASK)
     parser = build_parser()
     args = parser.parse_args(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -61,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad user input from the library layer
         print(f"fer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # A workspace the user cannot write, a full disk: the environment's fault, said in one line.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"fer: error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("fer: interrupted", file=sys.stderr)
         return 130
