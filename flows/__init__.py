@@ -46,6 +46,9 @@ def quiet_libraries() -> None:
 
 
 quiet_libraries()
+# A flow run started by a worker never passes through `fer`'s entry point: the same private umask
+# (fer_cli.main.PRIVATE_UMASK) for what the flows write, for any process that imports them.
+os.umask(0o077)
 
 
 def prefect_home(settings: Settings | None = None) -> Path:
