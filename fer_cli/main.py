@@ -15,11 +15,12 @@ import sys
 import threading
 from typing import Sequence
 
+from fer_core.workspace import PRIVATE_UMASK
+
 # Command-group modules, in help order.
 _COMMAND_MODULES = ("fer_cli.data", "fer_cli.train", "fer_cli.au", "fer_cli.serve", "fer_cli.registry",
                     "fer_cli.pipeline", "fer_cli.demo")
 
-PRIVATE_UMASK = 0o077
 _ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command ran and failed (e.g. a data gate refused the data)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 
 
+# What the platform writes is its owner's only: `fer` and the flows set this umask at start.
+PRIVATE_UMASK = 0o077
+
+
 class WorkspaceNotWritable(PermissionError):
     """The workspace folder cannot be created or written by this process (``filename``: the folder)."""
 

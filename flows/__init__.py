@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from fer_core.settings import Settings
+from fer_core.workspace import PRIVATE_UMASK
 
 # Prefect's own variables: we only set defaults, so anything a user exported wins. Prefect's log
 # level stays INFO: flow and task runs send their INFO logs to the API, which the UI shows.
@@ -47,8 +48,8 @@ def quiet_libraries() -> None:
 
 quiet_libraries()
 # A flow run started by a worker never passes through `fer`'s entry point: the same private umask
-# (fer_cli.main.PRIVATE_UMASK) for what the flows write, for any process that imports them.
-os.umask(0o077)
+# for what the flows write, for any process that imports them.
+os.umask(PRIVATE_UMASK)
 
 
 def prefect_home(settings: Settings | None = None) -> Path:
