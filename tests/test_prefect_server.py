@@ -40,9 +40,11 @@ def bench_run(tmp_path_factory):
             if argv[:2] == ["deployment", "run"]:
                 argv = [a.replace("fer2013@VERSION", "fer") for a in argv]
                 seen.setdefault("deployment_runs", []).append(bench.prefect(*argv, env=env).stdout)
-        seen["logs"] = _post(env, "/logs/filter", {"logs": {"level": {"ge_": 20}}, "limit": 200})
-        seen["artifacts"] = _post(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["retrain-all-summary"]}}})
         seen["runs"] = _post(env, "/flow_runs/filter", {"limit": 100})
+        trains = [r["id"] for r in seen["runs"] if r["name"].startswith("train-")]
+        seen["logs"] = _post(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": trains}, "level": {"ge_": 20}},
+                                                   "limit": 200})
+        seen["artifacts"] = _post(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["retrain-all-summary"]}}})
 
     result = bench.run(tmp_path_factory.mktemp("prefect-workers"), ("ca_resnet", "au_cotrain"), after=after)
     return result, seen
