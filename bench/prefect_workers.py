@@ -122,7 +122,8 @@ def run(work: Path, networks: tuple[str, ...] = ("ca_resnet", "au_cotrain"), aft
     from fer_core.data.formats import get_format
 
     work.mkdir(parents=True, exist_ok=True)
-    server = LocalPrefectServer(work / "prefect-server").start(reuse=False)
+    # a busy shared machine: a fresh server DB migrates slowly
+    server = LocalPrefectServer(work / "prefect-server", startup_timeout_s=400).start(reuse=False)
     workers: list[subprocess.Popen] = []
     try:
         env = environment(work, server.api_url)
