@@ -7,7 +7,9 @@ that ``fer --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -27,6 +29,7 @@ from fer_core.errors import (
     EXIT_USAGE,
     FERError,
 )
+from fer_core.workspace import PRIVATE_UMASK
 
 # Command-group modules, in help order.
 _COMMAND_MODULES = ("fer_cli.data", "fer_cli.train", "fer_cli.evaluate", "fer_cli.au", "fer_cli.serve",
@@ -40,6 +43,7 @@ __all__ = ["CommandError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DATA", "
 # a ValueError raised inside numpy/pandas/torch/... is a bug and gets its traceback.
 _PLATFORM_ROOT = Path(__file__).resolve().parent.parent
 _PLATFORM_PACKAGES = ("fer_core", "fer_cli", "registry", "serving", "flows", "data_checks")
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 class CommandError(FERError):
@@ -90,6 +94,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Everything the platform writes (datasets, checkpoints, the MLflow DB, server logs) is its
+    # owner's only; child processes (DVC, MLflow, Triton) inherit the mask.
+    os.umask(PRIVATE_UMASK)
     try:  # building the parser reads the network registry (help texts), which can refuse a bad plugin list
         parser = build_parser()
     except FERError as exc:
@@ -108,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bug(exc)
         print(f"fer: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # A workspace the user cannot write, a full disk: the environment's fault, said in one line.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"fer: error: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("fer: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fer_core.errors import StateError, UsageError
@@ -84,12 +86,14 @@ def _train(args: argparse.Namespace) -> int:
         return _train_loso(args, recipe)
     if args.protocol == "kfold":
         return _train_kfold(args, recipe)
-    from registry.training import RunExistsError, train_tracked
+    from registry.training import RunBusyError, RunExistsError, train_tracked
 
     try:
         outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
     except RunExistsError as exc:
         raise StateError(f"{exc} (pass --resume to continue it)") from None
+    except RunBusyError as exc:
+        raise StateError(str(exc)) from None
     from registry.datasets import DatasetStore, parse_ref
     from registry.training import measured_on
 
@@ -174,21 +178,58 @@ def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from fer_core.settings import Settings
     from fer_core.workspace import Workspace
     from registry.tracking import tracking_uri
-
-    from fer_core.settings import Settings
 
     workspace = Workspace.from_env().ensure()
     uri = tracking_uri(workspace)
     host = args.host or Settings.load().bind_host
-    workspace.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts = workspace.mlflow_artifacts.resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("mlflow")
+    # --artifacts-destination: uploads through the server's artifact proxy land in the workspace
+    # (MLflow's default is ./mlartifacts under whatever folder `fer ui` was started from).
     cmd = [str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", workspace.mlflow_artifacts.resolve().as_uri(),
+           "--default-artifact-root", artifacts.as_uri(), "--artifacts-destination", artifacts.as_uri(),
            "--host", host, "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{host}:{args.port}  (store {uri}); Ctrl-C stops it", flush=True)
+    # Its own process group, started in the workspace: on Ctrl-C or SIGTERM (raised here as
+    # KeyboardInterrupt by fer's handler) the whole group goes, uvicorn's workers included.
+    server = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                              cwd=workspace.mlflow_db.parent, start_new_session=True)
     try:
-        return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group of ``process`` (its own session), SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: kill it now
+            continue
+        # the leader exited; give the rest of its group (uvicorn workers) a moment, then end them too
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        if not _group_alive(process.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from data_checks import GateReport, validate_dataset
 from fer_core.data import formats
 from fer_core.training.recipe import Recipe
-from fer_core.workspace import Workspace
 from flows import cache
+from flows.dispatch import promotion_slot
 from registry import models as reg
 from registry import promotion
 from registry.datasets import DatasetStore, DatasetVersion
@@ -131,16 +131,20 @@ def stop_triton(server: EmbeddedTriton) -> None:
 
 
 def _promotion_key(context, parameters: Mapping[str, Any]) -> str:
+    # No path in the key: it must mean the same on every worker and checkout. The MLflow run id is
+    # a UUID, so it already tells apart the same version number in two registries.
     version: reg.ModelVersion = parameters["version"]
-    return f"promote-{version.network}-v{version.version}-{version.run_id}-{Workspace.from_env().root}"
+    return f"promote-{version.network}-v{version.version}-{version.run_id}"
 
 
 @task(name="promote-version", retries=3, retry_delay_seconds=10, retry_condition_fn=_busy,
       cache_key_fn=_promotion_key, persist_result=True)
 def promote_version(version: reg.ModelVersion, gates: Mapping[str, Any], triton_url: str) -> promotion.PromotionResult:
-    """Gated promotion (gates → install beside the champion → Triton smoke + latency → switch → aliases)."""
-    return promotion.promote(version.network, version.version, gates=promotion.PromotionGates(**dict(gates)),
-                             triton=triton_url)
+    """Gated promotion (gates → install beside the champion → Triton smoke + latency → switch → aliases),
+    under the network's global concurrency limit when Prefect runs on a server (``flows.dispatch``)."""
+    with promotion_slot(version.network):
+        return promotion.promote(version.network, version.version, gates=promotion.PromotionGates(**dict(gates)),
+                                 triton=triton_url)
 
 
 @task(name="ensemble-ready", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
@@ -203,3 +207,42 @@ def train_loso_protocol(network: str, data_ref: str, recipe: Recipe,
 def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
     """A Prefect table artifact (shown on the flow run's page)."""
     create_table_artifact(rows, key=key, description=description)
+
+
+# The MLflow UI of the embedded default (`fer ui`'s address) when the tracking URI is no server.
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+LINK_COLUMNS = ("mlflow run", "model version", "data docs")
+
+
+@task(name="mlflow-links", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def mlflow_links(version: reg.ModelVersion) -> tuple[str, str]:
+    """UI addresses of the version's MLflow run and of the registered version itself: the tracking
+    server's own UI, or ``fer ui``'s default address for the embedded SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+
+    uri = setup_tracking()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    experiment = MlflowClient().get_run(version.run_id).info.experiment_id
+    return (f"{base}/#/experiments/{experiment}/runs/{version.run_id}",
+            f"{base}/#/models/{reg.registered_name(version.network)}/versions/{version.version}")
+
+
+def data_docs_link(gx_docs: Path) -> str:
+    """The Data Docs index of the workspace's GX project (every validation run, newest first)."""
+    return (Path(gx_docs) / "uncommitted" / "data_docs" / "local_site" / "index.html").resolve().as_uri()
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    """The summary as a Prefect markdown artifact: one table row per network, the MLflow run, model
+    version and Data Docs as links (the UI renders markdown links; table artifacts show plain text)."""
+    columns = [c for c in rows[0] if c not in LINK_COLUMNS] if rows else []
+    header = columns + ["links"]
+    lines = [f"**{description}**", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        links = " · ".join(f"[{c}]({row[c]})" for c in LINK_COLUMNS if row.get(c))
+        cells = [str(row.get(c, "")).replace("|", "\\|") for c in columns] + [links]
+        lines.append("| " + " | ".join(cells) + " |")
+    create_markdown_artifact("\n".join(lines), key=key, description=description)

@@ -10,15 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from filelock import FileLock, Timeout
+
 from fer_core.training.callbacks import Callback, ProgressBar
 from fer_core.training.recipe import Recipe
 from fer_core.training.trainer import Trainer, TrainResult
 from fer_core.workspace import Workspace
-from registry.datasets import DatasetStore, parse_ref
+from registry.datasets import DatasetStore, DatasetVersion, parse_ref
 
 
 class RunExistsError(RuntimeError):
     """A finished or interrupted run of the same recipe on the same data exists (use resume)."""
+
+
+class RunBusyError(RuntimeError):
+    """Another process is training the same recipe on the same data right now (same run folder)."""
 
 
 @dataclass(frozen=True)
@@ -77,16 +83,40 @@ def train_tracked(
     progress: bool = True,
     workspace: Workspace | None = None,
 ) -> TrainOutcome:
-    """Train ``network`` on the dataset version ``data_ref`` (``name@version``), tracked in MLflow."""
-    from fer_core.training.tasks import create_task
+    """Train ``network`` on the dataset version ``data_ref`` (``name@version``), tracked in MLflow.
 
+    Raises :class:`RunBusyError` when another process trains the same run folder right now.
+    """
     workspace = (workspace or Workspace.from_env()).ensure()
     name, version = parse_ref(data_ref)
     store = DatasetStore(workspace)
     data = store.get(name, version)
     root = store.pull(name, data.version)
-    task = create_task(network, root, recipe)
     run_dir = run_dir_for(workspace, network, data.version, recipe)
+    # One process per run folder: two identical trainings at once would share the MLflow run (its id
+    # is kept in the folder) and register two versions of one run. The lock file sits beside the
+    # folder and the OS drops it when its holder dies, so a killed run never wedges --resume.
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir.parent / f"{run_dir.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunBusyError(f"another process is training {network} with this recipe on {data.ref} right now "
+                           f"(run folder {run_dir}); wait for it or change the recipe") from None
+    try:
+        return _train_locked(network, data, root, recipe, run_dir, resume=resume, track=track,
+                             parent_run_id=parent_run_id, extra_callbacks=extra_callbacks,
+                             progress=progress, workspace=workspace)
+    finally:
+        lock.release()
+
+
+def _train_locked(network: str, data: DatasetVersion, root: Path, recipe: Recipe, run_dir: Path, *, resume: bool,
+                  track: bool, parent_run_id: str | None, extra_callbacks: tuple[Callback, ...],
+                  progress: bool, workspace: Workspace) -> TrainOutcome:
+    from fer_core.training.tasks import create_task
+
+    task = create_task(network, root, recipe)
     if not resume and (run_dir / "last.pt").exists():
         raise RunExistsError(f"{run_dir} holds a run of this recipe on {data.ref} already; resume it or "
                              "change the recipe")
