@@ -15,7 +15,7 @@ from typing import Sequence
 
 # Command-group modules, in help order.
 _COMMAND_MODULES = ("fer_cli.data", "fer_cli.train", "fer_cli.au", "fer_cli.serve", "fer_cli.registry",
-                    "fer_cli.pipeline", "fer_cli.demo")
+                    "fer_cli.pipeline", "fer_cli.demo", "fer_cli.app")
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the command ran and failed (e.g. a data gate refused the data)

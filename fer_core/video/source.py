@@ -6,6 +6,7 @@ delivering frames is reopened ``reconnects`` times before it counts as dropped; 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,10 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+
+# FFmpeg inside OpenCV prints its own multi-line complaints ("moov atom not found") for unreadable
+# input; VideoSourceError says it in one line instead. Read when a capture opens; a user's value wins.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 
 __all__ = ["VideoSourceError", "Frame", "VideoSource", "is_stream"]
 
