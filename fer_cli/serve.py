@@ -135,7 +135,7 @@ def _check_external(url: str, repository) -> int:
 
     endpoint = TritonEndpoint(url, key=control_key(repository.root.parent))
     if not endpoint.server_live():
-        raise CommandError(f"Triton at {endpoint.url} is unreachable", EXIT_ERROR)
+        raise CommandError(f"Triton at {endpoint.url} is unreachable", EXIT_SERVICE)
     try:  # a live server reports "not ready" for a moment while a model version unloads
         endpoint.wait_ready(timeout_s=30.0)
         index = endpoint.index()
@@ -143,7 +143,7 @@ def _check_external(url: str, repository) -> int:
         if "restricted" in str(exc):
             raise CommandError(f"Triton at {endpoint.url} refuses this workspace's control key: it is not this "
                                "workspace's server (or was started with another key)", EXIT_ERROR) from None
-        raise CommandError(str(exc), EXIT_ERROR) from None
+        raise CommandError(str(exc), EXIT_SERVICE) from None
     expected = set(repository.models())
     listed = {m.get("name") for m in index}
     if expected and not expected <= listed:

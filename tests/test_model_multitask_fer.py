@@ -111,8 +111,10 @@ def test_every_parameter_gets_gradient():
 
 
 def test_onnx_export(tmp_path):
-    worst = check_onnx_export(tiny_model(), tmp_path)
-    assert worst <= 1e-4
+    # Decoded landmarks are in input pixels (up to ~48): float32 noise of the local-centroid step
+    # reaches ~2e-4 px here, so the tolerance is the 1e-3 px the export parity gate uses for them.
+    worst = check_onnx_export(tiny_model(), tmp_path, atol=1e-3)
+    assert worst <= 1e-3
 
 
 # ---------------------------------------------------------------- mechanisms vs direct implementations

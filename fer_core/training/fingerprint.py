@@ -46,14 +46,11 @@ def code_modules(network: str) -> list[str]:
     """Names of the modules whose source makes up the fingerprint of ``network``, sorted."""
     import importlib
 
-    from fer_core.models.registry import _MODEL_FACTORIES, _load_model_modules
-    from fer_core.training.tasks import get_task_spec
+    from fer_core.models.registry import get_network
+    from fer_core.training.tasks import get_task_kind
 
-    _load_model_modules()
-    spec = get_task_spec(network)
-    if network not in _MODEL_FACTORIES:
-        raise ValueError(f"no model {network!r} registered")
-    todo = [_MODEL_FACTORIES[network].__module__, spec.build.__module__, *SHARED_MODULES]
+    spec = get_network(network)  # the network's own file: model, profiles, metadata
+    todo = [spec.factory.__module__, get_task_kind(spec.task).build.__module__, *SHARED_MODULES]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
