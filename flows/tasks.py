@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from data_checks import GateReport, validate_dataset
 from fer_core.data import formats
 from fer_core.training.recipe import Recipe
+from fer_core.workspace import Workspace
 from flows import cache
 from flows.dispatch import promotion_slot
 from registry import models as reg
