@@ -117,7 +117,11 @@ def test_retrain_all_trains_registers_promotes_and_serves(env):
 
     root = DatasetStore().path("fer")
     row = read_manifest(root).iloc[0]
-    with FERClient(env["url"].removeprefix("grpc://")) as client:
+    from fer_core.workspace import Workspace
+    from serving.server import control_key
+
+    key = control_key(Workspace.from_env().triton_repository.parent)  # listing networks is model control: keyed
+    with FERClient(env["url"].removeprefix("grpc://"), key=key) as client:
         assert set(NETWORKS) <= set(client.networks())
         prediction = client.predict([read_image(root, row["path"])], network="ca_resnet")[0]
     assert prediction.label in prediction.probabilities
