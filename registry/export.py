@@ -93,10 +93,9 @@ def raw_sample(root: Path, row, metadata) -> tuple[np.ndarray, ...]:
     return tuple(frames)
 
 
-def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT,
-             workspace: Workspace | None = None) -> HeldOut:
-    """Up to ``max_samples`` samples of the test split (val if empty) of ``data_ref``, both as
-    training decodes them and raw."""
+
+def held_out_split(network: str, data_ref: str, recipe: Recipe, workspace, purpose: str):
+    """The task of ``network`` on ``data_ref``, the held-out split's name (test, else val) and the split."""
     from fer_core.training.tasks import create_task
 
     name, version = parse_ref(data_ref)
@@ -105,8 +104,14 @@ def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX
     datasets = task.build_datasets(recipe)
     split = next((s for s in ("test", "val") if s in datasets and len(datasets[s])), None)
     if split is None:
-        raise ValueError(f"{data_ref} has no test or val samples to check the export on")
-    dataset = datasets[split]
+        raise ValueError(f"{data_ref} has no test or val samples {purpose}")
+    return task, split, datasets[split]
+
+def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT,
+             workspace: Workspace | None = None) -> HeldOut:
+    """Up to ``max_samples`` samples of the test split (val if empty) of ``data_ref``, both as
+    training decodes them and raw."""
+    task, split, dataset = held_out_split(network, data_ref, recipe, workspace, "to check the export on")
     count = min(max_samples, len(dataset))
     items = [dataset[i] for i in range(count)]
     raw = tuple(raw_sample(dataset.root, dataset.rows.iloc[i], task.meta) for i in range(count))

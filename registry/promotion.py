@@ -342,20 +342,11 @@ def score_package(packages: list[ModelPackage], network: str, data_ref: str, rec
     import torch
 
     from fer_core.training.recipe import Recipe
-    from fer_core.training.tasks import create_task
-    from registry.datasets import DatasetStore, parse_ref
-    from registry.export import raw_sample
+    from registry.export import held_out_split, raw_sample
     from serving.package import PackageRunner
 
     recipe = Recipe.from_dict(recipe_dict)
-    name, version = parse_ref(data_ref)
-    root = DatasetStore(workspace).pull(name, version)
-    task = create_task(network, root, recipe)
-    datasets = task.build_datasets(recipe)
-    split = next((s for s in ("test", "val") if s in datasets and len(datasets[s])), None)
-    if split is None:
-        raise ValueError(f"{data_ref} has no test or val samples to score on")
-    dataset = datasets[split]
+    task, split, dataset = held_out_split(network, data_ref, recipe, workspace, "to score on")
     count = min(max_samples, len(dataset))
     raw = [raw_sample(dataset.root, dataset.rows.iloc[i], task.meta) for i in range(count)]
     targets = _collate_targets([dataset[i][1] for i in range(count)])
