@@ -313,9 +313,23 @@ class TritonEndpoint:
         return list(self._call("repository index", self.client.get_model_repository_index, headers=self.headers))
 
     def served_versions(self, model: str) -> list[int]:
-        """Versions of ``model`` that are loaded and ready."""
-        return sorted(int(m["version"]) for m in self.index()
-                      if m.get("name") == model and m.get("state") == "READY" and str(m.get("version", "")).isdigit())
+        """Versions of ``model`` that are loaded and ready.
+
+        With the control key: from the repository index. Without it (a client that only infers) the
+        index is restricted, so the versions come from the model's metadata, which the inference
+        protocol serves to anyone; a model that is not loaded gives none.
+        """
+        if self.headers:
+            return sorted(int(m["version"]) for m in self.index()
+                          if m.get("name") == model and m.get("state") == "READY"
+                          and str(m.get("version", "")).isdigit())
+        if not self.model_ready(model):
+            return []
+        if self.protocol == "grpc":
+            meta = self._call(f"metadata of {model!r}", self.client.get_model_metadata, model, as_json=True)
+        else:
+            meta = self._call(f"metadata of {model!r}", self.client.get_model_metadata, model)
+        return sorted(int(v) for v in meta.get("versions", []) if str(v).isdigit())
 
     def model_config(self, model: str) -> dict[str, Any]:
         if self.protocol == "grpc":

@@ -23,6 +23,24 @@ def _torch_determinism():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks(monkeypatch):
+    """``mlflow.set_tracking_uri`` writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for subprocesses),
+    so one test's store would become the next test's "user-set" URI: every test starts without it, and
+    MLflow's process-wide URIs are put back afterwards."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FER_MLFLOW_URI_SET_BY_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        import mlflow.tracking._model_registry.utils as registry_utils
+        import mlflow.tracking._tracking_service.utils as tracking_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    yield
+    tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A fresh ``$FER_HOME`` for the test."""

@@ -299,14 +299,16 @@ def _as_tensors(faces) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 def test_learns_landmarks_expression_and_valence_on_synthfacs():
-    """150 Adam steps of a tiny network on SynthFACS, scored on 5 unseen subjects.
+    """250 Adam steps of a tiny network on SynthFACS, scored on 5 unseen subjects.
 
     Difficulty 0.3, not 0: at difficulty 0 every face is frontal and centred, so the mean training
     shape is already within ~0.9 px of every landmark (NME 0.038) and beating it needs sub-pixel
     heatmaps that a one-minute CPU run does not reach (measured: 0.042-0.045). At 0.3, pose, shift and
-    scale vary and the mean shape scores ~0.088. Measured with this seed (CPU, shared machine, ~2 min
-    under heavy load, ~30 s of CPU time): NME 0.050-0.052, accuracy 0.31-0.36, CCC valence 0.50-0.53 /
-    arousal 0.48-0.59.
+    scale vary and the mean shape scores ~0.088.
+    250 steps, not 150: at 150 the expression head's accuracy depends on the initialisation (torch
+    seeds 0/1/2: 0.19/0.40/0.56, so seed 0 failed the threshold); at 250, seeds 0/3 reach 0.25/0.51
+    with NME 0.0507/0.0505 and CCC valence 0.43/0.63 (CPU, one thread, ~1.5 min). Deterministic for
+    a given seed on one thread.
     Thresholds: NME <= 0.75 x mean-shape NME; accuracy >= 1.5 x chance; valence CCC >= 0.3.
     """
     from fer_core.data.synthfacs import SynthFACS
@@ -323,7 +325,7 @@ def test_learns_landmarks_expression_and_valence_on_synthfacs():
             num_heads=2, head_hidden=64,
         )
         loss = MultitaskLoss.for_model(model)
-        curve = fit(model, loss, epochs(x_train, y_train, batch_size=32), steps=150, lr=2e-3)
+        curve = fit(model, loss, epochs(x_train, y_train, batch_size=32), steps=250, lr=2e-3)
         model.eval()
         with torch.no_grad():
             chunks = [model.outputs_as_dict(model(x_test[i : i + 64])) for i in range(0, len(x_test), 64)]

@@ -29,7 +29,8 @@ NONDETERMINISTIC = ("throughput", "epoch_seconds", "seconds")
 
 def _fer(home: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "FER_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "FER_DVC_REMOTE", "FER_CONFIG"):
+    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "FER_DVC_REMOTE", "FER_CONFIG", "MLFLOW_TRACKING_URI",
+                "MLFLOW_REGISTRY_URI", "FER_MLFLOW_URI_SET_BY_PLATFORM"):
         env.pop(var, None)
     return subprocess.Popen([sys.executable, "-m", "fer_cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
@@ -43,11 +44,9 @@ def _run(home: Path, *args: str) -> str:
 
 
 def _runs(home: Path):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")  # no process-wide URI
     experiment = client.get_experiment_by_name("fer-ca_resnet")
+    assert experiment is not None, f"no fer-ca_resnet experiment in {home}"
     return client, client.search_runs([experiment.experiment_id])
 
 

@@ -107,6 +107,21 @@ def test_pipeline_boxes_every_face_with_stable_ids(four_faces, tiny_onnx):
     assert all(len(ids) == 2 for ids in ids_per_slot.values()), ids_per_slot
 
 
+def test_labels_hold_when_detection_runs_far_ahead_of_annotation(four_faces, tiny_onnx):
+    """The streamed pipeline detects on one thread and annotates frames later on another: a face seen
+    for the last time in frame N keeps its label in frame N even when the tracker has already dropped
+    it (regression: labels were pruned by the tracker's current state, so under load a face lost it)."""
+    from serving.recognizers import OnnxRecognizer
+
+    path, truth = four_faces
+    processor = FrameProcessor(OnnxRecognizer(tiny_onnx), config=PipelineConfig(max_missed=1))
+    with VideoSource(str(path)) as source:
+        detected = [processor.detect(frame) for frame in source]  # the tracker runs to the end first
+    labelled = [face.label is not None for d in detected
+                for face in processor.annotate(d, processor.recognize([d])[0])]
+    assert labelled and all(labelled), f"{labelled.count(False)} of {len(labelled)} faces without a label"
+
+
 def test_local_recognizer_matches_the_serving_preprocessing(tiny_onnx):
     """The local path is the ensemble's own pre/post-processing + the same ONNX file."""
     import onnxruntime as ort

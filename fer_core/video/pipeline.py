@@ -146,6 +146,7 @@ class DetectedFrame:
     samples: list[tuple[int, Any, tuple[float, float, float], tuple[int, int] | None]] = field(default_factory=list)
     detect_ms: float = 0.0
     read_at: float = 0.0
+    live_ids: frozenset[int] = frozenset()  # the tracker's live tracks right after this frame
 
 
 class FrameProcessor:
@@ -206,6 +207,10 @@ class FrameProcessor:
                                          (frames[0][0], frames[-1][0])))
             self._since_window[face.track_id] = due
         live = set(self.tracker.live_ids)
+        # Snapshot: annotate() runs on another thread, frames behind the tracker, and must prune by
+        # this frame's live tracks, not by the tracker's state when it gets there (a face seen for the
+        # last time here would lose its label while still on screen).
+        detected.live_ids = frozenset(live)
         for tid in [t for t in self._clips if t not in live]:
             self._clips.pop(tid, None)
             self._since_window.pop(tid, None)
@@ -228,8 +233,7 @@ class FrameProcessor:
         """The faces of a frame with their labels (call in frame order: clip labels carry forward)."""
         for (tid, _, mapping, window), prediction in zip(detected.samples, predictions):
             self._held[tid] = (prediction, window, mapping)
-        live = set(self.tracker.live_ids)
-        for tid in [t for t in self._held if t not in live]:
+        for tid in [t for t in self._held if t not in detected.live_ids]:
             del self._held[tid]
         out = []
         for face in detected.faces:
