@@ -39,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "promote", help="gate a registered version and make it the champion Triton serves",
-        description="Gates, by name: data_gate, onnx_parity, metric_vs_champion (before anything is "
-        "installed), then triton_smoke and latency_p95 on the new version served beside the champion. "
+        description="Gates, by name: package (the version's package is whole and matches its hashes), "
+        "data_gate, onnx_parity, metric_vs_champion (before anything is installed), then triton_smoke and latency_p95 on the new version served beside the champion. "
         "Only if all pass does the ensemble switch to it and the aliases move. A refusal lists each "
         "failed gate with its numbers, changes nothing and exits with 1.",
     )
