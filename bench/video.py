@@ -67,7 +67,7 @@ class RunResult:
     p95_ms: float
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
-    rss_mib: dict[str, dict[str, float]] = field(default_factory=dict)  # process -> start/peak/end/slope
+    rss_mib: dict[str, dict] = field(default_factory=dict)  # process -> start/peak/end/slope/series (s, MiB)
 
 
 class RssSampler:
@@ -117,7 +117,8 @@ class RssSampler:
             steady = t >= 0.1 * t[-1]
             slope = float(np.polyfit(t[steady], mib[steady], 1)[0]) * 60 if steady.sum() >= 3 else float("nan")
             out[name] = {"start": float(mib[steady][0]), "peak": float(mib.max()), "end": float(mib[-1]),
-                         "slope_mib_per_min": slope, "samples": int(len(samples))}
+                         "slope_mib_per_min": slope, "samples": int(len(samples)),
+                         "series": [(round(x, 1), round(y, 1)) for x, y in samples]}
         return out
 
 
