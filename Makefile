@@ -12,6 +12,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test files run in parallel, one worker per core (pytest-xdist; a file stays on one worker, so its
+# module fixtures are built once). PYTEST_WORKERS=0 runs them in this process, one after another.
+PYTEST_WORKERS ?= auto
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 LOCK   := requirements/constraints.txt
 
@@ -45,10 +48,10 @@ lock: $(STAMP)
 	$(PY) requirements/lock.py > $(LOCK).new && mv $(LOCK).new $(LOCK)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not integration and not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/fer demo
