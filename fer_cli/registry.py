@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from fer_cli.main import EXIT_ERROR, EXIT_SERVICE, CommandError
+from fer_cli.main import EXIT_ERROR, EXIT_SERVICE, EXIT_USAGE, CommandError
 
 TRITON_URL_ENV = "FER_TRITON_URL"
 
@@ -68,16 +68,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("models", help="list networks, versions, aliases and what Triton serves",
                        description="Registered versions with aliases, primary metric, data version and parity, "
-                       "and the versions the model repository serves (with --url or $FER_TRITON_URL: what "
+                       "and the versions the model repository serves (with --url, $FER_TRITON_URL or the config file's "
+                       "triton_url: what "
                        "that Triton has loaded).")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--url", default=None, help=f"a running Triton to ask (default ${TRITON_URL_ENV}, if set)")
+    p.add_argument("--url", default=None,
+                   help=f"a running Triton to ask (default ${TRITON_URL_ENV} or the config file's triton_url, if set)")
     p.add_argument("--repository", type=Path, default=None, help="model repository (default $FER_HOME/triton/models)")
     p.set_defaults(func=_models)
 
 
 def _serving_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=None, help=f"running Triton serving the repository (default ${TRITON_URL_ENV}; "
+    p.add_argument("--url", default=None, help=f"running Triton serving the repository (default ${TRITON_URL_ENV} or the config "
+                   "file's triton_url; "
                    "without either the embedded one is started for the command)")
     p.add_argument("--repository", type=Path, default=None, help="model repository (default $FER_HOME/triton/models)")
 
@@ -97,6 +100,17 @@ def _repository(args: argparse.Namespace):
     return workspace, ModelRepository(args.repository or workspace.triton_repository)
 
 
+def _configured_triton_url() -> str:
+    """``triton_url`` of the platform settings: ``$FER_TRITON_URL``, else the ``$FER_CONFIG`` file's
+    ``triton_url``; empty when neither names one."""
+    from fer_core.settings import Settings
+
+    try:
+        return Settings.load().triton_url
+    except ValueError as exc:  # a malformed value in the environment or the file
+        raise CommandError(f"settings: {exc}", EXIT_USAGE) from None
+
+
 @contextlib.contextmanager
 def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
     """The URL of the Triton to use: ``--url``, ``$FER_TRITON_URL``, the running ``fer serve`` of this
@@ -105,7 +119,7 @@ def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
     from serving.live import find_live
     from serving.server import EmbeddedTriton, ServingError
 
-    url = args.url or os.environ.get(TRITON_URL_ENV)
+    url = args.url or _configured_triton_url()
     if url:
         yield url
         return
@@ -189,14 +203,14 @@ def _models(args: argparse.Namespace) -> int:
     from serving.live import find_live
 
     workspace, repository = _repository(args)
-    url = args.url or os.environ.get(TRITON_URL_ENV)
+    url = args.url or _configured_triton_url()
     live, why = (None, "") if url else find_live(repository)
     if live is not None:
         url = live.grpc_url
     try:
         statuses = models(triton=url, repository=repository, workspace=workspace)
-    except ServingError as exc:
-        raise CommandError(str(exc), EXIT_ERROR) from None
+    except ServingError as exc:  # the Triton asked is unreachable or refuses: a service failure
+        raise CommandError(str(exc), EXIT_SERVICE) from None
     alerts = list(live.alerts) if live is not None else []
     if args.json:  # the list of networks, as before; alerts go to stderr
         for alert in alerts:

@@ -169,3 +169,25 @@ def test_face_detection_mode_is_validated():
     assert Settings.load(env={}).face_detection == "off"
     with pytest.raises(ValueError, match="face_detection"):
         Settings.load(env={"FER_FACE_DETECTION": "dlib"})
+
+
+def test_promote_rollback_and_models_take_triton_url_from_the_config_file(workspace, tmp_path, monkeypatch, capsys):
+    """``fer models/promote/rollback`` use the settings' ``triton_url`` (env, else ``$FER_CONFIG``),
+    not only ``$FER_TRITON_URL``: with the file naming a Triton (none listens there), `fer models`
+    asks that one and says it is unreachable (EXIT_SERVICE) instead of reporting the repository."""
+    from fer_cli.main import main
+    from serving.server import free_port
+
+    url = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("FER_CONFIG", str(_write(tmp_path / "fer.yaml", {"triton_url": url})))
+    assert main(["models"]) == 5
+    assert f"Triton at grpc://{url} is unreachable" in capsys.readouterr().err
+    monkeypatch.setenv("FER_TRITON_URL", "127.0.0.1:1")  # the environment wins over the file
+    assert main(["models"]) == 5
+    assert "Triton at grpc://127.0.0.1:1 is unreachable" in capsys.readouterr().err
+
+    monkeypatch.delenv("FER_TRITON_URL")
+    monkeypatch.setenv("FER_CONFIG", str(_write(tmp_path / "bad.yaml", {"triton_url": "triton-without-port"})))
+    assert main(["rollback", "ca_resnet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "triton_url" in err[0] and "port" in err[0], err
