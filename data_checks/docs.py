@@ -8,8 +8,8 @@ Choices (recorded here because GX leaves them open):
   version stays as it is and is logged, and ``tests/test_data_docs_offline.py`` fails on it.
 - ``vega@5``, ``vega-lite@5`` and ``vega-embed@6`` are ranges on the CDN; the newest release in
   each range at vendoring time is pinned (the manifest's ``version`` and ``cdn_range``).
-- The ``integrity``/``crossorigin`` attributes of rewritten tags are dropped: browsers refuse
-  ``crossorigin`` loads from ``file://``. The vendored files are the ones those hashes name
+- The ``integrity``/``crossorigin`` attributes of rewritten tags are dropped: Chromium blocks a
+  ``crossorigin`` script from ``file://`` as a CORS error (seen here), so popper would not load. The vendored files are the ones those hashes name
   (checked by the test), and the manifest keeps every file's sha256.
 - GX's navbar logo comes from S3 although GX copies it into ``static/images/``; it is pointed at
   that copy. The dark-mode logo (``full_logo_dark.png``) is not shipped by GX, so the light one
