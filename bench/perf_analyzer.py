@@ -61,7 +61,8 @@ from pathlib import Path
 # Run as a script, this file's folder (bench/) is sys.path[0], where bench/serving.py would shadow
 # the ``serving`` package: put the project root there instead.
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)
+if sys.path and sys.path[0] == str(ROOT / "bench"):  # not when imported (tests/test_perf_analyzer.py)
+    sys.path[0] = str(ROOT)
 
 import numpy as np  # noqa: E402
 
@@ -177,8 +178,9 @@ def _python_bench():
     spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "bench" / "serving.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
+    path = list(sys.path)
     spec.loader.exec_module(module)
-    sys.path[0] = str(ROOT)  # its import put the root there too; keep it so
+    sys.path[:] = path  # it rewrites sys.path[0] as a script does; keep ours
     return module
 
 
