@@ -112,6 +112,19 @@ def _tensor_json(array: np.ndarray, datatype: str) -> dict:
     return {**entry, "shape": list(array.shape)}
 
 
+def infer_inputs(request: dict[str, np.ndarray], datatypes: dict[str, str]) -> list:
+    """tritonclient gRPC inputs of one request (batch of 1) from per-item arrays."""
+    import tritonclient.grpc as grpcclient
+
+    tensors = []
+    for name, value in request.items():
+        array = np.asarray(value, dtype=object if datatypes[name] == "BYTES" else None)[None]
+        tensor = grpcclient.InferInput(name, list(array.shape), datatypes[name])
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
 def input_data(url: str, model: str, requests: list[dict[str, np.ndarray]]) -> tuple[dict, dict]:
     """perf_analyzer's ``--input-data`` JSON for ``model``: one step per request (no batch axis);
     returned twice, the second time with ``validation_data``: every output the Python client got
@@ -125,11 +138,7 @@ def input_data(url: str, model: str, requests: list[dict[str, np.ndarray]]) -> t
         outputs = [t["name"] for t in metadata["outputs"]]
         data, validation = [], []
         for request in requests:
-            tensors = []
-            for name, value in request.items():
-                tensor = grpcclient.InferInput(name, [1, *value.shape], datatypes[name])
-                tensor.set_data_from_numpy(np.asarray(value, dtype=object if datatypes[name] == "BYTES" else None)[None])
-                tensors.append(tensor)
+            tensors = infer_inputs(request, datatypes)
             result = client.infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
             data.append({name: _tensor_json(np.asarray(value), datatypes[name]) for name, value in request.items()})
             validation.append({n: _tensor_json(result.as_numpy(n)[0], datatypes[n]) for n in outputs})
@@ -192,12 +201,7 @@ def run_python_bench(url: str, model: str, requests: list[dict[str, np.ndarray]]
 
     def worker(i: int):
         client = grpcclient.InferenceServerClient(url)
-        request = requests[i % len(requests)]
-        tensors = []
-        for name, value in request.items():
-            tensor = grpcclient.InferInput(name, [1, *np.shape(value)], datatypes[name])
-            tensor.set_data_from_numpy(np.asarray(value, dtype=object if datatypes[name] == "BYTES" else None)[None])
-            tensors.append(tensor)
+        tensors = infer_inputs(requests[i % len(requests)], datatypes)
         return lambda: client.infer(model, tensors)
 
     load_before = os.getloadavg()[0]
@@ -265,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tool = find_perf_analyzer(args.perf_analyzer)
     if tool is None:
-        print(f"error: perf_analyzer not found (looked at {args.perf_analyzer or os.environ.get(TOOL_ENV) or DEFAULT_TOOL}); "
-              "run bench/perf_tools.sh (make perf-tools) first", file=sys.stderr)
+        looked_at = args.perf_analyzer or os.environ.get(TOOL_ENV) or DEFAULT_TOOL
+        print(f"error: perf_analyzer not found (looked at {looked_at}); run bench/perf_tools.sh "
+              "(make perf-tools) first", file=sys.stderr)
         return 2
     probe = subprocess.run([str(tool), "--version"], capture_output=True, text=True)
     lines = (probe.stdout + probe.stderr).strip().splitlines()
