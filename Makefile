@@ -25,7 +25,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv test test-fast demo clean help lock
+.PHONY: venv test test-fast demo clean help lock perf-tools
 
 help:
 	@echo "make demo   run the whole pipeline on generated data (bootstraps .venv)"
@@ -55,6 +55,11 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fer demo
+
+# NVIDIA's perf_analyzer in its own venv (.venv-perf: tritonclient 2.41 ships the binary; the platform
+# pins 2.73), plus Debian's libb64-0d; prints the wrapper's path. Used by bench/perf_analyzer.py.
+perf-tools:
+	bench/perf_tools.sh
 
 clean:
 	rm -rf $(VENV) .fer
