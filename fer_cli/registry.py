@@ -100,13 +100,13 @@ def _repository(args: argparse.Namespace):
     return workspace, ModelRepository(args.repository or workspace.triton_repository)
 
 
-def _configured_triton_url() -> str:
+def _configured_triton_url() -> str | None:
     """``triton_url`` of the platform settings: ``$FER_TRITON_URL``, else the ``$FER_CONFIG`` file's
-    ``triton_url``; empty when neither names one."""
+    ``triton_url``; None when neither names one."""
     from fer_core.settings import Settings
 
     try:
-        return Settings.load().triton_url
+        return Settings.load().triton_url or None
     except ValueError as exc:  # a malformed value in the environment or the file
         raise CommandError(f"settings: {exc}", EXIT_USAGE) from None
 

@@ -244,15 +244,47 @@ def test_micro_sheet_filename_cannot_escape_the_source(tmp_path):
     assert not any(tmp_path.glob("escaped*")) and not any(tmp_path.parent.glob("escaped*"))
 
 
+# Extractors that exist, each with its slip test below.
+EXTRACTORS = {"data_checks/vendor/refresh.py"}  # development-time npm vendoring of the Data Docs assets
+
+
 def test_no_code_extracts_archives():
-    """Archive slip needs an extractor; there is none (a new one must bring its own slip test)."""
+    """Archive slip needs an extractor; only the listed ones exist (a new one must bring its own slip test)."""
     pattern = re.compile(r"\b(tarfile|zipfile|shutil\.unpack_archive|extractall)\b")
     offenders = []
     for folder in ("fer_core", "data_checks", "registry", "serving", "flows", "fer_cli", "bench"):
         for path in (PROJECT_ROOT / folder).rglob("*.py"):
             if pattern.search(path.read_text()):
                 offenders.append(str(path.relative_to(PROJECT_ROOT)))
-    assert offenders == []
+    assert set(offenders) == EXTRACTORS, offenders
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "/tmp/fer-absolute-escape.txt", "package/link"])
+def test_the_npm_vendoring_extractor_refuses_members_that_leave_its_folder(tmp_path, member):
+    import io
+    import tarfile
+
+    from data_checks.vendor.refresh import unpack_npm_tarball
+
+    tarball = tmp_path / "evil.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        info = tarfile.TarInfo(member)
+        if member.endswith("link"):
+            info.type, info.linkname = tarfile.SYMTYPE, "../../outside"
+            tar.addfile(info)
+        else:
+            data = b"slip"
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dest = tmp_path / "dest"
+    if member.startswith("/"):  # the filter strips the leading "/": the file lands inside dest
+        unpack_npm_tarball(tarball, dest)
+        assert (dest / member.lstrip("/")).read_bytes() == b"slip"
+    else:
+        with pytest.raises(tarfile.FilterError):
+            unpack_npm_tarball(tarball, dest)
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/fer-absolute-escape.txt").exists()
+    assert not any(p.is_symlink() for p in dest.rglob("*")) if dest.exists() else True
 
 
 # -- secrets --------------------------------------------------------------------------------------

@@ -29,6 +29,14 @@ def _npm(*args: str, cwd: Path) -> str:
     return subprocess.run(["npm", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
+def unpack_npm_tarball(tarball: Path, dest: Path) -> None:
+    """Extract an npm tarball under ``dest`` with the stdlib's ``data`` filter: members that leave
+    ``dest`` (``../``, absolute paths, links out), devices and setuid bits are refused
+    (``tarfile.FilterError``); tests/test_security.py holds it to that."""
+    with tarfile.open(tarball) as tar:
+        tar.extractall(dest, filter="data")
+
+
 def _vendor(package: dict, scratch: Path, resolve: bool) -> str:
     """Fetch one package into ``<name>@<version>/``; returns that folder's name."""
     spec = f"{package['name']}@{package['cdn_range'] if resolve and 'cdn_range' in package else package['version']}"
@@ -37,8 +45,7 @@ def _vendor(package: dict, scratch: Path, resolve: bool) -> str:
     package["integrity"] = packed["integrity"]
     package["tarball"] = _npm("view", f"{package['name']}@{packed['version']}", "dist.tarball", cwd=scratch).strip()
     unpacked = scratch / packed["filename"].removesuffix(".tgz")
-    with tarfile.open(scratch / packed["filename"]) as tar:
-        tar.extractall(unpacked, filter="data")
+    unpack_npm_tarball(scratch / packed["filename"], unpacked)
     root = unpacked / "package"
     meta = json.loads((root / "package.json").read_text())
     package["license"] = meta.get("license")
