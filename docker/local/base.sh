@@ -24,7 +24,7 @@ debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" > "$root.log" 2>&1 \
   || { tail -n 20 "$root.log" >&2; exit 1; }
 rm -f "$root.log"
 # Security updates too, as the public debian images have them.
-printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s-security %s-security main\n' \
+printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s %s-security main\n' \
   "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "${MIRROR%/debian}/debian-security" "$SUITE" \
   > "$root/etc/apt/sources.list"
 # No apt lists, caches or logs of this host in the image.
