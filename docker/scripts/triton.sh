@@ -7,6 +7,8 @@
 # inference too (Triton 2.51 sizes HTTP/JSON buffers before validating them). The key is the one the
 # worker keeps beside the model repository (<FER_HOME>/triton/control.key, mode 0600, same uid):
 # this script waits for it, so the worker may start after Triton.
+# `--load-model=*` loads what the repository holds at start (the published champions: a restarted
+# Triton serves what it served before); later changes come from the platform's keyed load calls.
 set -eu
 REPO="${TRITON_MODEL_REPOSITORY:-/srv/triton/models}"
 KEY_FILE="${FER_TRITON_KEY_FILE:-$(dirname "$REPO")/control.key}"
@@ -26,7 +28,7 @@ done
 key=$(cat "$KEY_FILE")
 exec tritonserver \
   --model-repository="$REPO" --backend-directory="$BACKENDS" \
-  --model-control-mode=explicit --strict-model-config=true --exit-on-error=false --strict-readiness=false \
+  --model-control-mode=explicit --load-model='*' --strict-model-config=true --exit-on-error=false --strict-readiness=false \
   --http-address="$ADDRESS" --http-port="${TRITON_HTTP_PORT:-8000}" \
   --grpc-address="$ADDRESS" --grpc-port="${TRITON_GRPC_PORT:-8001}" \
   --metrics-address="$ADDRESS" --metrics-port="${TRITON_METRICS_PORT:-8002}" --allow-gpu-metrics=false \
