@@ -90,6 +90,7 @@ def write_env_file(folder: Path) -> dict[str, str]:
         "MLFLOW_TRACKING_USERNAME": "admin",
         "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(18),
         "PREFECT_API_AUTH_STRING": f"admin:{secrets.token_urlsafe(18)}",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
     }
     path = folder / "stack.env"
     path.touch(mode=0o600)
