@@ -230,9 +230,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="leave the stack up at the end")
     parser.add_argument("--skip-scan", action="store_true", help="skip the (slow) image scan")
+    parser.add_argument("--reuse", metavar="ENV_FILE", help="debugging: keep the running stack of an earlier "
+                        "run (its env file) instead of starting from empty volumes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fer-stack-test-"))
-    creds = write_env_file(work)
+    if args.reuse:
+        creds = dict(line.split("=", 1) for line in Path(args.reuse).read_text().splitlines() if "=" in line)
+        creds["_path"] = args.reuse
+    else:
+        creds = write_env_file(work)
     env = host_env(creds, work / "fer-home")
     passed = False
     timings: dict[str, float] = {}
@@ -245,7 +251,8 @@ def main() -> int:
             ok(f"{image} {int(size) / 1e6:.0f} MB")
 
         step("fresh state: down -v, then up -d --wait")
-        compose(creds, "down", "-v", "--remove-orphans", quiet=True)
+        if not args.reuse:
+            compose(creds, "down", "-v", "--remove-orphans", quiet=True)
         timings["first up (empty volumes) s"] = up(creds)
         ok(f"every service healthy in {timings['first up (empty volumes) s']:.0f} s")
         networks = run(["docker", "network", "ls", "--format", "{{.Name}} {{.Driver}}"], quiet=True).stdout.split("\n")
@@ -254,7 +261,8 @@ def main() -> int:
 
         step("basic-auth refuses requests without credentials")
         mlflow_api = f"http://127.0.0.1:{PORTS['mlflow']}/api/2.0/mlflow/experiments/search?max_results=1"
-        prefect_api = f"http://127.0.0.1:{PORTS['prefect']}/api/health"
+        # (Prefect leaves /api/health open, for health checks: an API route is asked instead)
+        prefect_api = f"http://127.0.0.1:{PORTS['prefect']}/api/admin/version"
         check(http_status(mlflow_api) == 401, "MLflow without credentials: 401")
         check(http_status(mlflow_api, ("admin", "wrong")) == 401, "MLflow with a wrong password: 401")
         check(http_status(mlflow_api, ("admin", creds["MLFLOW_TRACKING_PASSWORD"])) == 200, "MLflow with them: 200")
