@@ -149,16 +149,18 @@ def snapshot(env: dict[str, str]) -> dict:
     """What must survive a restart: MLflow runs, versions and aliases, Triton's served version."""
     code = f"""
 import json, mlflow, tritonclient.grpc as g
+from registry.models import registered_name
+name = registered_name("{NETWORK}")
 c = mlflow.MlflowClient("http://127.0.0.1:{PORTS['mlflow']}")
 runs = sorted(r.info.run_id for e in c.search_experiments() for r in c.search_runs([e.experiment_id]))
 versions = {{m.name: sorted(int(v.version) for v in c.search_model_versions(f"name='{{m.name}}'"))
             for m in c.search_registered_models()}}
 aliases = {{m.name: m.aliases for m in c.search_registered_models()}}
-champion = c.get_model_version_by_alias("{NETWORK}", "champion")
+champion = c.get_model_version_by_alias(name, "champion")
 run = c.get_run(champion.run_id)
 t = g.InferenceServerClient("127.0.0.1:{PORTS['triton_grpc']}")
-served = sorted(t.get_model_metadata("{NETWORK}").versions)
-print(json.dumps({{"runs": runs, "versions": versions, "aliases": aliases, "champion": champion.version,
+served = sorted(int(v) for v in t.get_model_metadata("{NETWORK}").versions)
+print(json.dumps({{"model": name, "runs": runs, "versions": versions, "aliases": aliases, "champion": champion.version,
                   "champion_run": champion.run_id, "artifact_uri": run.info.artifact_uri,
                   "ensemble_ready": t.is_model_ready("{NETWORK}_ensemble"), "served": served}}))
 """
@@ -298,7 +300,7 @@ print(json.dumps({{"id": str(run.id), "state": run.state.type.value, "message": 
         first = snapshot(env)
         print(f"   | {json.dumps(first)}")
         check(len(first["runs"]) >= 1 and first["champion_run"] in first["runs"], "the training run is in MLflow")
-        check("champion" in first["aliases"].get(NETWORK, {}), f"{NETWORK}@champion = v{first['champion']}")
+        check("champion" in first["aliases"].get(first["model"], {}), f"{first['model']}@champion = v{first['champion']}")
         rows = compose(creds, "exec", "-T", "postgres", "sh", "-c",
                        'PGPASSWORD="$POSTGRES_PASSWORD" psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d mlflow'
                        ' -tAc "select count(*) from runs; select count(*) from model_versions;"', quiet=True).stdout.split()
