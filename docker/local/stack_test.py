@@ -316,7 +316,11 @@ print(json.dumps({{"id": str(run.id), "state": run.state.type.value, "message": 
         faces = work / "faces"
         run([sys.executable, "-m", "fer_cli", "data", "synth", DATA_FORMAT, str(faces), "--size", "20", "--seed", "7"],
             env=env, quiet=True)
-        image = next(p for p in sorted(faces.rglob("*.png")))
+        # one face of the generated FER2013 CSV (48x48 grey pixels), as the PNG file a user would send
+        image = work / "face.png"
+        run([sys.executable, "-c", "import csv, sys, numpy, PIL.Image; f = next(csv.DictReader(open(sys.argv[1])));"
+             " PIL.Image.fromarray(numpy.array(f['pixels'].split(), dtype=numpy.uint8).reshape(48, 48)).save(sys.argv[2])",
+             str(faces / "fer2013.csv"), str(image)], env=env, quiet=True)
         answer = infer(env, image)
         print(f"   | {answer[:300]}")
         check('"label"' in answer or '"expression"' in answer or "probab" in answer,
@@ -353,8 +357,8 @@ print(json.dumps({{"id": str(run.id), "state": run.state.type.value, "message": 
             scan_images(creds)
             timings["image scan s"] = time.monotonic() - start
         passed = True
-    except CheckFailed as exc:
-        print(f"\nFAILED: {exc}", flush=True)
+    except (CheckFailed, subprocess.TimeoutExpired, StopIteration, KeyError, ValueError) as exc:
+        print(f"\nFAILED: {type(exc).__name__}: {exc}", flush=True)
     finally:
         print("\ntimings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
         if passed and not args.keep:
