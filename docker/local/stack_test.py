@@ -195,12 +195,10 @@ def scan_images(creds: dict) -> None:
     for image in IMAGES:
         own = run(["docker", "run", "--rm", "--network", "host", "--entrypoint", "cat", image,
                    "/etc/ssl/certs/ca-certificates.crt"], check_rc=False, quiet=True).stdout
-        # public CAs (Mozilla's list, as certifi ships it; the image's pip/botocore carry copies) are no
-        # secret: only the build host's own additions (a proxy's CA) are looked for
-        import certifi
-
-        public = own + Path(certifi.where()).read_text()
-        foreign = [c for c in host_certs if c not in public]
+        # The build host's own CAs (a TLS proxy's), i.e. its local additions to the system bundle
+        # (update-ca-certificates' /usr/local/share/ca-certificates); public CAs are no secret.
+        local = "".join(p.read_text() for p in Path("/usr/local/share/ca-certificates").rglob("*.crt"))
+        foreign = [c for c in host_certs if c in local and c not in own]
         # one long base64 line from the middle of each foreign certificate identifies it
         marks = {f"build-host CA #{i}": c.splitlines()[len(c.splitlines()) // 2].encode() for i, c in enumerate(foreign)}
         patterns = {**needles, **marks, "pip cert path": b"/run/secrets/ca\x00"}
