@@ -2,6 +2,8 @@
 #   make demo   the whole pipeline end to end on generated data (embedded MLflow, DVC, Triton)
 #   make test   the test suite (everything, servers included)
 #   make test-fast  no servers, no slow learning tests (-m "not integration and not slow")
+#   make images-local  the stack's images on a host without registry access (Debian base made here)
+#   make stack-test    the production stack in Docker, end to end (slow; not part of `make test`)
 # Both bootstrap the virtualenv first: every version comes from the lock requirements/constraints.txt,
 # torch's CPU build from the PyTorch CPU index (TORCH_INDEX_URL; e.g. .../whl/cu128 for CUDA, or a
 # mirror). A machine without that index finds the wheel in pip's own find-links/indexes instead.
@@ -25,12 +27,14 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv test test-fast demo clean help lock perf-tools
+.PHONY: venv test test-fast demo clean help lock perf-tools engine images-local stack-test
 
 help:
 	@echo "make demo   run the whole pipeline on generated data (bootstraps .venv)"
 	@echo "make test   run the test suite (bootstraps .venv)"
 	@echo "make test-fast  the fast lane: no tests that start servers or learn (-m 'not integration and not slow')"
+	@echo "make images-local  build the Docker images from a Debian base made here (no registry needed)"
+	@echo "make stack-test  the compose stack end to end in Docker (slow; not part of make test)"
 	@echo "make clean  remove the virtualenv and the workspace (.fer/)"
 
 venv: $(STAMP)
@@ -60,6 +64,17 @@ demo: $(STAMP)
 # pins 2.73), plus Debian's libb64-0d; prints the wrapper's path. Used by bench/perf_analyzer.py.
 perf-tools:
 	bench/perf_tools.sh
+
+# The Docker stack on this kind of host (see docs/deployment.md): an engine on the host network only,
+# images FROM a debootstrapped Debian base, the stack test against docker/compose.local.yaml.
+engine:
+	docker/local/engine.sh
+
+images-local: engine
+	docker/local/images.sh
+
+stack-test: images-local $(STAMP)
+	$(PY) docker/local/stack_test.py
 
 clean:
 	rm -rf $(VENV) .fer

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # NVIDIA's Triton container plus what the repository's Python-backend models import: the
 # preprocess/postprocess models of each ensemble (serving/ensembles/triton_models.py) use
 # fer_core and serving, which need numpy<2, OpenCV and (through fer_core.models) the CPU torch
@@ -17,6 +16,8 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" -c /tmp/cons
 COPY fer_core/ /opt/fer/fer_core/
 COPY serving/ /opt/fer/serving/
 # The Python-backend stub ignores PYTHONPATH; the repository's models read this instead.
+COPY docker/scripts/triton.sh /opt/fer/docker/scripts/triton.sh
 ENV FER_TRITON_PYTHONPATH=/opt/fer
-# Triton runs as the image's non-root user.
-USER triton-server
+# Non-root, with the platform image's uid (10001): it must read the model-control key the worker
+# writes into the shared repository volume with mode 0600 (docker/scripts/triton.sh).
+USER 10001:10001

@@ -59,7 +59,10 @@ def register(network: str, model_uri: str, run_id: str, tags: Mapping[str, str],
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=f"FER platform network {network!r}")
-    mv = client.create_model_version(name, model_uri, run_id=run_id,
+    # A logged model's URI (models:/m-<id>) must come with its model_id: an MLflow server refuses the
+    # source otherwise (INVALID_PARAMETER_VALUE "must identify the resource that contains the source").
+    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
+    mv = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id,
                                      tags={k: str(v) for k, v in tags.items()})
     return get_version(network, int(mv.version), workspace)
 

@@ -216,10 +216,48 @@ def test_triton_runs_nvidias_container_with_explicit_model_control():
     for word, rest in instructions:
         if word == "COPY":
             assert (ROOT / rest.split()[0]).exists()
-    command = _as_list(_services()["triton"]["command"])
-    assert command[0] == "tritonserver" and "--model-control-mode=explicit" in command
-    repository = next(c for c in command if c.startswith("--model-repository="))
-    assert "TRITON_MODEL_REPOSITORY" in repository
+    triton = _services()["triton"]
+    assert _as_list(triton["entrypoint"])[-1] == "/opt/fer/docker/scripts/triton.sh"
+    assert "TRITON_MODEL_REPOSITORY" in _environment(triton)
+    script = (ROOT / "docker/scripts/triton.sh").read_text()
+    assert "exec tritonserver" in script and "--model-control-mode=explicit" in script
+    assert '--model-repository="$REPO"' in script and "TRITON_MODEL_REPOSITORY" in script
+    # model control only with the platform's key (serving.server's header and restricted APIs)
+    from serving.server import CONTROL_HEADER, RESTRICTED_APIS
+
+    assert f"HEADER={CONTROL_HEADER}" in script
+    assert f'--grpc-restricted-protocol="{",".join(RESTRICTED_APIS)}:$HEADER=$key"' in script
+
+
+def _compose_with_tags(path: Path) -> dict:
+    """A compose file that uses Compose's merge tags (!reset, !override), read with plain YAML."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tagged(loader, node):
+        if isinstance(node, yaml.MappingNode):
+            return loader.construct_mapping(node, deep=True)
+        if isinstance(node, yaml.SequenceNode):
+            return loader.construct_sequence(node, deep=True)
+        return loader.construct_scalar(node)
+
+    for tag in ("!reset", "!override"):
+        Loader.add_constructor(tag, tagged)
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def test_local_override_puts_every_service_on_the_host_network_on_loopback():
+    local = _compose_with_tags(DOCKER / "compose.local.yaml")
+    assert set(local["services"]) == set(_services())
+    for name, service in local["services"].items():
+        assert service["network_mode"] == "host", name
+        assert service["networks"] == [] and service["ports"] == [], name
+        assert service["image"].endswith(":${FER_LOCAL_TAG:-local}"), f"{name} must run an image of make images-local"
+    text = (DOCKER / "compose.local.yaml").read_text()
+    assert "0.0.0.0" not in text
+    assert local["services"]["mlflow"]["environment"]["MLFLOW_HOST"] == "127.0.0.1"
+    assert local["services"]["triton"]["environment"]["TRITON_ADDRESS"] == "127.0.0.1"
 
 
 def test_mlflow_server_runs_on_postgres_and_s3_with_basic_auth():

@@ -26,7 +26,7 @@ INI
 export MLFLOW_AUTH_CONFIG_PATH="$conf_dir/basic_auth.ini"
 
 exec mlflow server \
-  --host 0.0.0.0 --port "${MLFLOW_PORT:-5000}" \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" \
   --backend-store-uri "$(db_uri "${MLFLOW_DB:-mlflow}")" \
   --registry-store-uri "$(db_uri "${MLFLOW_DB:-mlflow}")" \
   --serve-artifacts --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-s3://mlflow/artifacts}" \
