@@ -46,8 +46,8 @@ from fer_core.data.preprocess import (
 )
 from fer_core.metadata import ModelMetadata
 
-__all__ = ["FACE_MODES", "FRAME_RULES", "InputPipeline", "PreparedPixels", "prepare_pixels", "normalise",
-           "make_detector"]
+__all__ = ["FACE_MODES", "FRAME_RULES", "InputPipeline", "PreparedPixels", "RecordingDetector", "prepare_pixels",
+           "normalise", "make_detector"]
 
 FACE_MODES = ("off", "haar")
 FRAME_RULES = ("none", "resample", "onset_apex")
@@ -148,8 +148,9 @@ class PreparedPixels:
     to_input: np.ndarray
 
 
-class _RecordingDetector:
-    """Remembers the faces of the last call, to learn which box :func:`detect_and_align` used."""
+class RecordingDetector:
+    """Wraps a detector and remembers the faces of its last call (to learn which box
+    :func:`detect_and_align` used)."""
 
     def __init__(self, detector: HaarFaceDetector) -> None:
         self.detector = detector
@@ -170,7 +171,7 @@ def _find_face(frames: Sequence[np.ndarray], detector: HaarFaceDetector | None,
                size: tuple[int, int]) -> FaceBox | None:
     if detector is None:
         return None
-    recorder = _RecordingDetector(detector)
+    recorder = RecordingDetector(detector)
     for frame in frames:
         if detect_and_align(frame, recorder, out_size=size) is not None:
             return recorder.last_faces[0]

@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
-from fer_core.data.pipeline import InputPipeline, normalise, prepare_pixels
-from fer_core.data.preprocess import FaceBox, HaarFaceDetector
+from fer_core.data.pipeline import InputPipeline, RecordingDetector, normalise, prepare_pixels
+from fer_core.data.preprocess import HaarFaceDetector
 from fer_core.metadata import ModelMetadata
 
 __all__ = [
@@ -161,18 +161,6 @@ def check_decoded(image: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> np.n
     if image.shape[0] * image.shape[1] > max_pixels:
         raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
     return image
-
-
-class RecordingDetector:
-    """Wraps a detector and remembers the faces of its last call."""
-
-    def __init__(self, detector: HaarFaceDetector) -> None:
-        self.detector = detector
-        self.last_faces: list[FaceBox] = []
-
-    def detect(self, image: np.ndarray) -> list[FaceBox]:
-        self.last_faces = self.detector.detect(image)
-        return self.last_faces
 
 
 @dataclass(frozen=True)
