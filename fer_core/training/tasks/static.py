@@ -1,7 +1,10 @@
 """Static (single-image) expression classification: ``ca_resnet`` and the ResNet baselines.
 
 Data: any ``static`` prepared dataset (FER2013 CSV, FER+ majority labels, class-per-folder trees).
-Loss: multi-class focal loss (γ = 0 and α off is cross-entropy). Metrics: accuracy (= WAR), UAR,
+Loss: focal loss. ``ca_resnet`` uses the method's two-sided form
+(:func:`~fer_core.losses.focal.method_focal_loss`, ``loss_kwargs`` ``gamma``, ``alpha``,
+``label_smoothing``, ``reduction``); the ResNet baselines the target-class form (γ = 0 and α off is
+cross-entropy). ``loss_kwargs.form`` ("method" | "target") overrides either. Metrics: accuracy (= WAR), UAR,
 UF1, per-class recall/F1; report: confusion matrix and per-class precision/recall/F1.
 """
 
@@ -91,8 +94,11 @@ class StaticClassificationTask(SingleLabelClassificationTask):
 
     def build_loss(self, recipe: Recipe, model):
         kwargs = dict(recipe.loss_kwargs)
+        # ca_resnet's method specifies its own focal form; the ResNet baselines keep the target-class form.
+        form = kwargs.get("form", "method" if self.name == "ca_resnet" else "target")
         focal = FocalLoss(gamma=kwargs.get("gamma", 0.0), alpha=kwargs.get("alpha"),
-                          label_smoothing=kwargs.get("label_smoothing", 0.0))
+                          label_smoothing=kwargs.get("label_smoothing", 0.0), form=form,
+                          reduction=kwargs.get("reduction"))
 
         def loss(outputs, targets):
             value = focal.to(outputs["logits"].device)(outputs, targets)
