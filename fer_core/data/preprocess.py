@@ -47,7 +47,7 @@ __all__ = [
     "to_model_input",
 ]
 
-RESAMPLE_METHODS = ("interpolate", "uniform", "keyframes")
+RESAMPLE_METHODS = ("interpolate", "uniform", "keyframes", "keyframes+interpolate")
 APEX_METHODS = ("diff", "flow")
 
 # iBUG 68-point indices of the two eye contours (0-based).
@@ -537,6 +537,10 @@ def resample_clip(frames: np.ndarray, num_frames: int, method: str = "interpolat
     * ``"keyframes"``: the first frame plus the ``num_frames - 1`` frames that change most from
       their predecessor (mean absolute difference), returned in time order; ties go to the earlier
       frame. It cannot add frames, so when upsampling it behaves like ``"uniform"``.
+    * ``"keyframes+interpolate"``: the two combined, as the C3D + EC-STFL method fixes the length: a
+      longer clip keeps its key frames (``"keyframes"``), a shorter one is time-interpolated up
+      (``"interpolate"``); the method names both steps without their order, and this split by
+      direction is our reading (each step is used where it does not invent or drop needed frames).
 
     Any integer or float dtype is accepted (not only uint8), so feature or flow sequences resample too.
     """
@@ -546,6 +550,8 @@ def resample_clip(frames: np.ndarray, num_frames: int, method: str = "interpolat
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     num_in = len(frames)
+    if method == "keyframes+interpolate":
+        method = "keyframes" if num_frames < num_in else "interpolate"
     if method == "keyframes" and num_frames < num_in:
         # Stable sort on -change keeps the earlier of equal changes; frame 0 (inf) always wins.
         order = np.argsort(-_frame_changes(frames), kind="stable")

@@ -9,20 +9,24 @@ held-out part of train (``data.val_fraction``, stratified, :func:`~fer_core.trai
 Decoding (once per clip, cached as uint8 (T, C, H, W)):
 
 1. :func:`~fer_core.data.samples.read_clip` (frame folder, video or packed array);
-2. with ``data.align_faces`` (default off: DFEW's ``clip_224x224`` frames are already face crops, and
-   re-detecting in them only adds jitter and Haar misses), each frame goes through
+2. with ``data.align_faces`` ("auto" by default: on for raw videos, i.e. a card whose
+   ``provenance.clips`` is "video" (DFEW's ``Clip/original``), off for DFEW's ``clip_224x224`` frames,
+   which are already face crops where re-detecting only adds jitter and Haar misses; true/false force
+   it), each frame goes through
    :class:`~fer_core.data.preprocess.HaarFaceDetector` + :func:`~fer_core.data.preprocess.detect_and_align`
    and frames without a detected face are dropped; a clip in which no frame has a face keeps its raw
    frames rather than vanishing from its split;
 3. :func:`~fer_core.data.preprocess.resample_clip` to the model's fixed length (``data.resample``:
-   "interpolate" by default, DFEW's time interpolation; "uniform" or "keyframes");
+   "keyframes+interpolate" is the method's combination (key frames of a longer clip, time interpolation
+   of a shorter one); "interpolate", "uniform" or "keyframes" alone stay selectable);
 4. :func:`~fer_core.data.preprocess.to_model_input` per frame at the model's input spec.
 
 Augmentation: :func:`~fer_core.data.transforms.augment` on the whole (T, C, H, W) clip, which draws
 one flip/rotation/crop/gamma for all frames, so the motion between frames is untouched.
 
 Loss: ``CE + λ·EC-STFL`` on fc7 features (:class:`~fer_core.losses.ecstfl.EcStflLoss`; ``loss_kwargs``
-``lambda_weight``, ``reduction``, ``label_smoothing``), logged as parts ``ce`` and ``ec_stfl`` (before λ).
+``lambda_weight`` (default :data:`~fer_core.losses.ecstfl.DEFAULT_LAMBDA`, the one λ of the class and
+the task), ``reduction``, ``label_smoothing``), logged as parts ``ce`` and ``ec_stfl`` (before λ).
 Metrics: UAR (the primary one, as DFEW reports it next to WAR), WAR = accuracy, UF1, per-class
 recall/F1; report: confusion matrix and per-class precision/recall/F1.
 """
@@ -38,13 +42,22 @@ import pandas as pd
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector, detect_and_align, resample_clip, to_model_input
 from fer_core.data.samples import read_clip
-from fer_core.losses.ecstfl import EcStflLoss
+from fer_core.losses.ecstfl import DEFAULT_LAMBDA, EcStflLoss
 from fer_core.models import create_model
 from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import TaskSpec, register_task
 from fer_core.training.tasks.static import SingleLabelClassificationTask
 
 NUM_FOLDS = 5
+
+
+def resolve_align_faces(value: Any, provenance: dict[str, Any]) -> bool:
+    """``data.align_faces``: True/False as given; "auto" = on exactly when the clips are raw videos."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return provenance.get("clips") == "video"
+    raise ValueError(f"data.align_faces must be true, false or 'auto', got {value!r}")
 
 
 def select_fold(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
@@ -75,7 +88,7 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
         self.resample = recipe.data.get("resample", "interpolate")
         if self.resample not in RESAMPLE_METHODS:
             raise ValueError(f"data.resample must be one of {RESAMPLE_METHODS}, got {self.resample!r}")
-        self.align_faces = bool(recipe.data.get("align_faces", False))
+        self.align_faces = resolve_align_faces(recipe.data.get("align_faces", "auto"), card.provenance)
         self._detector: HaarFaceDetector | None = None  # built on first use (Haar cascades load slowly)
         probe = create_model(recipe.network, **{**recipe.model_kwargs, **self.model_overrides()})
         self.meta = probe.metadata
@@ -102,7 +115,7 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
 
     def build_loss(self, recipe: Recipe, model):
         kwargs = dict(recipe.loss_kwargs)
-        criterion = EcStflLoss(lambda_weight=kwargs.get("lambda_weight", 0.1),
+        criterion = EcStflLoss(lambda_weight=kwargs.get("lambda_weight", DEFAULT_LAMBDA),
                                reduction=kwargs.get("reduction", "sum"),
                                label_smoothing=kwargs.get("label_smoothing", 0.0))
 
