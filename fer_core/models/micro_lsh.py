@@ -30,15 +30,28 @@ Ambiguities in the description and the choices made here:
   freezes it after loading weights trained on pairs with :func:`fer_core.losses.micro.magnification_loss`).
 * the linear baseline ``I_onset + factor (I_apex - I_onset)`` is not clipped to the valid range.
 * LSH: one set of hyperplanes (a seeded, non-trainable buffer) hashes both queries and keys; a zero
-  projection counts as the "negative" side. ``d`` in ``sqrt(d)`` is the query/key width. A query whose
-  bucket holds no key gets a zero output. Q, K, V projections have no bias and there is no output
-  projection (none is described). Separate W_Q and W_K (as described) make the attention often empty
-  at initialisation (see :class:`LSHSelfAttention`); ``shared_qk=True`` (Reformer-style W_K = W_Q) is
-  offered as the remedy but is not the default.
+  projection counts as the "negative" side. ``d`` in ``sqrt(d)`` is the query/key width, 1024 by
+  default (the method's Q/K size 1 x 1024; ``attn_dim``). A query whose bucket holds no key gets a
+  zero output. Q, K, V projections have no bias and there is no output projection (none is
+  described). W_Q and W_K are separate, as described; ``n_rounds`` (hyperplanes, 2**n_rounds
+  buckets) must be > 2, as the method says.
+* Empty buckets: with separate W_Q/W_K, queries and keys of one sequence are hashed independently,
+  and because all frames of a clip are alike (the magnified frames differ by small motions), all
+  queries of a sequence share one sign pattern and all keys another: whole sequences end with no
+  query/key pair in a common bucket, the attention outputs zeros and W_Q/W_K/W_V get no gradient
+  (the earlier code worked round it with a Reformer-style W_K = W_Q, outside the method). The fix
+  kept inside the method's letter is a *normalisation before hashing* (``hash_norm="frames"``,
+  default): each query/key coordinate is standardised over the frames of its sequence before the
+  sign test, so hashing sees how a frame differs from the clip rather than the clip's common
+  direction; scores and values still use the raw Q, K, V. Identical frames standardise to 0, land in
+  one bucket and get dense attention. ``hash_norm="none"`` is the plain form. The share of queries
+  with an empty bucket is measured by :meth:`LSHSelfAttention.empty_bucket_share`
+  (``bench/fidelity.py`` before/after). ``shared_qk=True`` stays as an option, not used by a profile.
 * "spatial features" are the per-frame ResNet features averaged over the magnified frames; "motion
   features" are the attention outputs averaged over the frames. The hidden FC has ``head_hidden`` units
   with a ReLU; the model outputs logits and their softmax.
-* defaults: 3x112x112 frames, ResNet-18 with the ImageNet stem at width 64 (d = 512), 3 hashing rounds.
+* defaults: 3x112x112 frames, ResNet-18 with the ImageNet stem at width 64 (d = 512), Q/K/V width
+  1024, 3 hashing rounds.
 """
 
 from __future__ import annotations
@@ -56,6 +69,9 @@ from fer_core.models.registry import FERModel, ModelMetadata, TensorSpec, regist
 from fer_core.models.resnet import ResNetTrunk
 
 FRAME_ROLES = ("onset", "apex")
+MIN_ROUNDS = 3  # the method: more than 2 hashing rounds
+HASH_NORMS = ("frames", "none")
+DEFAULT_ATTN_DIM = 1024  # the method's Q/K size, 1 x 1024
 
 
 def alpha_schedule(num_frames: int = 32, alpha_min: float = 1.0, alpha_max: float = 13.0) -> torch.Tensor:
@@ -179,20 +195,23 @@ class LSHSelfAttention(nn.Module):
     ``w_r`` drawn from ``torch.Generator().manual_seed(seed)``. Everything is tensor arithmetic (no
     data-dependent Python control flow), so it traces to ONNX as is.
 
-    With separate W_Q and W_K (the description) a query and the keys are hashed independently, and
-    at initialisation, when all frames' features are alike, a whole sequence often has no query/key
-    pair in a common bucket: the attention then outputs zeros and W_Q/W_K/W_V get no gradient.
-    ``shared_qk=True`` ties W_K = W_Q as the Reformer does, so every query has at least itself.
+    With separate W_Q and W_K (the description) a query and the keys are hashed independently;
+    ``hash_norm="frames"`` standardises Q and K over the frames of each sequence before hashing so
+    that sequences of alike frames do not end with every bucket empty (module docstring).
+    ``shared_qk=True`` ties W_K = W_Q as the Reformer does (an option outside the method).
     """
 
     def __init__(
-        self, dim: int, attn_dim: int | None = None, n_rounds: int = 3, seed: int = 0, shared_qk: bool = False
+        self, dim: int, attn_dim: int | None = None, n_rounds: int = 3, seed: int = 0, shared_qk: bool = False,
+        hash_norm: str = "frames",
     ) -> None:
         super().__init__()
-        if n_rounds < 1 or n_rounds > 30:
-            raise ValueError(f"n_rounds must be in [1, 30], got {n_rounds}")
+        if n_rounds < MIN_ROUNDS or n_rounds > 30:
+            raise ValueError(f"n_rounds must be in [{MIN_ROUNDS}, 30] (the method needs more than 2), got {n_rounds}")
+        if hash_norm not in HASH_NORMS:
+            raise ValueError(f"hash_norm must be one of {HASH_NORMS}, got {hash_norm!r}")
         attn_dim = attn_dim or dim
-        self.attn_dim, self.n_rounds, self.seed = attn_dim, n_rounds, seed
+        self.attn_dim, self.n_rounds, self.seed, self.hash_norm = attn_dim, n_rounds, seed, hash_norm
         self.q_proj = nn.Linear(dim, attn_dim, bias=False)
         self.k_proj = None if shared_qk else nn.Linear(dim, attn_dim, bias=False)
         self.v_proj = nn.Linear(dim, attn_dim, bias=False)
@@ -209,11 +228,33 @@ class LSHSelfAttention(nn.Module):
         bits = (x @ self.hyperplanes > 0).to(torch.int64)
         return (bits * self.bit_values).sum(-1)
 
+    def _hash_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, attn_dim) -> what is hashed: x itself, or x standardised over the T frames."""
+        if self.hash_norm == "none":
+            return x
+        centred = x - x.mean(dim=1, keepdim=True)
+        return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+
+    def same_bucket(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) -> bool (B, T, T): query t and key u share a bucket."""
+        q = self.q_proj(features)
+        k = q if self.k_proj is None else self.k_proj(features)
+        return self._same_bucket(q, k)
+
+    def _same_bucket(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q_codes, k_codes = self.bucket_codes(self._hash_input(q)), self.bucket_codes(self._hash_input(k))
+        return q_codes.unsqueeze(-1) == k_codes.unsqueeze(-2)
+
+    @torch.no_grad()
+    def empty_bucket_share(self, features: torch.Tensor) -> float:
+        """Share of the queries in ``features`` (B, T, dim) whose bucket holds no key (output zero)."""
+        return float((~self.same_bucket(features).any(-1)).float().mean())
+
     def forward(self, features: torch.Tensor, return_weights: bool = False):
         """features (B, T, dim) -> (B, T, attn_dim) [, attention weights (B, T, T)]."""
         q, v = self.q_proj(features), self.v_proj(features)
         k = q if self.k_proj is None else self.k_proj(features)
-        same_bucket = self.bucket_codes(q).unsqueeze(-1) == self.bucket_codes(k).unsqueeze(-2)  # (B, T, T)
+        same_bucket = self._same_bucket(q, k)  # (B, T, T)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.attn_dim)
         # Masked softmax written out so a row without any partner gives exactly zero (not NaN).
         scores = scores.masked_fill(~same_bucket, torch.finfo(scores.dtype).min)
@@ -256,7 +297,8 @@ class MicroLSH(FERModel):
         n_rounds: int = 3,
         lsh_seed: int = 0,
         shared_qk: bool = False,
-        attn_dim: int | None = None,
+        attn_dim: int | None = DEFAULT_ATTN_DIM,
+        hash_norm: str = "frames",
         head_hidden: int = 256,
         drop_rate: float = 0.0,
         name: str = "micro_lsh",
@@ -278,7 +320,7 @@ class MicroLSH(FERModel):
         self.register_buffer("factors", 1.0 + alphas, persistent=False)
         self.trunk = ResNetTrunk([2, 2, 2, 2], in_chans, width, stem)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.attention = LSHSelfAttention(self.trunk.num_features, attn_dim, n_rounds, lsh_seed, shared_qk)
+        self.attention = LSHSelfAttention(self.trunk.num_features, attn_dim, n_rounds, lsh_seed, shared_qk, hash_norm)
         self.head_fc = nn.Linear(self.num_features, head_hidden)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_hidden, num_classes)
@@ -299,7 +341,7 @@ class MicroLSH(FERModel):
                 "alphas": tuple(round(float(a), 6) for a in alphas),
                 "magnification_factors": tuple(round(float(f), 6) for f in self.factors),
                 "lsh_rounds": n_rounds, "lsh_buckets": 2**n_rounds, "lsh_seed": lsh_seed,
-                "lsh_shared_qk": shared_qk,
+                "lsh_shared_qk": shared_qk, "lsh_hash_norm": hash_norm, "attn_dim": self.attention.attn_dim,
             },
         )
 
