@@ -26,8 +26,16 @@ Ambiguities in the description and the choices made here:
   predicts a residual added to the apex frame (a fresh network starts near "output = apex", which lets
   it train on a CPU in a minute). It works in the model's normalised input space. It is trained with
   MSE, not the paper's L1 (see :func:`fer_core.losses.micro.magnification_loss`).
-* the magnifier inside the classifier is trainable end to end by default (``freeze_magnifier=True``
-  freezes it after loading weights trained on pairs with :func:`fer_core.losses.micro.magnification_loss`).
+* pre-training: the ``magnifier`` network (:class:`MagnifierNet`, the same :class:`LearnedMagnifier`)
+  is trained on magnified pairs (``magnifier`` task, :mod:`fer_core.training.tasks.magnifier`); its
+  weights are copied into the classifier by :func:`load_magnifier_weights` (the micro task does this
+  when ``data.magnifier_weights`` names a checkpoint), then frozen (``freeze_magnifier=True``) or
+  fine-tuned end to end -- a recipe choice.
+* the method writes ``I_mag,i = f(I_onset + (1 + α_i)|I_apex − I_onset|)``, i.e. ``f`` applied to a
+  linearly amplified frame; we keep Oh et al.'s interface ``f(I_onset, I_apex, 1 + α_i)`` (the network
+  the method cites), whose manipulator multiplies the motion representation by the same factor
+  ``1 + α_i``: the amplification is the same, learned in feature space instead of on pixels (where the
+  absolute value would also drop the motion's sign).
 * the linear baseline ``I_onset + factor (I_apex - I_onset)`` is not clipped to the valid range.
 * LSH: one set of hyperplanes (a seeded, non-trainable buffer) hashes both queries and keys; a zero
   projection counts as the "negative" side. ``d`` in ``sqrt(d)`` is the query/key width, 1024 by
@@ -382,6 +390,81 @@ class MicroLSH(FERModel):
         self.fc = nn.Linear(self.fc.in_features, num_classes)
         outputs = tuple(dataclasses.replace(s, shape=(num_classes,), labels=labels) for s in self.metadata.outputs)
         self.metadata = dataclasses.replace(self.metadata, outputs=outputs, label_names=labels)
+
+
+MAGNIFIER_ROLES = ("onset", "apex", "factor")
+
+
+class MagnifierNet(FERModel):
+    """The learned magnifier ``f`` as a network of its own, for pre-training on magnified pairs.
+
+    Input ``frames`` (B, 3, C, H, W), normalised like :class:`MicroLSH`'s frames: onset, apex, and a
+    constant *factor plane* whose mean is the magnification factor ``1 + α`` (one tensor input keeps
+    the platform's single-input trainer, export and serving path). Output ``magnified`` (B, C, H, W)
+    in the same normalised space. The weights live under ``magnifier.`` exactly as in
+    :class:`MicroLSH`, so :func:`load_magnifier_weights` moves them across.
+    """
+
+    def __init__(self, in_chans: int = 3, img_size: int = 112, magnifier_width: int = 16,
+                 magnifier_res_blocks: int = 1, name: str = "magnifier") -> None:
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"img_size must be divisible by 4 (the magnifier halves it twice), got {img_size}")
+        self.magnifier = LearnedMagnifier(in_chans, magnifier_width, magnifier_res_blocks)
+        self.metadata = ModelMetadata(
+            name=name, task="micro",
+            inputs=(TensorSpec("frames", (3, in_chans, img_size, img_size), kind="frames", labels=MAGNIFIER_ROLES,
+                               description="onset, apex, and a plane filled with the factor 1 + alpha"),),
+            outputs=(TensorSpec("magnified", (in_chans, img_size, img_size), kind="regression",
+                                description="the apex frame with its motion magnified, normalised"),),
+            mean=(0.5,) * in_chans, std=(0.5,) * in_chans, primary_output="magnified",
+            extra={"frame_roles": MAGNIFIER_ROLES, "magnifier_width": magnifier_width,
+                   "magnifier_res_blocks": magnifier_res_blocks},
+        )
+
+    @property
+    def num_features(self) -> int:
+        return self.metadata.inputs[0].shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and (x.dim() != 5 or x.shape[1] != 3):
+            raise ValueError(f"expected frames of shape (B, 3, C, H, W), got {tuple(x.shape)}")
+        factors = x[:, 2].mean(dim=(1, 2, 3))
+        return self.magnifier.magnify(x[:, 0], x[:, 1], factors)
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        x = super().example_input(batch_size)
+        x[:, 2] = 1.0 + 12.0 * torch.rand(batch_size)[:, None, None, None]
+        return x
+
+
+def magnifier_input(onset: torch.Tensor, apex: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) onset/apex and (B,) factors -> the (B, 3, C, H, W) input of :class:`MagnifierNet`."""
+    plane = factors.to(onset.dtype)[:, None, None, None].expand_as(onset)
+    return torch.stack([onset, apex, plane], dim=1)
+
+
+def load_magnifier_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy the ``magnifier.*`` weights of a :class:`MagnifierNet` state dict into ``model.magnifier``.
+
+    Raises ValueError when ``model`` has no learned magnifier or the widths differ."""
+    if not isinstance(getattr(model, "magnifier", None), LearnedMagnifier):
+        raise ValueError("pre-trained magnifier weights need a model with the learned magnifier (magnifier='learned')")
+    weights = {k.removeprefix("magnifier."): v for k, v in state_dict.items() if k.startswith("magnifier.")}
+    if not weights:
+        raise ValueError("the checkpoint holds no magnifier.* weights (is it a 'magnifier' network?)")
+    try:
+        model.magnifier.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"the pre-trained magnifier does not fit this model's magnifier "
+                         f"(magnifier_width / magnifier_res_blocks must match): {first}") from None
+
+
+@register_model
+def magnifier(**kwargs) -> MagnifierNet:
+    """The learned motion magnifier alone (pre-training on magnified pairs; weights feed micro_lsh)."""
+    return MagnifierNet(**kwargs)
 
 
 @register_model

@@ -31,6 +31,7 @@ _TASK_MODULES = (
     "fer_core.training.tasks.micro",
     "fer_core.training.tasks.dynamic",
     "fer_core.training.tasks.au",
+    "fer_core.training.tasks.magnifier",
 )
 
 

@@ -75,6 +75,23 @@ def clip_key_frames(frames: np.ndarray, onset: int, apex: int, offset: int) -> t
     return onset, int(apex)
 
 
+def load_pretrained_magnifier(model, weights: str) -> None:
+    """Copy a trained ``magnifier`` network's weights (a checkpoint file) into ``model.magnifier``.
+
+    ``weights`` must be a local checkpoint path; a ``models:/fer-magnifier/<version>`` (or ``@alias``)
+    URI is resolved to one by the registry layer before training (fer_core has no MLflow)."""
+    from fer_core.models.micro_lsh import load_magnifier_weights
+    from fer_core.training.checkpoint import load_checkpoint
+
+    if weights.startswith("models:/"):
+        raise ValueError(f"data.magnifier_weights {weights!r} is a registry URI: train through `fer train` "
+                         "(which resolves it) or give a checkpoint path")
+    state = load_checkpoint(Path(weights))
+    if state.get("network") != "magnifier":
+        raise ValueError(f"{weights} is a {state.get('network')!r} checkpoint, not a 'magnifier' one")
+    load_magnifier_weights(model, state["model_state"])
+
+
 def subject_splits(
     manifest: pd.DataFrame,
     val_fraction: float = 0.2,
@@ -152,6 +169,9 @@ class MicroExpressionTask(SingleLabelClassificationTask):
     def build_loss(self, recipe: Recipe, model):
         if recipe.loss_kwargs:
             raise ValueError(f"micro_lsh's cross-entropy takes no loss_kwargs, got {dict(recipe.loss_kwargs)}")
+        weights = recipe.data.get("magnifier_weights")
+        if weights:
+            load_pretrained_magnifier(model, str(weights))
 
         def loss(outputs, targets):
             value = micro_classification_loss(outputs, targets)
