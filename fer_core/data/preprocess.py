@@ -44,6 +44,7 @@ __all__ = [
     "clip_motion",
     "estimate_apex",
     "onset_apex_pair",
+    "register_clip_faces",
     "to_model_input",
 ]
 
@@ -630,6 +631,37 @@ def onset_apex_pair(frames: np.ndarray, onset: int, apex: int) -> np.ndarray:
         if not 0 <= int(index) < len(frames):
             raise ValueError(f"{name}={index} is outside a clip of {len(frames)} frames")
     return np.stack([frames[int(onset)], frames[int(apex)]])
+
+
+def register_clip_faces(
+    frames: np.ndarray,
+    detector: FaceDetector,
+    out_size: int | Sequence[int],
+    reference: int = 0,
+    fallback: int | None = None,
+) -> np.ndarray | None:
+    """Face registration and face-region crop of a whole clip with *one* transform.
+
+    The face is detected on frame ``reference`` (the onset for a micro-expression; ``fallback``,
+    e.g. the apex, is tried when none is found there) and the alignment of :func:`align_face`
+    computed from it is applied to every frame, so all frames share one face frame of reference
+    and the motion between them is kept exactly (a per-frame detection would add its jitter to
+    the few-pixel motion that magnification amplifies). ``None`` when no face is found.
+    """
+    frames = _check_frames(frames)
+    height, width = _size_hw(out_size, "out_size")
+    box = None
+    for index in (reference, fallback):
+        if index is None:
+            continue
+        faces = detector.detect(frames[int(index)])
+        if faces:
+            box = faces[0]
+            break
+    if box is None:
+        return None
+    # the same box gives align_face the same transform for every frame
+    return np.stack([align_face(frame, box, (height, width)) for frame in frames])
 
 
 # ---------------------------------------------------------------------------------------------
