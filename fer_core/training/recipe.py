@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "none")
+SCHEDULERS = ("cosine", "step", "hold_decay_cosine", "none")
 PROFILES = ("quick", "paper")
 
 
