@@ -105,10 +105,16 @@ def bench_micro(tmp: Path, args) -> list[Row]:
                     num_subjects=8)
     rows = []
     arms = (
-        ("before: shared W_Q = W_K (Reformer)", {"model_kwargs.shared_qk": True, "model_kwargs.hash_norm": "none"}),
-        ("separate W_Q, W_K, plain hashing", {"model_kwargs.shared_qk": False, "model_kwargs.hash_norm": "none"}),
-        ("after: separate W_Q, W_K, hashing normalised over frames",
-         {"model_kwargs.shared_qk": False, "model_kwargs.hash_norm": "frames"}),
+        ("before: shared W_Q = W_K (Reformer)",
+         {"model_kwargs.shared_qk": True, "model_kwargs.hash_norm": "none", "model_kwargs.n_hashes": 1}),
+        ("separate W_Q, W_K, plain hashing",
+         {"model_kwargs.shared_qk": False, "model_kwargs.hash_norm": "none", "model_kwargs.n_hashes": 1}),
+        ("separate W_Q, W_K, hashing normalised over frames, 1 round",
+         {"model_kwargs.shared_qk": False, "model_kwargs.hash_norm": "frames", "model_kwargs.n_hashes": 1}),
+        ("separate W_Q, W_K, plain hashing, 8 hash rounds",
+         {"model_kwargs.shared_qk": False, "model_kwargs.hash_norm": "none", "model_kwargs.n_hashes": 8}),
+        ("after: separate W_Q, W_K, normalised hashing, 4 hash rounds (default)",
+         {"model_kwargs.shared_qk": False, "model_kwargs.hash_norm": "frames", "model_kwargs.n_hashes": 4}),
     )
     for arm, overrides in arms:
         recipe = get_recipe("micro_lsh", "quick").with_overrides(

@@ -67,6 +67,7 @@ def test_default_architecture_and_metadata():
     assert model.trunk.num_features == 512 and model.attention.attn_dim == 1024 and model.num_features == 1536
     assert model.attention.q_proj.weight.shape == model.attention.k_proj.weight.shape == (1024, 512)
     assert model.attention.hash_norm == "frames" and meta.extra["lsh_shared_qk"] is False
+    assert model.attention.n_hashes == meta.extra["lsh_hashes"] == 4
     assert model.attention.n_rounds >= 3 and meta.extra["lsh_buckets"] == 2**model.attention.n_rounds
     assert len(meta.extra["magnification_factors"]) == 32
 
@@ -233,6 +234,29 @@ def test_hash_normalisation_matches_the_loop_and_fills_buckets_of_alike_frames(h
         # raw hashing: every query of a sequence has one code, every key another
         codes = attention.bucket_codes(attention.q_proj(features))
         assert (codes == codes[:, :1]).all()
+
+
+def test_several_hashings_attend_pairs_sharing_a_bucket_in_any_of_them():
+    torch.manual_seed(5)
+    multi = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=7, hash_norm="none", n_hashes=3)
+    features = torch.randn(2, 9, 6)
+    with torch.no_grad():
+        q, k = multi.q_proj(features), multi.k_proj(features)
+        got = multi.same_bucket(features)
+        want = torch.zeros_like(got)
+        for planes in [multi.hyperplanes, *multi.extra_hyperplanes]:
+            for b in range(2):
+                for t in range(9):
+                    for u in range(9):
+                        if loop_bucket(q[b, t], planes) == loop_bucket(k[b, u], planes):
+                            want[b, t, u] = True
+    assert torch.equal(got, want)
+    single = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=7, hash_norm="none")
+    torch.testing.assert_close(single.hyperplanes, multi.hyperplanes)  # the first hashing is the seed's, unchanged
+    single.load_state_dict({k: v for k, v in multi.state_dict().items() if k != "extra_hyperplanes"}, strict=False)
+    assert (got >= single.same_bucket(features)).all()  # more rounds only add partners
+    with pytest.raises(ValueError):
+        LSHSelfAttention(dim=6, n_hashes=0)
 
 
 def test_lsh_attention_equals_same_bucket_attention_computed_by_a_loop():
