@@ -44,15 +44,16 @@ pooled), the predictions of every fold's test subject are concatenated and accur
 computed once over the concatenation (the composite protocol, see
 :mod:`fer_core.metrics.classification`); per-fold metrics are returned too.
 
-Profiles. ``shared_qk=True`` in both: with separate W_Q/W_K (the description) the LSH attention was
-measured by the model's author to end training with no query/key pair in a common bucket, so the
-attention outputs zeros and W_Q/W_K/W_V stop learning; tying W_K = W_Q as the Reformer does gives
-every query at least itself as a partner, which keeps the motion branch alive. ``paper`` keeps the
-model defaults (112 px, ResNet-18 at width 64, 32 magnified frames, learned magnifier) with Adam;
-the description gives no optimiser settings, so lr 1e-4, batch 32 and 60 epochs with early
-stopping are our choices. ``quick`` is a CPU-sized version (32 px, width 8, 4 magnified frames).
-The learned magnifier is trained end to end with the classifier; it is not pre-trained on
-magnified pairs (``model_kwargs.freeze_magnifier`` exists for weights trained elsewhere).
+Profiles. Both still set ``shared_qk=True`` (Reformer-style W_K = W_Q, outside the method): it was
+the earlier remedy for LSH queries that found no key in their bucket. The model now keeps separate
+W_Q/W_K and solves that inside the method (hashing standardised over the frames plus 4 independent
+hashings; :mod:`fer_core.models.micro_lsh`, measured in ``bench/fidelity.py``), so the profiles are to
+drop ``shared_qk`` and the paper profile to load the pre-trained magnifier
+(``data.magnifier_weights: models:/fer-magnifier@champion``, ``model_kwargs.freeze_magnifier``) once
+the per-network spec files land (the profile values move there). ``paper`` keeps the model defaults
+(112 px, ResNet-18 at width 64, 32 magnified frames, learned magnifier) with Adam; the description
+gives no optimiser settings, so lr 1e-4, batch 32 and 60 epochs with early stopping are our choices.
+``quick`` is a CPU-sized version (32 px, width 8, 4 magnified frames, linear magnifier).
 """
 
 from __future__ import annotations
