@@ -101,3 +101,13 @@ def test_pretrained_magnifier_beats_linear_magnification_on_held_out_pairs(tmp_p
     result = Trainer(recipe, create_task("magnifier", tmp_path / "prepared", recipe), tmp_path / "run").fit()
     metrics = result.test_metrics
     assert metrics["test/mse"] < 0.5 * metrics["test/mse_linear"], metrics
+
+
+def test_registry_uri_parsing_for_weight_references():
+    from registry.models import parse_model_uri
+
+    assert parse_model_uri("models:/fer-magnifier/3") == ("magnifier", 3, None)
+    assert parse_model_uri("models:/fer-magnifier@champion") == ("magnifier", None, "champion")
+    for bad in ("models:/other/3", "models:/fer-magnifier/x", "/tmp/best.pt"):
+        with pytest.raises(ValueError):
+            parse_model_uri(bad)
