@@ -23,15 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fer_cli.demo import DEMO_SIZES  # noqa: E402
 from fer_core.data.formats import adapt, get_format  # noqa: E402
 from fer_core.models import create_model  # noqa: E402
-from fer_core.training.tasks import create_task, get_recipe, list_networks  # noqa: E402
+from fer_core.models.registry import get_network, list_networks  # noqa: E402
+from fer_core.training.tasks import create_task, get_recipe  # noqa: E402
 from fer_core.training.trainer import Trainer, _collate  # noqa: E402
 
-# The real format each network's generated data is written in.
-FORMAT_FOR = {"ca_resnet": "fer2013", "resnet18": "fer2013", "resnet34": "fer2013", "multitask_fer": "affectnet",
-              "micro_lsh": "casme2", "c3d_ecstfl": "dfew", "au_cotrain": "au_table"}
 
 
 def bare_loop(model, dataset, loss_fn, batch_size: int, steps: int, lr: float) -> float:
@@ -59,9 +56,9 @@ def overhead(network: str, steps: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["FER_HOME"] = str(tmp / "home")
-        fmt = FORMAT_FOR[network]
-        source = get_format(fmt).write_synthetic(tmp / "src", seed=0, size=4 * DEMO_SIZES[fmt])
-        adapt(fmt, source, tmp / "data", name="bench")
+        spec = get_network(network)  # its real data format and demo size
+        source = get_format(spec.data_format).write_synthetic(tmp / "src", seed=0, size=4 * spec.demo_size)
+        adapt(spec.data_format, source, tmp / "data", name="bench")
         recipe = get_recipe(network, "quick").with_overrides({"augment": {}, "epochs": 1, "max_steps_per_epoch": steps})
         task = create_task(network, tmp / "data", recipe)
         probe = Trainer(recipe, task, tmp / "probe")  # builds the datasets; warm their decode caches
@@ -101,9 +98,9 @@ def quick_profiles(networks: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             os.environ["FER_HOME"] = str(tmp / "home")
-            fmt = FORMAT_FOR[network]
-            source = get_format(fmt).write_synthetic(tmp / "src", seed=0, size=DEMO_SIZES[fmt])
-            adapt(fmt, source, tmp / "prepared", name="bench")
+            spec = get_network(network)
+            source = get_format(spec.data_format).write_synthetic(tmp / "src", seed=0, size=spec.demo_size)
+            adapt(spec.data_format, source, tmp / "prepared", name="bench")
             version = DatasetStore().add("bench", tmp / "prepared")
             start = time.perf_counter()
             outcome = train_tracked(network, version.ref, resolve_recipe(network, "quick"), progress=False)
@@ -123,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     overhead(args.network, args.steps, args.repeats)
     if not args.skip_quick:
-        quick_profiles([n for n in list_networks() if n in FORMAT_FOR and not n.startswith("resnet")])
+        quick_profiles(list_networks(default_only=True))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ Task parts (:data:`TASK_PARTS`)::
 ``common``: canonical columns present and non-null, unique ids, task and splits as the card says,
 labels in domain, files exist and decode, image size and channels within :class:`GateBounds`,
 finite pixels, no content in two splits, no subject in train and test (subject-independent cards).
+
+Evaluation-only test sets (card ``provenance["role"] == "test"``, e.g. CK+48 for a network trained
+on FER2013) have no train split and may lack classes, so the class-balance part does not apply to
+them; instead every row must be in the test split. Every other check still runs: a test set with an
+undecodable file, a bad label or a leak is refused like any other.
 """
 
 from __future__ import annotations
@@ -353,6 +358,19 @@ TASK_PARTS: dict[str, tuple[SuitePart, ...]] = {
 }
 
 
+def is_test_set(card: DatasetCard) -> bool:
+    """Whether the card marks an evaluation-only test set."""
+    return str(card.provenance.get("role", "train")) == "test"
+
+
+def _test_set(card: DatasetCard, bounds: GateBounds, columns: set[str]) -> list[gxe.Expectation]:
+    """Evaluation-only sets: every row is a test row (nothing of it may be trained on)."""
+    return [
+        _expect("test_set_only_test_split", gxe.ExpectColumnValuesToBeInSet,
+                "Evaluation-only test set: every row is in the test split.", column="split", value_set=["test"]),
+    ]
+
+
 def build_suite(
     card: DatasetCard, bounds: GateBounds, manifest_columns: Iterable[str], *, has_labels: bool = True
 ) -> gx.ExpectationSuite:
@@ -367,5 +385,7 @@ def build_suite(
     parts = TASK_PARTS[card.task]
     if card.task in UNLABELLED_TASKS and has_labels:
         parts = (*parts, _class_balance)
+    if is_test_set(card):
+        parts = (*(p for p in parts if p is not _class_balance), _test_set)
     expectations = [e for part in parts for e in part(card, bounds, columns)]
     return gx.ExpectationSuite(name=f"{card.name}.{card.task}", expectations=expectations)

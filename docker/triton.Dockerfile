@@ -10,8 +10,10 @@ FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # torch here only supplies the model-metadata classes for pre/post-processing; inference does not
 # use it, so the small CPU build is enough even on a GPU host.
-RUN pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" \
-        "numpy<2" opencv-python-headless pyyaml torch==2.13.0
+# Versions from the platform's lock, like every other environment of the project.
+COPY requirements/constraints.txt /tmp/constraints.txt
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" -c /tmp/constraints.txt \
+        numpy opencv-python-headless pyyaml torch
 COPY fer_core/ /opt/fer/fer_core/
 COPY serving/ /opt/fer/serving/
 # The Python-backend stub ignores PYTHONPATH; the repository's models read this instead.

@@ -7,12 +7,15 @@ Great Expectations gate → DVC version + push. A failed gate adds nothing.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fer_core.errors import UsageError
 
 from fer_cli.main import EXIT_ERROR, CommandError
 
@@ -78,8 +81,12 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"option {pair!r} must look like KEY=VALUE")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
+            raise UsageError(f"option {pair!r} must look like KEY=VALUE")
+        try:
+            options[key.replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"option {key}: {value!r} is not a YAML value "
+                             f"({getattr(exc, 'problem', None) or 'syntax error'})") from None
     return options
 
 
@@ -108,10 +115,10 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate(prepared: Path, docs_dir: Path):
+def _gate(prepared: Path, docs_dir: Path, version=None, store_table: bool = False):
     from data_checks import validate_dataset
 
-    return validate_dataset(prepared, docs_dir=docs_dir)
+    return validate_dataset(prepared, docs_dir=docs_dir, version=version, store_table=store_table)
 
 
 def _print_gate(report) -> None:
@@ -119,6 +126,8 @@ def _print_gate(report) -> None:
     failed = [r for r in report.results if not r.success]
     print(f"data gate {status}: {len(report.results) - len(failed)}/{len(report.results)} expectations "
           f"on {report.num_rows} rows in {report.seconds:.1f}s")
+    if report.run_name:
+        print(f"gate run: {report.run_name}")
     if report.docs_index:
         print(f"Data Docs: {report.docs_index}")
 
@@ -134,7 +143,7 @@ def _adapt_into(staging_root: Path, format_name: str, source: Path, name: str, o
 def _add(args: argparse.Namespace) -> int:
     from data_checks import GateFailed
     from fer_core.workspace import Workspace
-    from registry.datasets import DatasetStore, check_dataset_name
+    from registry.datasets import DataVersionError, DatasetStore, check_dataset_name, content_version
 
     name = check_dataset_name(args.name)
     options = _parse_options(args.option)
@@ -142,27 +151,45 @@ def _add(args: argparse.Namespace) -> int:
         options["drop_cross_split_duplicates"] = True
     workspace = Workspace.from_env().ensure()
     store = DatasetStore(workspace)
-    staging = workspace.dvc_repo / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=staging) as tmp:
-        prepared = _adapt_into(Path(tmp), args.format_name, args.source, name, options)
-        adapted = time.perf_counter()
-        report = _gate(prepared, workspace.gx_docs)
-        _print_gate(report)
-        try:
-            report.raise_for_failure()
-        except GateFailed as exc:
-            raise CommandError(f"{name}: nothing was added.\n{exc}", EXIT_ERROR) from None
-        gated = time.perf_counter()
-        version = store.add(name, prepared, source=str(args.source.resolve()),
-                            extra={"format": args.format_name, "options": options})
+    try:
+        # One add per name at a time: the second waits, then versions its own data.
+        with store.lock(name):
+            store.recover(name)
+            staging = store.staging(name)  # leftovers of a crashed add are removed here
+            try:
+                prepared = _adapt_into(staging, args.format_name, args.source, name, options)
+                adapted = time.perf_counter()
+                # The gate table is stored with the data, and the run is named after the version.
+                report = _gate(prepared, workspace.gx_docs, version=content_version, store_table=True)
+                _print_gate(report)
+                try:
+                    report.raise_for_failure()
+                except GateFailed as exc:
+                    raise CommandError(f"{name}: nothing was added.\n{exc}", EXIT_ERROR) from None
+                gated = time.perf_counter()
+                version = store.add(name, prepared, source=str(args.source.resolve()),
+                                    extra={"format": args.format_name, "options": options,
+                                           "gate_run": report.run_name})
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except (DataVersionError, OSError) as exc:
+        raise CommandError(f"{name}: nothing was added: {_one_line(exc)}", EXIT_ERROR) from None
     done = time.perf_counter()
     print(f"added {version.ref} ({version.num_samples} samples, {version.num_files} files, "
           f"{version.size_bytes / 1e6:.1f} MB)")
     print(f"time: adapt {adapted - start:.1f}s, gate {gated - adapted:.1f}s, "
           f"version+push {done - gated:.1f}s, total {done - start:.1f}s")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """A reason in one line: disk full and other OS errors by their ``strerror``, else the message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -202,9 +229,14 @@ def _list(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     from registry.datasets import DatasetStore, parse_ref
 
+    from registry.datasets import DataVersionError
+
     name, version = parse_ref(args.ref)
     start = time.perf_counter()
-    path = DatasetStore().pull(name, version)
+    try:
+        path = DatasetStore().pull(name, version)
+    except (DataVersionError, OSError) as exc:
+        raise CommandError(f"{args.ref}: {_one_line(exc)}", EXIT_ERROR) from None
     print(f"restored {args.ref} to {path} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Samples per generated dataset: enough for each quick profile to learn well above chance, while the
-# whole demo stays well inside 15 minutes on a 2-core CPU (generation itself takes seconds).
-DEMO_SIZES = {"fer2013": 1400, "affectnet": 1400, "casme2": 320, "dfew": 560, "au_table": 800}
+# Samples per generated dataset: each network spec's ``demo_size`` (enough for its quick profile to
+# learn well above chance, while the whole demo stays well inside 15 minutes on a 2-core CPU).
 DEMO_GATES = {"floor": 0.0, "margin": 0.02, "latency_budget_ms": 1000.0, "smoke_samples": 8, "latency_requests": 20}
 SAMPLES_PER_NETWORK = 3
 
@@ -36,13 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "promote into the embedded Triton, answer a few inference requests through the ensembles and print "
         "where to look (MLflow UI, GX Data Docs, Prefect run, Triton endpoint).",
     )
-    p.add_argument("--networks", "-n", nargs="+", default=None, metavar="NETWORK", help="subset of the five networks")
+    p.add_argument("--networks", "-n", nargs="+", default=None, metavar="NETWORK",
+                   help="subset of the networks (default: every default network spec; see `fer train --list`)")
     p.add_argument("--keep-serving", action="store_true", help="keep Triton running after the demo until Ctrl-C")
     p.set_defaults(func=_demo)
 
 
 def _generate_sources(sources: dict[str, tuple[str, str, str]], networks: list[str]) -> None:
     from fer_core.data.formats import get_format
+    from fer_core.models.registry import get_network
 
     for network in networks:
         _, fmt, path = sources[network]
@@ -50,8 +51,9 @@ def _generate_sources(sources: dict[str, tuple[str, str, str]], networks: list[s
             print(f"  {fmt:10s} {path} (exists, reused)")
             continue
         start = time.perf_counter()
-        get_format(fmt).write_synthetic(Path(path), seed=0, size=DEMO_SIZES[fmt])
-        print(f"  {fmt:10s} {path} ({DEMO_SIZES[fmt]} samples, {time.perf_counter() - start:.1f}s)")
+        size = get_network(network).demo_size
+        get_format(fmt).write_synthetic(Path(path), seed=0, size=size)
+        print(f"  {fmt:10s} {path} ({size} samples, {time.perf_counter() - start:.1f}s)")
 
 
 def _test_samples(dataset: str, count: int) -> list[tuple[Any, str]]:
@@ -105,15 +107,17 @@ def _demo(args: argparse.Namespace) -> int:
     configure_prefect()
     from fer_cli.pipeline import print_rows
     from fer_core.workspace import Workspace
-    from flows.retrain_all import DEFAULT_NETWORKS, default_sources, retrain_all
+    from fer_core.errors import UsageError
+    from flows.retrain_all import default_networks, default_sources, retrain_all
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton
 
     workspace = Workspace.from_env().ensure()
-    networks = list(args.networks or DEFAULT_NETWORKS)
-    unknown = sorted(set(networks) - set(DEFAULT_NETWORKS))
+    networks = list(args.networks or default_networks())
+    known = list(default_sources(workspace))
+    unknown = sorted(set(networks) - set(known))
     if unknown:
-        raise ValueError(f"unknown networks {unknown}; the demo knows {', '.join(DEFAULT_NETWORKS)}")
+        raise UsageError(f"unknown networks {unknown}; the demo knows {', '.join(known)}")
     sources = default_sources(workspace)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -152,7 +156,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  Great Expectations Data Docs:               {docs}")
         print(f"  Prefect flow run {state.state_details.flow_run_id} ({state.name}), table artifact "
               f"'retrain-all-summary': PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start  (UI on :4200)")
-        print(f"  Triton (gRPC {triton.grpc_url}, HTTP {triton.http_url}, metrics {triton.metrics_url});"
+        print(f"  Triton (gRPC {triton.grpc_url}, HTTP off, metrics {triton.metrics_url});"
               " after the demo: fer serve")
         if args.keep_serving:
             print("serving until Ctrl-C ...", flush=True)

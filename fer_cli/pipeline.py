@@ -46,19 +46,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from fer_core.models.registry import list_networks
+    from fer_core.training.recipe import PROFILES
+
     p.add_argument("--networks", "-n", nargs="+", default=None, metavar="NETWORK",
-                   help="networks to retrain (default: ca_resnet multitask_fer micro_lsh c3d_ecstfl au_cotrain)")
-    p.add_argument("--profile", "-p", default="quick", choices=("quick", "paper"),
+                   help=f"networks to retrain (default: {' '.join(list_networks(default_only=True))}; "
+                   f"all: {' '.join(list_networks())})")
+    p.add_argument("--profile", "-p", default="quick", choices=PROFILES,
                    help="recipe profile (quick: CPU-sized; paper: the source methods' settings, for a GPU)")
 
 
 def _check_networks(networks: list[str] | None) -> None:
     if networks:
-        from fer_core.training.tasks import list_networks
+        from fer_core.errors import UsageError
+        from fer_core.models.registry import list_networks
 
         unknown = sorted(set(networks) - set(list_networks()))
         if unknown:
-            raise ValueError(f"unknown networks {unknown}; trainable: {', '.join(list_networks())}")
+            raise UsageError(f"unknown networks {unknown}; trainable: {', '.join(list_networks())}")
 
 
 def print_rows(rows: list[dict[str, str]]) -> None:
@@ -93,7 +98,9 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     _check_networks(args.networks)
     if args.interval is not None and args.interval <= 0:
-        raise ValueError(f"--interval must be > 0 seconds, got {args.interval}")
+        from fer_core.errors import UsageError
+
+        raise UsageError(f"--interval must be > 0 seconds, got {args.interval}")
     from flows import configure_prefect, prefect_home
     from flows.local_server import LocalPrefectServer
 

@@ -1,8 +1,11 @@
 """``fer register`` / ``fer promote`` / ``fer rollback`` / ``fer models``: the registry ↔ serving commands.
 
 Promotion and rollback talk to a running Triton at ``--url`` (or ``$FER_TRITON_URL``) that serves
-the workspace's model repository; without one they start the embedded Triton over that repository
-for the duration of the command, which leaves the repository ready for ``fer serve``.
+the workspace's model repository, else to the running ``fer serve`` of the workspace (found by its
+state file, see :mod:`serving.live`); only when neither exists do they start the embedded Triton over
+that repository for the duration of the command, which leaves the repository ready for ``fer serve``.
+``fer models`` reports what that Triton actually serves (its repository index), and the alerts of
+``fer serve``'s reconciliation loop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from fer_cli.main import EXIT_ERROR, CommandError
+from fer_cli.main import EXIT_ERROR, EXIT_SERVICE, CommandError
 
 TRITON_URL_ENV = "FER_TRITON_URL"
 
@@ -96,19 +99,29 @@ def _repository(args: argparse.Namespace):
 
 @contextlib.contextmanager
 def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
-    """The URL of the Triton to use: ``--url``, ``$FER_TRITON_URL``, or an embedded one started now."""
+    """The URL of the Triton to use: ``--url``, ``$FER_TRITON_URL``, the running ``fer serve`` of this
+    workspace, or (when none runs) an embedded one started for the command. Never a private Triton
+    while ``fer serve`` runs: the live server is the one whose answers must change."""
+    from serving.live import find_live
     from serving.server import EmbeddedTriton, ServingError
 
     url = args.url or os.environ.get(TRITON_URL_ENV)
     if url:
         yield url
         return
+    live, why = find_live(repository)
+    if why:
+        raise CommandError(why, EXIT_ERROR)
+    if live is not None:
+        print(f"acting on the running `fer serve` (pid {live.pid}) at {live.grpc_url}")
+        yield live.grpc_url
+        return
     repository.root.mkdir(parents=True, exist_ok=True)
     server = EmbeddedTriton(repository, workspace.root / "triton", models=repository.load_order())
     try:
         server.start(strict=False)
     except ServingError as exc:
-        raise CommandError(f"cannot start the embedded Triton: {exc}", EXIT_ERROR) from None
+        raise CommandError(f"cannot start the embedded Triton: {exc}", EXIT_SERVICE) from None
     for model, error in server.load_failures.items():
         print(f"warning: {model} did not load: {error}", file=sys.stderr)
     print(f"started the embedded Triton at {server.grpc_url} for this command (log {server.log_path})")
@@ -173,32 +186,50 @@ def _models(args: argparse.Namespace) -> int:
     from registry.promotion import models
     from serving.server import ServingError
 
+    from serving.live import find_live
+
     workspace, repository = _repository(args)
+    url = args.url or os.environ.get(TRITON_URL_ENV)
+    live, why = (None, "") if url else find_live(repository)
+    if live is not None:
+        url = live.grpc_url
     try:
-        statuses = models(triton=args.url or os.environ.get(TRITON_URL_ENV), repository=repository,
-                          workspace=workspace)
+        statuses = models(triton=url, repository=repository, workspace=workspace)
     except ServingError as exc:
         raise CommandError(str(exc), EXIT_ERROR) from None
-    if args.json:
+    alerts = list(live.alerts) if live is not None else []
+    if args.json:  # the list of networks, as before; alerts go to stderr
+        for alert in alerts:
+            print(f"alert: {alert}", file=sys.stderr)
         print(json.dumps([s.to_dict() for s in statuses], indent=2))
         return 0
+    print(f"Triton: {url} ({'fer serve pid ' + str(live.pid) if live else 'as given'})" if url else
+          f"Triton: none running{' (' + why + ')' if why else ''}; nothing is served")
+    for alert in alerts:
+        print(f"alert: {alert}")
     if not statuses:
         print("no registered models yet: train, then `fer register NETWORK --run RUN_ID`")
         return 0
     print(f"{'network':14s} {'ver':>4s}  {'aliases':20s} {'primary metric':22s} {'data':22s} {'parity':7s} served")
     for s in statuses:
-        served = s.triton_served if s.triton_served is not None else s.repository_served
-        where = "Triton" if s.triton_served is not None else "repository"
+        # What Triton reports, never what the repository's files say (those are not proof of serving).
+        served = s.triton_served if s.triton_served is not None else ()
         for v in s.versions or ():
             metric = f"{v.tags.get('primary_metric', '-')} {v.tags.get('primary_metric_value', '')}".strip()
             data = v.tags.get("data_version", "-")
             data = data.split("@")[0] + "@" + data.split("@")[1][:12] if "@" in data else data
-            mark = "yes" + (" (ensemble)" if v.version == s.repository_champion else "") if v.version in served else ""
+            mark = "yes" + (" (ensemble)" if v.version == s.repository_champion and s.ensemble_ready else "") \
+                if v.version in served else ""
             print(f"{s.network:14s} {v.version:4d}  {','.join(v.aliases) or '-':20s} {metric:22s} {data:22s} "
                   f"{v.tags.get('parity_passed', '-'):7s} {mark}")
         unregistered = sorted(set(s.repository_versions) - {v.version for v in s.versions})
         if unregistered:
             print(f"{s.network:14s} versions {unregistered} are in the repository but not registered")
-        print(f"{s.network:14s} {where} serves {list(served) or 'nothing'}; ensemble pinned to "
-              f"{s.repository_champion if s.repository_champion is not None else '-'}")
+        if s.triton_served is None:
+            print(f"{s.network:14s} not served (no Triton); the repository pins "
+                  f"{s.repository_champion if s.repository_champion is not None else '-'}")
+        else:
+            print(f"{s.network:14s} Triton serves {list(served) or 'nothing'}; ensemble "
+                  f"{'READY' if s.ensemble_ready else 'NOT READY'}, pinned to "
+                  f"{s.repository_champion if s.repository_champion is not None else '-'}")
     return 0

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from fer_cli.main import EXIT_ERROR, CommandError
+from fer_core.errors import StateError, UsageError
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port 1..65535 (argparse turns the ValueError into a usage error)."""
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,39 +41,68 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="after training: export to ONNX, check parity against PyTorch and register the run "
                    "as a new version of fer-NETWORK (alias challenger); promote it with `fer promote`")
     p.add_argument("--list", action="store_true", help="list trainable networks and their profiles")
+    p.add_argument("--protocol", choices=("single", "loso", "kfold"), default="single",
+                   help="single: one run (default); loso: leave-one-subject-out for micro-expression data, one "
+                   "parent MLflow run with a child run per subject and pooled UF1/UAR, resumable fold by fold; "
+                   "kfold: data with folds (DFEW), a child run per fold, mean ± std of the test metrics")
+    p.add_argument("--folds", type=int, default=5, help="number of folds for --protocol kfold (DFEW: 5)")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved recipe (profile + --config + --set) as YAML and exit; needs no --data")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for reviewing runs",
                        description="Serve the workspace's MLflow store (runs, plots, models, registry).")
     p.add_argument("--host", default=None,
                    help="bind address (default: FER_BIND_HOST, else 127.0.0.1; expose with care, see README)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=port_number, default=5000, help="TCP port 1-65535 (default 5000)")
     p.set_defaults(func=_ui)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from fer_core.models.registry import network_specs
     from fer_core.training.recipe import parse_set_options
-    from fer_core.training.tasks import get_task_spec, list_networks
+    from fer_core.training.tasks import get_task_kind
 
     if args.list:
-        for network in list_networks():
-            spec = get_task_spec(network)
-            print(f"{network:16s} trains on {spec.data_task:8s} data; profiles: {', '.join(sorted(spec.profiles))}")
+        for spec in network_specs():
+            kind = get_task_kind(spec.task)
+            print(f"{spec.name:16s} task {spec.task:9s} trains on {kind.data_task:7s} data (default source "
+                  f"{spec.data_format}); profiles: {', '.join(spec.profile_names)}; metric {spec.primary_metric}")
         return 0
-    if not args.network or not args.data:
-        raise ValueError("give a NETWORK and --data NAME@VERSION (see `fer train --help`)")
-
-    from registry.training import RunExistsError, resolve_recipe, train_tracked
+    if not args.network:
+        raise UsageError("give a NETWORK (see `fer train --list`)")
+    from registry.training import resolve_recipe
 
     recipe = resolve_recipe(args.network, args.profile, args.config, parse_set_options(args.overrides))
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    if not args.data:
+        raise UsageError("give --data NAME@VERSION (see `fer train --help`)")
+
+    if args.protocol == "loso":
+        return _train_loso(args, recipe)
+    if args.protocol == "kfold":
+        return _train_kfold(args, recipe)
+    from registry.training import RunBusyError, RunExistsError, train_tracked
+
     try:
         outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
     except RunExistsError as exc:
-        raise CommandError(f"{exc} (pass --resume to continue it)", EXIT_ERROR) from None
-    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir)
+        raise StateError(f"{exc} (pass --resume to continue it)") from None
+    except RunBusyError as exc:
+        raise StateError(str(exc)) from None
+    from registry.datasets import DatasetStore, parse_ref
+    from registry.training import measured_on
+
+    source_format = DatasetStore().get(*parse_ref(outcome.data_ref)).source_format
+    _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir,
+                   measured_on(source_format, outcome.result.test_metrics))
     if args.register:
         if args.no_track:
-            raise ValueError("--register needs the MLflow run: drop --no-track")
+            raise UsageError("--register needs the MLflow run: drop --no-track")
         from registry.export import export_and_register
 
         version = export_and_register(outcome)
@@ -72,16 +111,62 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path) -> None:
+def _train_loso(args: argparse.Namespace, recipe) -> int:
+    from fer_core.models.registry import get_network
+
+    if get_network(args.network).task != "micro":
+        raise UsageError(f"--protocol loso is for micro-expression networks; {args.network} is not one")
+    if args.register or args.no_track:
+        raise UsageError("--protocol loso is always tracked and registers nothing: drop --register/--no-track")
+    from registry.protocols import train_loso
+
+    outcome = train_loso(args.network, args.data, recipe)
+    print(f"\nleave-one-subject-out: {len(outcome.per_fold)} folds"
+          + (f" ({len(outcome.resumed_folds)} kept from an earlier run)" if outcome.resumed_folds else ""))
+    print(f"  {'subject':10s} {'accuracy':>8s} {'UAR':>8s} {'UF1':>8s}")
+    for subject, m in outcome.per_fold.items():
+        print(f"  {subject:10s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
+    p = outcome.pooled
+    print(f"  {'pooled':10s} {p['accuracy']:8.4f} {p['uar']:8.4f} {p['uf1']:8.4f}")
+    print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
+    return 0
+
+
+def _train_kfold(args: argparse.Namespace, recipe) -> int:
+    if args.folds < 2:
+        raise UsageError(f"--folds must be >= 2, got {args.folds}")
+    if args.register or args.no_track:
+        raise UsageError("--protocol kfold is always tracked and registers nothing: drop --register/--no-track")
+    from registry.protocols import train_kfold
+
+    outcome = train_kfold(args.network, args.data, recipe, folds=args.folds)
+    print(f"\n{args.folds}-fold cross-validation")
+    print(f"  {'fold':8s} {'UAR':>8s} {'WAR':>8s}")
+    for fold, m in outcome.per_fold.items():
+        print(f"  {fold:<8d} {m.get('uar', float('nan')):8.4f} {m.get('war', float('nan')):8.4f}")
+    for key in ("uar", "war"):
+        if key in outcome.mean:
+            print(f"  {key.upper()} {outcome.mean[key]:.4f} ± {outcome.std[key]:.4f}")
+    print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
+    return 0
+
+
+def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_dir: Path,
+                   measured: str = "") -> None:
     final = result.final_metrics
     rows = [("network", network), ("data", data_ref), ("epochs run", str(result.epochs_run)),
-            ("best epoch", str(result.best_epoch + 1)), ("stopped early", str(result.stopped_early))]
+            ("best epoch", str(result.best_epoch + 1) if result.best_epoch >= 0
+             else "none (no best.pt: metrics below are of the last epoch's weights)"),
+            ("stopped early", str(result.stopped_early))]
     rows += [(k, f"{v:.4f}") for k, v in sorted(final.items()) if k.startswith("val/") and k.count("/") == 1]
     # The final evaluation (best weights) on the test split, or on val when there is no test split.
-    rows += [(f"{k} (best)" if k in final else k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items())
+    mark = " (best)" if result.best_epoch >= 0 else " (last)"
+    rows += [(f"{k}{mark}" if k in final else k, f"{v:.4f}") for k, v in sorted(result.test_metrics.items())
              if k.count("/") == 1]
+    if measured:
+        rows.append(("measured on", measured))
     rows += [("throughput", f"{final.get('throughput/samples_per_s', 0):.1f} samples/s"),
-             ("checkpoint", str(result.best_checkpoint))]
+             ("checkpoint", str(result.best_checkpoint if result.best_epoch >= 0 else result.last_checkpoint))]
     if run_id:
         rows.append(("mlflow run", run_id))
     width = max(len(k) for k, _ in rows)
@@ -93,21 +178,58 @@ def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from fer_core.settings import Settings
     from fer_core.workspace import Workspace
     from registry.tracking import tracking_uri
-
-    from fer_core.settings import Settings
 
     workspace = Workspace.from_env().ensure()
     uri = tracking_uri(workspace)
     host = args.host or Settings.load().bind_host
-    workspace.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts = workspace.mlflow_artifacts.resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("mlflow")
+    # --artifacts-destination: uploads through the server's artifact proxy land in the workspace
+    # (MLflow's default is ./mlartifacts under whatever folder `fer ui` was started from).
     cmd = [str(exe) if exe.exists() else "mlflow", "server", "--backend-store-uri", uri,
-           "--default-artifact-root", workspace.mlflow_artifacts.resolve().as_uri(),
+           "--default-artifact-root", artifacts.as_uri(), "--artifacts-destination", artifacts.as_uri(),
            "--host", host, "--port", str(args.port), "--workers", "1"]
     print(f"MLflow UI on http://{host}:{args.port}  (store {uri}); Ctrl-C stops it", flush=True)
+    # Its own process group, started in the workspace: on Ctrl-C or SIGTERM (raised here as
+    # KeyboardInterrupt by fer's handler) the whole group goes, uvicorn's workers included.
+    server = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                              cwd=workspace.mlflow_db.parent, start_new_session=True)
     try:
-        return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM the process group of ``process`` (its own session), SIGKILL it if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return  # the group is gone
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: kill it now
+            continue
+        # the leader exited; give the rest of its group (uvicorn workers) a moment, then end them too
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            time.sleep(0.2)
+        if not _group_alive(process.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

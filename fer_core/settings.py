@@ -36,6 +36,11 @@ import yaml
 
 ENV_PREFIX = "FER_"
 CONFIG_ENV = "FER_CONFIG"
+# MLflow's own variable is honoured below FER_TRACKING_URI and the config file. ``mlflow.set_tracking_uri``
+# also writes it, so the platform records what it wrote in MLFLOW_URI_SET_ENV (inherited by child
+# processes): a value equal to that one is the platform's own, not the user's, and is ignored.
+MLFLOW_TRACKING_ENV = "MLFLOW_TRACKING_URI"
+MLFLOW_URI_SET_ENV = "FER_MLFLOW_URI_SET_BY_PLATFORM"
 DEFAULT_HOME = ".fer"
 DEFAULT_BIND_HOST = "127.0.0.1"
 FACE_DETECTION_MODES = ("off", "haar")
@@ -116,6 +121,10 @@ class Settings:
             return None
 
         home = Path(pick("home") or DEFAULT_HOME).expanduser().resolve()
+        mlflow_uri = env.get(MLFLOW_TRACKING_ENV, "")
+        if mlflow_uri and mlflow_uri != env.get(MLFLOW_URI_SET_ENV) and "tracking_uri" not in from_env \
+                and "tracking_uri" not in from_file:
+            from_env["tracking_uri"] = mlflow_uri  # the user's MLFLOW_TRACKING_URI: lowest explicit precedence
         tracking = pick("tracking_uri") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
         values = {
             "home": home,

@@ -7,9 +7,19 @@ so deleting the folder resets the platform.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+
+
+# What the platform writes is its owner's only: `fer` and the flows set this umask at start.
+PRIVATE_UMASK = 0o077
+
+
+class WorkspaceNotWritable(PermissionError):
+    """The workspace folder cannot be created or written by this process (``filename``: the folder)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,14 @@ class Workspace:
         return self.root / "runs"
 
     def ensure(self) -> "Workspace":
-        """Create the root folder (sub-folders are created by their owners)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the root folder (sub-folders are created by their owners); the caller will write
+        into it, so a workspace this process cannot write raises :class:`WorkspaceNotWritable`."""
+        hint = "set FER_HOME to a folder you can write"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkspaceNotWritable(errno.EACCES, f"{exc.strerror}; {hint}", str(self.root)) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise WorkspaceNotWritable(errno.EACCES, f"the workspace is read-only or not yours; {hint}",
+                                       str(self.root))
         return self

@@ -15,19 +15,41 @@ itself imports nothing heavy.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from fer_core.settings import Settings
+from fer_core.workspace import PRIVATE_UMASK
 
-# Prefect's own variables: we only set defaults, so anything a user exported wins.
+# Prefect's own variables: we only set defaults, so anything a user exported wins. Prefect's log
+# level stays INFO: flow and task runs send their INFO logs to the API, which the UI shows.
 _QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
     # A fresh SQLite database migrates for 10-30 s on a busy 2-core machine before the temporary
     # server answers; Prefect's default start-up timeout is too tight for that.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
+
+
+# Libraries whose INFO chatter (HTTP requests, migrations, GX/DVC internals) would drown the flow
+# runs' own logs; WARNING and above still get through.
+NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "alembic", "botocore", "s3fs", "fsspec", "asyncio",
+                 "great_expectations", "dvc", "dvc_data", "dvc_objects", "mlflow", "matplotlib", "filelock",
+                 "numexpr", "PIL", "uvicorn", "docket", "onnxscript", "torch.onnx")
+
+
+def quiet_libraries() -> None:
+    """Raise the noisy libraries' loggers to WARNING (idempotent; runs when ``flows`` is imported,
+    so flow runs started by a worker get it too)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_libraries()
+# A flow run started by a worker never passes through `fer`'s entry point: the same private umask
+# for what the flows write, for any process that imports them.
+os.umask(PRIVATE_UMASK)
 
 
 def prefect_home(settings: Settings | None = None) -> Path:

@@ -7,8 +7,11 @@ reports ``unchanged``. So a failed run, re-run, resumes: finished networks are s
 interrupted training continues from its checkpoint (``resume=True``), and a version whose promotion
 was already decided gets the persisted decision back instead of a second evaluation.
 
-Networks run one after another (they share the CPUs); a network that fails (e.g. its data gate)
-does not stop the others, but the flow ends Failed after publishing the table.
+Data and cache checks run network by network; then the trainings: in-process one after another
+(embedded default, they share the CPUs), or, on a Prefect server with the ``train/train``
+deployment on a work pool, all at once as that deployment's flow runs, so the pool's workers train
+in parallel (``flows.dispatch``); then the promotions one at a time. A network that fails (e.g. its
+data gate) does not stop the others, but the flow ends Failed after publishing the summary.
 """
 
 from __future__ import annotations
@@ -17,30 +20,31 @@ from typing import Any
 
 from prefect import flow
 
+from fer_core.models.registry import list_networks, network_specs
 from fer_core.settings import Settings
 from fer_core.workspace import Workspace
 from flows.ingest import ingest
 from flows.promote import promote
-from flows.tasks import champion_of, find_trained_version, publish_table, recipe_for, start_triton, stop_triton
+from flows.dispatch import submit_training, train_on_pool, wait_for
+from flows.tasks import (champion_of, data_docs_link, evaluate_version, find_trained_version, mlflow_links,
+                         publish_summary, recipe_for, start_triton, stop_triton, test_sets_for)
 from flows.train import train
 
-DEFAULT_NETWORKS = ("ca_resnet", "multitask_fer", "micro_lsh", "c3d_ecstfl", "au_cotrain")
-# Network -> (dataset name, data format) of the default sources: data in each network's real format,
-# expected under <FER_HOME>/sources/<format> (`fer demo` generates it there).
-DEFAULT_DATASETS: dict[str, tuple[str, str]] = {
-    "ca_resnet": ("fer2013", "fer2013"),
-    "multitask_fer": ("affectnet", "affectnet"),
-    "micro_lsh": ("casme2", "casme2"),
-    "c3d_ecstfl": ("dfew", "dfew"),
-    "au_cotrain": ("au-cotrain", "au_table"),
-}
+# The default networks and their sources come from the network specs (fer_core.models.registry):
+# data in each network's real format, expected under <FER_HOME>/sources/<format> (`fer demo`
+# generates it there).
 TABLE_KEY = "retrain-all-summary"
 
 
 def default_sources(workspace: Workspace | None = None) -> dict[str, tuple[str, str, str]]:
     """Network -> (dataset name, format, source path) under ``<FER_HOME>/sources``."""
     workspace = workspace or Workspace.from_env()
-    return {net: (name, fmt, str(workspace.root / "sources" / fmt)) for net, (name, fmt) in DEFAULT_DATASETS.items()}
+    return {s.name: (s.dataset, s.data_format, str(workspace.root / "sources" / s.data_format)) for s in network_specs()}
+
+
+def default_networks() -> list[str]:
+    """The networks retrained when none are given: every registered spec with ``default=True``."""
+    return list_networks(default_only=True)
 
 
 def _version_text(version: Any) -> str:
@@ -54,6 +58,22 @@ def _failure(state: Any) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[:600]
 
 
+def _evaluate_champion(network: str, version: int) -> str:
+    """Evaluate a newly promoted champion (in-process ONNX) on every registered test set of its task.
+
+    A failed evaluation is reported in the summary, never undoes the promotion: the gates decided it.
+    """
+    results = []
+    for ref in test_sets_for(network):
+        state = evaluate_version(network, version, ref, return_state=True)
+        if state.is_failed():
+            results.append(f"{ref.split('@')[0]}: failed ({_failure(state)})")
+        else:
+            metrics = state.result()["metrics"]
+            results.append(f"{ref.split('@')[0]}: UAR {metrics['uar']:.3f} WAR {metrics['war']:.3f}")
+    return "; ".join(results) or "none registered"
+
+
 @flow(name="retrain_all", log_prints=True)
 def retrain_all(
     networks: list[str] | None = None,
@@ -62,31 +82,40 @@ def retrain_all(
     overrides: dict[str, dict[str, Any]] | None = None,
     gates: dict[str, dict[str, Any]] | None = None,
     triton_url: str | None = None,
+    dispatch: str = "auto",
 ) -> list[dict[str, str]]:
-    """Retrain and promote ``networks`` (default: all five); returns the summary rows.
+    """Retrain and promote ``networks`` (default: :func:`default_networks`); returns the summary rows.
 
     ``sources``: network -> (dataset name, format, source path), over :func:`default_sources`.
     ``overrides``: network -> recipe overrides. ``gates``: network -> ``PromotionGates`` fields.
     ``triton_url``: Triton to promote into (default ``FER_TRITON_URL``, else an embedded server).
+    ``dispatch``: ``pool`` trains each network as its own ``train/train`` flow run on the work pool
+    (parallel over workers), ``local`` as in-process sub-flows, ``auto`` the pool when Prefect runs
+    on a server with that deployment (``flows.dispatch``).
     """
     workspace = Workspace.from_env().ensure()
-    networks = list(networks or DEFAULT_NETWORKS)
+    networks = list(networks or default_networks())
     sources = {**default_sources(workspace), **{k: tuple(v) for k, v in (sources or {}).items()}}
     unknown = [n for n in networks if n not in sources]
     if unknown:
         raise ValueError(f"no data source configured for {unknown}; pass sources={{network: (name, format, path)}}")
     overrides, gates = overrides or {}, gates or {}
     url = triton_url or Settings.load().triton_url
+    on_pool = train_on_pool(dispatch)
     server = None
     rows: list[dict[str, str]] = []
     failed: list[str] = []
+    todo: dict[str, dict[str, Any]] = {}  # network -> what its promotion step needs
     try:
+        # 1. data and cache, network by network (cheap)
         for network in networks:
             name, fmt, path = sources[network]
             row = {"network": network, "data version": "", "metric": "", "champion before": "",
-                   "champion after": "", "decision": ""}
+                   "champion after": "", "decision": "", "test sets": "", "mlflow run": "", "model version": "",
+                   "data docs": ""}
             rows.append(row)
             data_state = ingest(name, fmt, path, return_state=True)
+            row["data docs"] = data_docs_link(workspace.gx_docs)
             if data_state.is_failed():
                 row["decision"] = f"failed: ingest: {_failure(data_state)}"
                 failed.append(network)
@@ -97,15 +126,39 @@ def retrain_all(
             row["champion before"] = row["champion after"] = _version_text(before)
             recipe = recipe_for(network, profile, overrides.get(network))
             version = find_trained_version(network, data.ref, recipe)
-            retrained = version is None
-            if retrained:
-                train_state = train(network, data.ref, profile, overrides.get(network), return_state=True)
-                if train_state.is_failed():
-                    row["decision"] = f"failed: train: {_failure(train_state)}"
-                    failed.append(network)
+            todo[network] = {"row": row, "data": data, "before": before, "recipe": recipe,
+                             "version": version, "retrained": version is None}
+        # 2. training: on the pool, every network's own flow run at once; else one after another
+        pending = [n for n, t in todo.items() if t["version"] is None]
+        if on_pool and pending:
+            runs = {n: submit_training(n, todo[n]["data"].ref, profile, overrides.get(n)) for n in pending}
+            print(f"training {', '.join(pending)} as flow runs of train/train on the work pool")
+            states = wait_for(list(runs.values()))
+            for network, run_id in runs.items():
+                state, item = states[run_id], todo[network]
+                if state.type.value != "COMPLETED":
+                    item["error"] = f"failed: train: flow run {run_id} {state.name}: {state.message or ''}".strip()
                     continue
-                version = train_state.result()
+                item["version"] = find_trained_version(network, item["data"].ref, item["recipe"])
+                if item["version"] is None:
+                    item["error"] = f"failed: train: flow run {run_id} completed but registered no version"
+        else:
+            for network in pending:
+                item = todo[network]
+                train_state = train(network, item["data"].ref, profile, overrides.get(network), return_state=True)
+                if train_state.is_failed():
+                    item["error"] = f"failed: train: {_failure(train_state)}"
+                else:
+                    item["version"] = train_state.result()
+        # 3. promotion, one network at a time
+        for network, item in todo.items():
+            row, before, version = item["row"], item["before"], item["version"]
+            if "error" in item:
+                row["decision"] = item["error"]
+                failed.append(network)
+                continue
             row["metric"] = f"{version.tags.get('primary_metric', '?')}={version.tags.get('primary_metric_value', '?')}"
+            row["mlflow run"], row["model version"] = mlflow_links(version)
             if before is not None and before.version == version.version:
                 row["decision"] = "unchanged"
                 continue
@@ -120,14 +173,16 @@ def retrain_all(
                 failed.append(network)
                 continue
             result = promo_state.result()
-            if not retrained and (after and after.version) == (before and before.version):
+            if not item["retrained"] and (after and after.version) == (before and before.version):
                 row["decision"] = "unchanged"  # this version's promotion was decided by an earlier run
             elif result.promoted:
                 row["decision"] = f"promoted v{version.version}"
+                row["test sets"] = _evaluate_champion(network, version.version)
             else:
                 row["decision"] = f"kept champion (v{version.version} refused by {', '.join(g.name for g in result.failed)})"
-        publish_table(rows, TABLE_KEY, f"retrain_all ({profile} profile): data version, primary metric, "
-                      "champion before/after and the decision per network")
+        publish_summary(rows, TABLE_KEY, f"retrain_all ({profile} profile): data version, primary metric, "
+                        "champion before/after, the decision and links to the MLflow run, the model "
+                        "version and the Data Docs of each network")
     finally:
         if server is not None:
             stop_triton(server)

@@ -16,21 +16,21 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from data_checks import GateReport, validate_dataset
 from fer_core.data import formats
 from fer_core.training.recipe import Recipe
-from fer_core.workspace import Workspace
 from flows import cache
+from flows.dispatch import promotion_slot
 from registry import models as reg
 from registry import promotion
 from registry.datasets import DatasetStore, DatasetVersion
 from registry.export import export_and_register
 from registry.training import TrainOutcome, resolve_recipe, train_tracked
 from serving.repository import ModelRepository
-from serving.server import EmbeddedTriton, TritonEndpoint
+from serving.server import EmbeddedTriton, TritonEndpoint, control_key
 
 
 def _busy(task, task_run, state) -> bool:
@@ -131,22 +131,27 @@ def stop_triton(server: EmbeddedTriton) -> None:
 
 
 def _promotion_key(context, parameters: Mapping[str, Any]) -> str:
+    # No path in the key: it must mean the same on every worker and checkout. The MLflow run id is
+    # a UUID, so it already tells apart the same version number in two registries.
     version: reg.ModelVersion = parameters["version"]
-    return f"promote-{version.network}-v{version.version}-{version.run_id}-{Workspace.from_env().root}"
+    return f"promote-{version.network}-v{version.version}-{version.run_id}"
 
 
 @task(name="promote-version", retries=3, retry_delay_seconds=10, retry_condition_fn=_busy,
       cache_key_fn=_promotion_key, persist_result=True)
 def promote_version(version: reg.ModelVersion, gates: Mapping[str, Any], triton_url: str) -> promotion.PromotionResult:
-    """Gated promotion (gates → install beside the champion → Triton smoke + latency → switch → aliases)."""
-    return promotion.promote(version.network, version.version, gates=promotion.PromotionGates(**dict(gates)),
-                             triton=triton_url)
+    """Gated promotion (gates → install beside the champion → Triton smoke + latency → switch → aliases),
+    under the network's global concurrency limit when Prefect runs on a server (``flows.dispatch``)."""
+    with promotion_slot(version.network):
+        return promotion.promote(version.network, version.version, gates=promotion.PromotionGates(**dict(gates)),
+                                 triton=triton_url)
 
 
 @task(name="ensemble-ready", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def ensemble_serves(network: str, version: int, triton_url: str) -> bool:
     """Is ``<network>_ensemble`` ready and is ``version`` the network version Triton serves?"""
-    endpoint = TritonEndpoint(triton_url)
+    key = control_key(Workspace.from_env().triton_repository.parent)  # the repository index needs the key
+    endpoint = TritonEndpoint(triton_url, key=key)
     try:
         return endpoint.model_ready(f"{network}_ensemble") and version in endpoint.served_versions(network)
     finally:
@@ -169,7 +174,75 @@ def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retr
     return run_tracked_au_rounds(data_ref, recipe, rounds, gamma=gamma, retrain=retrain, round_epochs=round_epochs)
 
 
+@task(name="test-sets", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def test_sets_for(network: str) -> list[str]:
+    """Registered evaluation-only test sets of the network's data task."""
+    from fer_core.models.registry import get_network
+    from fer_core.training.tasks import get_task_kind
+    from registry.evaluation import registered_test_sets
+
+    return registered_test_sets(get_task_kind(get_network(network).task).data_task)
+
+
+@task(name="evaluate-version", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_version(network: str, version: int, data_ref: str, triton_url: str | None = None) -> dict[str, Any]:
+    """``fer evaluate``: one MLflow evaluation run of a version on a dataset; returns its JSON summary."""
+    from registry.evaluation import evaluate
+
+    return evaluate(network, data_ref, version=version, url=triton_url).to_dict()
+
+
+@task(name="train-loso", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_loso_protocol(network: str, data_ref: str, recipe: Recipe,
+                        subjects: list[str] | None = None) -> dict[str, Any]:
+    """Leave-one-subject-out, tracked; a retry resumes with the first fold not finished."""
+    import dataclasses
+
+    from registry.protocols import train_loso
+
+    return dataclasses.asdict(train_loso(network, data_ref, recipe, subjects=subjects))
+
+
 @task(name="publish-table", cache_policy=NO_CACHE)
 def publish_table(rows: list[dict[str, Any]], key: str, description: str) -> None:
     """A Prefect table artifact (shown on the flow run's page)."""
     create_table_artifact(rows, key=key, description=description)
+
+
+# The MLflow UI of the embedded default (`fer ui`'s address) when the tracking URI is no server.
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
+LINK_COLUMNS = ("mlflow run", "model version", "data docs")
+
+
+@task(name="mlflow-links", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def mlflow_links(version: reg.ModelVersion) -> tuple[str, str]:
+    """UI addresses of the version's MLflow run and of the registered version itself: the tracking
+    server's own UI, or ``fer ui``'s default address for the embedded SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+
+    uri = setup_tracking()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
+    experiment = MlflowClient().get_run(version.run_id).info.experiment_id
+    return (f"{base}/#/experiments/{experiment}/runs/{version.run_id}",
+            f"{base}/#/models/{reg.registered_name(version.network)}/versions/{version.version}")
+
+
+def data_docs_link(gx_docs: Path) -> str:
+    """The Data Docs index of the workspace's GX project (every validation run, newest first)."""
+    return (Path(gx_docs) / "uncommitted" / "data_docs" / "local_site" / "index.html").resolve().as_uri()
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    """The summary as a Prefect markdown artifact: one table row per network, the MLflow run, model
+    version and Data Docs as links (the UI renders markdown links; table artifacts show plain text)."""
+    columns = [c for c in rows[0] if c not in LINK_COLUMNS] if rows else []
+    header = columns + ["links"]
+    lines = [f"**{description}**", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        links = " · ".join(f"[{c}]({row[c]})" for c in LINK_COLUMNS if row.get(c))
+        cells = [str(row.get(c, "")).replace("|", "\\|") for c in columns] + [links]
+        lines.append("| " + " | ".join(cells) + " |")
+    create_markdown_artifact("\n".join(lines), key=key, description=description)

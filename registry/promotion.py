@@ -3,24 +3,36 @@
 A promotion of ``network`` to version N, under a per-network lock (a second concurrent promotion or
 rollback of the same network is refused with :class:`PromotionBusy`):
 
-1. registry gates, read from the version's tags: ``data_gate`` (its training data passed the data
-   gate), ``onnx_parity`` (ONNX Runtime matched PyTorch) and ``metric_vs_champion`` (its primary
-   metric is not worse than the champion's by more than a margin; the first version must reach a
-   floor). Any failure stops here, before the repository is touched.
-2. N's ONNX file (the training run's ``onnx/model.onnx``) is installed atomically as
-   ``<network>/<N>/model.onnx`` and served *beside* the current champion, which keeps answering
-   through the ensemble.
-3. Triton gates on version N itself: ``triton_smoke`` (the held-out samples of the version's smoke
-   set go through Triton; outputs must match PyTorch's within ``atol`` and labels agree) and
-   ``latency_p95`` (p95 of single-sample requests within the budget).
-4. Only then the ensemble is switched to N (:meth:`ModelRepository.set_champion`), aliases move
-   (``previous`` ← old champion, ``champion`` ← N, ``challenger`` dropped if it was N) and the
-   served and on-disk versions are trimmed by the :class:`RetentionPolicy`.
+1. the candidate's (and the champion's) **model package** is downloaded and checked: its
+   ``package.json`` must match the digest its run logged as an immutable parameter at registration,
+   every file its hash (``package`` gate; a missing, altered or truncated package is refused with
+   one line). Then :func:`package_gates`, never from editable version tags: ``data_gate`` (the
+   package's data version is in the gated dataset index), ``onnx_parity`` (the run's logged
+   ``parity/*`` metrics) and ``metric_vs_champion``: both packages are scored in-process on the
+   *same* held-out split of the candidate's (current) data version; the candidate may be worse by
+   at most a margin, the first version must reach a floor. Any failure stops here.
+2. N's package is installed atomically as ``<network>/<N>/`` (``model.onnx`` + ``package.json``)
+   and served *beside* the current champion, which keeps answering through the ensemble.
+3. Triton gates on version N itself: ``triton_smoke`` (the package's *raw* smoke samples go
+   through a temporary ensemble of N with N's own pre/post-processing; probabilities must match the
+   package's expected answers within ``atol`` and labels agree) and ``latency_p95`` (p95 of
+   single-sample requests within the budget).
+4. Only then the ensemble is switched to N (:meth:`ModelRepository.set_champion`, which regenerates
+   pre/post-processing from N's package), aliases move (``previous`` ← old champion, ``champion`` ← N,
+   ``challenger`` dropped if it was N) and the served and on-disk versions are trimmed by the
+   :class:`RetentionPolicy`.
 
 A refusal at step 3 (or a failed switch) restores the repository files byte for byte (the new
 version folder is removed, configs are rewritten as they were) and reloads what changed, so
 aliases, repository and the served model are exactly as before. :func:`rollback` makes
-``previous`` the champion again (reinstalling its ONNX from the registry if its folder is gone).
+``previous`` the champion again after the same integrity checks (its package against its digest,
+a folder still on disk against its package), reinstalling it from the registry if its folder is gone.
+
+
+The ensemble switch and the alias moves are one recoverable operation: a journal written just
+before the switch is replayed by the next promote/rollback (and ``fer serve`` at start) when a
+process dies in between (:func:`replay_journal`). Model control on the server needs the
+repository's control key (:func:`serving.server.control_key`); a URL given as ``triton`` gets it.
 """
 
 from __future__ import annotations
@@ -41,16 +53,17 @@ import numpy as np
 
 from fer_core.workspace import Workspace
 from registry import models as reg
-from registry.export import ONNX_ARTIFACT, SMOKE_ARTIFACT
+from registry.export import PACKAGE_ARTIFACT, PACKAGE_DIGEST_PARAM
+from serving.package import ModelPackage, PackageError
 from serving.repository import ModelRepository, atomic_write_bytes
-from serving.server import ServingError, TritonEndpoint
+from serving.server import ServingError, TritonEndpoint, control_key
 
 __all__ = ["PromotionGates", "RetentionPolicy", "GateResult", "PromotionResult", "RollbackResult",
-           "NetworkStatus", "PromotionBusy", "promotion_lock", "registry_gates", "promote", "rollback",
-           "models"]
+           "NetworkStatus", "PromotionBusy", "promotion_lock", "package_gates", "download_package",
+           "score_package", "promote", "rollback", "models", "replay_journal"]
 
 _NETWORK_NAME = re.compile(r"[a-z][a-z0-9_]*")
-GATE_NAMES = ("data_gate", "onnx_parity", "metric_vs_champion", "triton_smoke", "latency_p95")
+GATE_NAMES = ("package", "data_gate", "onnx_parity", "metric_vs_champion", "triton_smoke", "latency_p95")
 
 
 class PromotionBusy(RuntimeError):
@@ -65,7 +78,8 @@ class PromotionGates:
     ``floor``: the primary metric the first version (no champion) must reach.
     ``latency_budget_ms``: the p95 of single-sample requests on the new version must stay under it.
     ``smoke_samples``: held-out samples sent through Triton; ``latency_requests``: requests timed.
-    ``atol``: Triton vs PyTorch tolerance of the smoke test.
+    ``atol``: tolerance of the smoke test (Triton's ensemble vs the package's expected answers).
+    ``metric_samples``: at most this many samples of the current held-out split score both packages.
     """
 
     margin: float = 0.02
@@ -74,6 +88,7 @@ class PromotionGates:
     smoke_samples: int = 16
     latency_requests: int = 50
     atol: float = 1e-4
+    metric_samples: int = 256  # held-out samples both packages are scored on
 
     def __post_init__(self) -> None:
         if not self.margin >= 0:
@@ -208,71 +223,213 @@ def promotion_lock(network: str, workspace: Workspace | None = None) -> Iterator
         handle.close()
 
 
-# -- registry gates --------------------------------------------------------------------------------
+# -- journal -------------------------------------------------------------------------------------
+#
+# The ensemble switch (repository + Triton) and the alias moves (MLflow) cannot be one transaction.
+# Just before the switch, the alias moves it implies are written to
+# ``<workspace>/locks/promote-<network>.journal``; they are removed once the aliases moved and the
+# old version was retired. A process killed in between leaves the journal, and
+# :func:`replay_journal` (run by the next promote/rollback under the lock, and by ``fer serve`` at
+# start) finishes the operation if the switch landed (the repository pins the new version) or
+# discards it if it did not (the old champion still serves), so registry and Triton agree again.
 
-def _float_tag(tags: Mapping[str, str], key: str) -> float | None:
+def _journal_path(network: str, workspace: Workspace) -> Path:
+    return workspace.root / "locks" / f"promote-{network}.journal"
+
+
+def _write_journal(network: str, workspace: Workspace, op: str, champion: int, previous: int | None,
+                   drop_challenger: bool) -> Path:
+    import json
+
+    path = _journal_path(network, workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"op": op, "network": network, "champion": champion, "previous": previous,
+                                         "drop_challenger": drop_challenger, "pid": os.getpid()}).encode())
+    return path
+
+
+def replay_journal(network: str, *, workspace: Workspace | None = None, repository: ModelRepository | None = None,
+                   endpoint: TritonEndpoint | None = None, retention: RetentionPolicy | None = None) -> str:
+    """Finish or discard an interrupted promotion/rollback of ``network`` (call with its lock held).
+
+    Returns a one-line account ("" when there was no journal). With ``endpoint`` the live Triton is
+    brought in line too (the network and its ensemble are reloaded from the repository).
+    """
+    import json
+
+    workspace = workspace or Workspace.from_env()
+    repository = repository or ModelRepository(workspace.triton_repository)
+    path = _journal_path(network, workspace)
+    if not path.is_file():
+        return ""
     try:
-        return float(tags[key])
-    except (KeyError, ValueError):
-        return None
-
-
-def registry_gates(candidate: reg.ModelVersion, champion: reg.ModelVersion | None,
-                   gates: PromotionGates) -> list[GateResult]:
-    """``data_gate``, ``onnx_parity`` and ``metric_vs_champion``, decided from the versions' tags."""
-    tags = candidate.tags
-    data = tags.get("data_version", "?")
-    results = [GateResult("data_gate", tags.get("data_gate") == "passed",
-                          f"training data {data} gate: {tags.get('data_gate', 'unknown')}")]
-    diff = _float_tag(tags, "parity_max_abs_diff")
-    agreement = _float_tag(tags, "parity_label_agreement")
-    numbers = {k: v for k, v in (("max_abs_diff", diff), ("label_agreement", agreement)) if v is not None}
-    results.append(GateResult("onnx_parity", tags.get("parity_passed") == "true",
-                              f"ONNX vs PyTorch parity tag: {tags.get('parity_passed', 'missing')}", numbers))
-    metric = tags.get("primary_metric", "")
-    value = _float_tag(tags, "primary_metric_value")
-    if value is None:
-        results.append(GateResult("metric_vs_champion", False, f"v{candidate.version} has no primary metric value"))
-    elif champion is None:
-        results.append(GateResult("metric_vs_champion", value >= gates.floor,
-                                  f"first version: {metric} {value:.4f} vs floor {gates.floor:.4f}",
-                                  {"candidate": value, "floor": gates.floor}))
+        entry = json.loads(path.read_text())
+        champion, previous = int(entry["champion"]), entry.get("previous")
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink()
+        return f"{network}: discarded an unreadable promotion journal"
+    pinned = repository.champion(network) if network in repository.networks() else None
+    if pinned == champion:
+        reg.set_alias(network, "champion", champion, workspace)
+        reg.set_alias(network, "previous", previous, workspace)
+        if entry.get("drop_challenger"):
+            challenger = reg.get_alias(network, "challenger", workspace)
+            if challenger is not None and challenger.version == champion:
+                reg.set_alias(network, "challenger", None, workspace)
+        outcome = f"{network}: finished an interrupted {entry.get('op', 'promotion')} (champion v{champion})"
     else:
-        champion_value = _float_tag(champion.tags, "primary_metric_value")
-        if champion_value is None or champion.tags.get("primary_metric") != metric:
-            results.append(GateResult("metric_vs_champion", False,
-                                      f"champion v{champion.version} has no {metric or 'primary metric'} to compare"))
-        else:
-            note = "" if champion.tags.get("data_version") == data else " (different data versions)"
-            results.append(GateResult(
-                "metric_vs_champion", value >= champion_value - gates.margin,
-                f"{metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} - margin "
-                f"{gates.margin:.4f}{note}",
-                {"candidate": value, "champion": champion_value, "margin": gates.margin}))
-    return results
+        champion = pinned
+        outcome = (f"{network}: discarded an interrupted {entry.get('op', 'promotion')} to v{entry['champion']} "
+                   f"(its ensemble switch never landed; champion stays v{pinned})")
+    if champion is not None:
+        retention = retention or RetentionPolicy()
+        serve = [champion] + ([previous] if retention.serve_previous and previous in repository.versions(network)
+                              else [])
+        repository.set_served_versions(network, serve)
+        if endpoint is not None:
+            endpoint.load(network)
+            endpoint.load(f"{network}_ensemble")
+    path.unlink()
+    return outcome
 
 
-# -- artifacts -------------------------------------------------------------------------------------
+# -- the model package --------------------------------------------------------------------------------
 
-def _download(version: reg.ModelVersion, artifact: str, dst: Path, workspace: Workspace | None) -> Path:
+def download_package(version: reg.ModelVersion, dst: Path, workspace: Workspace | None) -> ModelPackage:
+    """The version's model package, checked: its ``package.json`` must match the digest the run
+    logged as an (immutable) parameter at registration, and every file its hash. One-line
+    :class:`PackageError` otherwise (missing, altered, truncated, other format version)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from registry.tracking import setup_tracking
 
+    name = f"{reg.registered_name(version.network)} v{version.version}"
     setup_tracking(workspace)
+    client = MlflowClient()
     try:
-        return Path(MlflowClient().download_artifacts(version.run_id, artifact, str(dst)))
+        run = client.get_run(version.run_id)
+    except MlflowException:
+        raise PackageError(f"{name}: its run {version.run_id!r} does not exist") from None
+    digest = run.data.params.get(PACKAGE_DIGEST_PARAM)
+    if not digest:
+        raise PackageError(f"{name} has no model package (run param {PACKAGE_DIGEST_PARAM}); register it again "
+                           "with fer register")
+    try:
+        folder = Path(client.download_artifacts(version.run_id, PACKAGE_ARTIFACT, str(dst)))
     except (MlflowException, OSError) as exc:
-        raise ValueError(f"{reg.registered_name(version.network)} v{version.version}: run {version.run_id} has no "
-                         f"{artifact} ({exc}); register it with registry.export.export_and_register") from None
+        raise PackageError(f"{name}: its model package cannot be downloaded ({str(exc).splitlines()[0]})") from None
+    try:
+        package = ModelPackage.open(folder, expected_digest=digest)
+    except PackageError as exc:
+        raise PackageError(f"{name}: {exc}") from None
+    if package.network != version.network:
+        raise PackageError(f"{name}: its package is for {package.network!r}")
+    return package
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _collate_targets(items: list[Mapping[str, object]]) -> dict[str, object]:
+    import torch
+
+    return {k: torch.stack([torch.as_tensor(t[k]) for t in items]) for k in items[0]}
+
+
+def score_package(packages: list[ModelPackage], network: str, data_ref: str, recipe_dict: Mapping[str, object],
+                  max_samples: int, workspace: Workspace | None) -> tuple[list[float], str, str, int]:
+    """Primary metric of each package on the same held-out split of ``data_ref`` (the split of
+    ``recipe_dict``, test else val), every package through its own full pipeline on the raw samples
+    (in-process ONNX Runtime). Returns (values, metric name, split, samples)."""
+    import torch
+
+    from fer_core.training.recipe import Recipe
+    from fer_core.training.tasks import create_task
+    from registry.datasets import DatasetStore, parse_ref
+    from registry.export import raw_sample
+    from serving.package import PackageRunner
+
+    recipe = Recipe.from_dict(recipe_dict)
+    name, version = parse_ref(data_ref)
+    root = DatasetStore(workspace).pull(name, version)
+    task = create_task(network, root, recipe)
+    datasets = task.build_datasets(recipe)
+    split = next((s for s in ("test", "val") if s in datasets and len(datasets[s])), None)
+    if split is None:
+        raise ValueError(f"{data_ref} has no test or val samples to score on")
+    dataset = datasets[split]
+    count = min(max_samples, len(dataset))
+    raw = [raw_sample(dataset.root, dataset.rows.iloc[i], task.meta) for i in range(count)]
+    targets = _collate_targets([dataset[i][1] for i in range(count)])
+    values = []
+    for package in packages:
+        answers = PackageRunner(package).predict(raw)
+        outputs = {n: torch.from_numpy(answers[f"output:{n}"]) for n in package.metadata.output_names}
+        values.append(float(task.compute_metrics(outputs, targets)[task.primary_metric]))
+    return values, task.primary_metric, split, count
+
+
+def _run_metrics(version: reg.ModelVersion, workspace: Workspace | None) -> Mapping[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    from registry.tracking import setup_tracking
+
+    setup_tracking(workspace)
+    return MlflowClient().get_run(version.run_id).data.metrics
+
+
+def package_gates(candidate: reg.ModelVersion, champion: reg.ModelVersion | None, package: ModelPackage,
+                  champion_package: ModelPackage | None, gates: PromotionGates,
+                  workspace: Workspace | None) -> list[GateResult]:
+    """``data_gate``, ``onnx_parity`` and ``metric_vs_champion`` from the packages and the run's logged
+    metrics (never from version tags, which anyone with registry access can edit).
+
+    The metric gate scores the candidate's and the champion's packages on the *same* held-out split
+    of the candidate's data version (the current data), and reports both numbers.
+    """
+    from registry.export import PARITY_ATOL, data_gate_status
+
+    data = str(package.info.get("data_version", ""))
+    status = data_gate_status(data, workspace) if data else "unknown"
+    results = [GateResult("data_gate", status == "passed", f"training data {data or '?'} gate: {status}")]
+    metrics = _run_metrics(candidate, workspace)
+    diff, agreement = metrics.get("parity/max_abs_diff"), metrics.get("parity/label_agreement")
+    numbers = {k: float(v) for k, v in (("max_abs_diff", diff), ("label_agreement", agreement)) if v is not None}
+    parity_ok = diff is not None and agreement is not None and diff <= PARITY_ATOL and agreement >= 1.0
+    results.append(GateResult("onnx_parity", parity_ok,
+                              "ONNX vs PyTorch on held-out samples (run metrics parity/*)" if numbers
+                              else "the run logged no parity/* metrics", numbers))
+    recipe = package.info.get("recipe")
+    if not recipe:
+        results.append(GateResult("metric_vs_champion", False, f"v{candidate.version}'s package records no recipe"))
+        return results
+    scored = [package] + ([champion_package] if champion_package is not None else [])
+    try:
+        values, metric, split, count = score_package(scored, candidate.network, data, recipe, gates.metric_samples,
+                                                     workspace)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        results.append(GateResult("metric_vs_champion", False,
+                                  f"scoring on {data} failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}"))
+        return results
+    where = f"{metric} on {count} {split} samples of {data}"
+    if champion_package is None:
+        results.append(GateResult("metric_vs_champion", values[0] >= gates.floor,
+                                  f"first version: {where}: {values[0]:.4f} vs floor {gates.floor:.4f}",
+                                  {"candidate": values[0], "floor": gates.floor}))
+    else:
+        results.append(GateResult(
+            "metric_vs_champion", values[0] >= values[1] - gates.margin,
+            f"{where}: v{candidate.version} {values[0]:.4f} vs champion v{champion.version} {values[1]:.4f} "
+            f"- margin {gates.margin:.4f}",
+            {"candidate": values[0], "champion": values[1], "margin": gates.margin}))
+    return results
 
 
 # -- Triton gates ----------------------------------------------------------------------------------
+
+def _triton_error(endpoint: TritonEndpoint, model: str, exc: Exception) -> ServingError:
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    first_line = (str(message).strip().splitlines() or [type(exc).__name__])[0]
+    return ServingError(f"{model} at {endpoint.url}: {first_line}")
+
 
 def _infer(endpoint: TritonEndpoint, network: str, version: int, input_name: str, batch: np.ndarray,
            outputs: list[str]) -> dict[str, np.ndarray]:
@@ -281,43 +438,60 @@ def _infer(endpoint: TritonEndpoint, network: str, version: int, input_name: str
     tensor.set_data_from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
     requested = [module.InferRequestedOutput(name) for name in outputs]
     try:
-        result = endpoint.client.infer(network, [tensor], model_version=str(version), outputs=requested)
+        result = endpoint.client.infer(network, [tensor], model_version=str(version), outputs=requested,
+                                       headers=endpoint.headers)
     except Exception as exc:  # noqa: BLE001 -- tritonclient raises InferenceServerException or gRPC errors
-        message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
-        first_line = (str(message).strip().splitlines() or [type(exc).__name__])[0]
-        raise ServingError(f"{network} v{version} at {endpoint.url}: {first_line}") from None
+        raise _triton_error(endpoint, f"{network} v{version}", exc) from None
     return {name: result.as_numpy(name) for name in outputs}
 
 
-def _smoke_gate(endpoint: TritonEndpoint, network: str, version: int, metadata, smoke: Mapping[str, np.ndarray],
-                gates: PromotionGates) -> GateResult:
-    inputs = smoke["input"][: gates.smoke_samples]
-    names = list(metadata.output_names)
+def _infer_raw(endpoint: TritonEndpoint, ensemble: str, input_name: str, sample: list[bytes]) -> np.ndarray:
+    """PROBABILITIES of one raw sample (an image, or a clip's frames) through an ensemble."""
+    module = endpoint.module
+    data = np.array([sample], dtype=object)
+    tensor = module.InferInput(input_name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
     try:
-        got: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        step = 8  # well under any max_batch_size the repository writes
-        for start in range(0, len(inputs), step):
-            for name, array in _infer(endpoint, network, version, metadata.input.name,
-                                      inputs[start : start + step], names).items():
-                got[name].append(array)
-    except ServingError as exc:
-        return GateResult("triton_smoke", False, str(exc))
-    diffs, agree = {}, np.ones(len(inputs), dtype=bool)
-    for spec in metadata.outputs:
-        expected = smoke[f"output:{spec.name}"][: len(inputs)]
-        answer = np.concatenate(got[spec.name])
-        if answer.shape != expected.shape:
-            return GateResult("triton_smoke", False, f"output {spec.name!r}: Triton shape {answer.shape} != "
-                                                     f"PyTorch {expected.shape}")
-        diffs[spec.name] = float(np.abs(answer.astype(np.float64) - expected).max())
-        if spec.kind in ("logits", "probabilities") and answer.ndim == 2:
-            agree &= answer.argmax(1) == expected.argmax(1)
-    max_diff, agreement = max(diffs.values()), float(agree.mean())
-    passed = max_diff <= gates.atol and bool(agree.all())
+        result = endpoint.client.infer(ensemble, [tensor], outputs=[module.InferRequestedOutput("PROBABILITIES")])
+    except Exception as exc:  # noqa: BLE001
+        raise _triton_error(endpoint, ensemble, exc) from None
+    return result.as_numpy("PROBABILITIES")[0]
+
+
+def _smoke_gate(endpoint: TritonEndpoint, repository: ModelRepository, package: ModelPackage, version: int,
+                gates: PromotionGates) -> GateResult:
+    """The package's raw smoke set through a temporary ensemble of the candidate (its own
+    pre/post-processing, the package's face handling), against the package's expected answers.
+    The champion's ensemble is not touched; the candidate ensemble is removed afterwards."""
+    network = package.network
+    stem = repository.candidate_stem(network)
+    steps = [f"{stem}_preprocess", f"{stem}_postprocess", f"{stem}_ensemble"]
+    samples = package.smoke_samples()[: gates.smoke_samples]
+    expected = package.expected()["PROBABILITIES"][: len(samples)]
+    if not samples:
+        return GateResult("triton_smoke", False, f"v{version}'s package has no smoke samples")
+    input_name = "FRAMES" if package.pipeline.kind == "clip" else "IMAGE"
+    try:
+        repository.write_ensemble(network, version, stem=stem, face=package.pipeline.face)
+        for model in steps:
+            endpoint.load(model)
+        got = np.stack([_infer_raw(endpoint, f"{stem}_ensemble", input_name, s) for s in samples])
+    except (ServingError, ValueError) as exc:
+        return GateResult("triton_smoke", False, f"raw smoke set through the candidate ensemble: {exc}")
+    finally:
+        for model in reversed(steps):
+            with contextlib.suppress(ServingError):
+                endpoint.unload(model)
+        repository.remove_models(steps)
+    if got.shape != expected.shape:
+        return GateResult("triton_smoke", False, f"PROBABILITIES shape {got.shape} != package's {expected.shape}")
+    max_diff = float(np.abs(got.astype(np.float64) - expected).max())
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    passed = max_diff <= gates.atol and agreement == 1.0
     return GateResult("triton_smoke", passed,
-                      f"{len(inputs)} held-out samples through Triton v{version}: max |diff| {max_diff:.2e} "
-                      f"(atol {gates.atol:.0e}), label agreement {agreement:.3f}",
-                      {"max_abs_diff": max_diff, "label_agreement": agreement, "samples": float(len(inputs))})
+                      f"{len(samples)} raw held-out samples through the v{version} ensemble: max |diff| {max_diff:.2e} "
+                      f"(atol {gates.atol:.0e}) vs the package's answers, label agreement {agreement:.3f}",
+                      {"max_abs_diff": max_diff, "label_agreement": agreement, "samples": float(len(samples))})
 
 
 def _latency_gate(endpoint: TritonEndpoint, network: str, version: int, metadata, sample: np.ndarray,
@@ -406,8 +580,10 @@ class _Snapshot:
 
 # -- promotion -------------------------------------------------------------------------------------
 
-def _endpoint(triton: TritonEndpoint | str) -> TritonEndpoint:
-    endpoint = triton if isinstance(triton, TritonEndpoint) else TritonEndpoint(triton)
+def _endpoint(triton: TritonEndpoint | str, repository: ModelRepository) -> TritonEndpoint:
+    """The endpoint to act on; a URL gets the repository's control key (model control is keyed)."""
+    endpoint = triton if isinstance(triton, TritonEndpoint) else \
+        TritonEndpoint(triton, key=control_key(repository.root.parent))
     if not endpoint.server_live():
         raise ServingError(f"Triton at {endpoint.url} is unreachable")
     return endpoint
@@ -425,19 +601,20 @@ def _pick_candidate(network: str, version: int | None, workspace: Workspace | No
     return versions[-1]
 
 
-def _install(repository: ModelRepository, candidate: reg.ModelVersion, served: list[int],
-             workspace: Workspace | None, tmp: Path) -> None:
-    """Put the candidate's ONNX on disk as its registry version and serve it beside ``served``."""
+def _install(repository: ModelRepository, candidate: reg.ModelVersion, package: ModelPackage,
+             served: list[int]) -> None:
+    """Put the version's verified package on disk as its registry version and serve it beside ``served``.
+    A version already on disk must be that package byte for byte (manifest digest, ONNX hash)."""
     network, version = candidate.network, candidate.version
-    onnx_path = _download(candidate, ONNX_ARTIFACT, tmp, workspace)
     if version in repository.versions(network):
-        on_disk = repository.root / network / str(version) / "model.onnx"
-        if _sha256(on_disk) != _sha256(onnx_path):
-            raise ValueError(f"{on_disk} differs from the registry's v{version} ONNX file: the repository and "
-                             "the registry disagree; remove that folder and promote again")
+        try:
+            repository.verify_version(network, version, package.digest)
+        except PackageError as exc:
+            raise PackageError(f"{exc}: the repository and the registry disagree; remove "
+                               f"{repository.root / network / str(version)} and try again") from None
         repository.set_served_versions(network, sorted({*served, version}))
     else:
-        repository.write_model(network, version, onnx_path, keep_versions=served)
+        repository.write_model(network, version, package.root, keep_versions=served)
 
 
 def _trim(repository: ModelRepository, network: str, champion: int, previous: int | None,
@@ -452,22 +629,24 @@ def _trim(repository: ModelRepository, network: str, champion: int, previous: in
 
 
 def _install_check_and_switch(repository: ModelRepository, endpoint: TritonEndpoint, candidate: reg.ModelVersion,
-                              smoke: Mapping[str, np.ndarray], gates: PromotionGates, workspace: Workspace | None,
-                              tmp: Path) -> list[GateResult]:
+                              package: ModelPackage, gates: PromotionGates, before_switch=lambda: None) -> list[GateResult]:
     """Serve the candidate beside the champion, run the Triton gates and, only if they pass, switch
     the ensemble to it. Returns the gate results; the caller restores the repository on a failure."""
+    from serving.package import PackageRunner
+
     network, version = candidate.network, candidate.version
     served = repository.served_versions(network) if network in repository.networks() else []
     try:
-        _install(repository, candidate, served, workspace, tmp)
+        _install(repository, candidate, package, served)
         endpoint.load(network)
     except (ServingError, ValueError) as exc:
         return [GateResult("triton_smoke", False, f"installing v{version} failed: {exc}")]
-    metadata = repository.metadata(network, version)
-    checks = [_smoke_gate(endpoint, network, version, metadata, smoke, gates),
-              _latency_gate(endpoint, network, version, metadata, smoke["input"][0], gates)]
+    sample = PackageRunner(package).prepare(package.smoke_samples()[0]).tensor
+    checks = [_smoke_gate(endpoint, repository, package, version, gates),
+              _latency_gate(endpoint, network, version, package.metadata, sample, gates)]
     if not all(c.passed for c in checks):
         return checks
+    before_switch()
     try:
         repository.set_champion(network, version, endpoint)
     except (ServingError, ValueError) as exc:
@@ -496,39 +675,57 @@ def promote(
     repository = repository or ModelRepository(workspace.triton_repository)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
+        if _journal_path(network, workspace).is_file():
+            replay_journal(network, workspace=workspace, repository=repository,
+                           endpoint=_endpoint(triton, repository), retention=retention)
         candidate = _pick_candidate(network, version, workspace)
         champion = reg.get_alias(network, "champion", workspace)
         if champion is not None and champion.version == candidate.version:
             raise ValueError(f"{network} v{candidate.version} is the champion already")
         before = champion.version if champion else None
-        results = registry_gates(candidate, champion, gates)
-
-        def refused() -> PromotionResult:
-            served = tuple(repository.served_versions(network)) if network in repository.networks() else ()
-            return PromotionResult(network, candidate.version, False, before, tuple(results),
-                                   time.perf_counter() - start, served)
-
-        if not all(r.passed for r in results):
-            return refused()
-        endpoint = _endpoint(triton)
         with tempfile.TemporaryDirectory() as tmp:
-            smoke = dict(np.load(_download(candidate, SMOKE_ARTIFACT, Path(tmp), workspace)))
-            snapshot = _Snapshot.take(repository, network, endpoint)
+            results: list[GateResult] = []
             try:
-                results += _install_check_and_switch(repository, endpoint, candidate, smoke, gates, workspace,
-                                                     Path(tmp))
+                package = download_package(candidate, Path(tmp) / "candidate", workspace)
+                champion_package = (download_package(champion, Path(tmp) / "champion", workspace)
+                                    if champion is not None else None)
+            except PackageError as exc:
+                results.append(GateResult("package", False, str(exc)))
+            else:
+                results.append(GateResult("package", True, f"v{candidate.version} package {package.digest[:12]} "
+                                          f"matches its registration (format, hashes)"))
+                results += package_gates(candidate, champion, package, champion_package, gates, workspace)
+
+            def refused() -> PromotionResult:
+                served = tuple(repository.served_versions(network)) if network in repository.networks() else ()
+                return PromotionResult(network, candidate.version, False, before, tuple(results),
+                                       time.perf_counter() - start, served)
+
+            if not all(r.passed for r in results):
+                return refused()
+            endpoint = _endpoint(triton, repository)
+            snapshot = _Snapshot.take(repository, network, endpoint)
+            challenger = reg.get_alias(network, "challenger", workspace)
+            journal = lambda: _write_journal(  # noqa: E731 -- written just before the ensemble switch
+                network, workspace, "promotion", candidate.version, before,
+                challenger is not None and challenger.version == candidate.version)
+            try:
+                results += _install_check_and_switch(repository, endpoint, candidate, package, gates,
+                                                     before_switch=journal)
             except BaseException:
                 snapshot.restore(endpoint)  # an unexpected error or an interrupt: put things back first
+                _journal_path(network, workspace).unlink(missing_ok=True)
                 raise
             if not all(r.passed for r in results):
                 snapshot.restore(endpoint)
+                _journal_path(network, workspace).unlink(missing_ok=True)
                 return refused()
         reg.set_alias(network, "champion", candidate.version, workspace)
         reg.set_alias(network, "previous", before, workspace)
-        challenger = reg.get_alias(network, "challenger", workspace)
         if challenger is not None and challenger.version == candidate.version:
             reg.set_alias(network, "challenger", None, workspace)
         _trim(repository, network, candidate.version, before, retention, endpoint)
+        _journal_path(network, workspace).unlink(missing_ok=True)
         return PromotionResult(network, candidate.version, True, before, tuple(results),
                                time.perf_counter() - start, tuple(repository.served_versions(network)))
 
@@ -547,25 +744,36 @@ def rollback(
     repository = repository or ModelRepository(workspace.triton_repository)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
+        if _journal_path(network, workspace).is_file():
+            replay_journal(network, workspace=workspace, repository=repository,
+                           endpoint=_endpoint(triton, repository), retention=retention)
         previous = reg.get_alias(network, "previous", workspace)
         champion = reg.get_alias(network, "champion", workspace)
         if previous is None or champion is None:
             raise ValueError(f"{network} has no {'previous' if champion else 'champion'} version, so nothing to "
                              "roll back to (that takes two promotions)")
-        endpoint = _endpoint(triton)
+        endpoint = _endpoint(triton, repository)
         snapshot = _Snapshot.take(repository, network, endpoint)
         served = repository.served_versions(network) if snapshot.files[network] is not None else []
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                _install(repository, previous, served, workspace, Path(tmp))
-            endpoint.load(network)
-            repository.set_champion(network, previous.version, endpoint)
-        except BaseException:
-            snapshot.restore(endpoint)
-            raise
+        with tempfile.TemporaryDirectory() as tmp:
+            # Integrity first: the previous version's package must match its registration digest,
+            # and a folder still on disk must match the package (nothing is touched otherwise).
+            package = download_package(previous, Path(tmp), workspace)
+            if previous.version in repository.versions(network):
+                repository.verify_version(network, previous.version, package.digest)
+            try:
+                _install(repository, previous, package, served)
+                endpoint.load(network)
+                _write_journal(network, workspace, "rollback", previous.version, champion.version, False)
+                repository.set_champion(network, previous.version, endpoint)
+            except BaseException:
+                snapshot.restore(endpoint)
+                _journal_path(network, workspace).unlink(missing_ok=True)
+                raise
         reg.set_alias(network, "champion", previous.version, workspace)
         reg.set_alias(network, "previous", champion.version, workspace)
         _trim(repository, network, previous.version, champion.version, retention, endpoint)
+        _journal_path(network, workspace).unlink(missing_ok=True)
         return RollbackResult(network, previous.version, champion.version, time.perf_counter() - start)
 
 
@@ -579,7 +787,7 @@ def models(
     repository's versions/served/champion and, with ``triton``, the versions Triton has loaded."""
     workspace = workspace or Workspace.from_env()
     repository = repository or ModelRepository(workspace.triton_repository)
-    endpoint = _endpoint(triton) if triton is not None else None
+    endpoint = _endpoint(triton, repository) if triton is not None else None
     described = repository.describe()
     out = []
     for network in sorted(set(reg.list_networks(workspace)) | set(described)):

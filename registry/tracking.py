@@ -2,8 +2,10 @@
 
 Embedded default: a SQLite store and an artifact root inside the workspace. ``FER_TRACKING_URI``
 (or ``tracking_uri`` in the ``$FER_CONFIG`` file, see ``fer_core.settings``) points at any other
-store, e.g. a remote ``mlflow server`` with PostgreSQL (MLflow's own ``MLFLOW_TRACKING_URI`` is not
-read: ``mlflow.set_tracking_uri`` writes it, so it would leak one workspace's store into the next).
+store, e.g. a remote ``mlflow server`` with PostgreSQL. Precedence: ``FER_TRACKING_URI`` > the
+config file's ``tracking_uri`` > MLflow's own ``MLFLOW_TRACKING_URI`` (when the user set it: the value
+``mlflow.set_tracking_uri`` writes is recorded in ``FER_MLFLOW_URI_SET_BY_PLATFORM`` and not taken
+for the user's, so one workspace's store does not leak into the next) > the workspace's SQLite file.
 Basic-auth credentials come from MLflow's own ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``. One
 experiment per network (``fer-<network>``).
 """
@@ -28,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec as MlflowTensorSpec
 
 from fer_core.models import FERModel, ModelMetadata
-from fer_core.settings import Settings
+from fer_core.settings import MLFLOW_TRACKING_ENV, MLFLOW_URI_SET_ENV, Settings
 from fer_core.training.callbacks import Callback
 from fer_core.workspace import Workspace
 
@@ -50,6 +52,8 @@ def tracking_uri(workspace: Workspace | None = None) -> str:
 def setup_tracking(workspace: Workspace | None = None) -> str:
     settings = Settings.load()
     uri = tracking_uri(workspace)
+    if os.environ.get(MLFLOW_TRACKING_ENV) != uri:  # not the user's own MLFLOW_TRACKING_URI: mark what MLflow writes
+        os.environ[MLFLOW_URI_SET_ENV] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(settings.registry_uri if settings.is_set("registry_uri") else uri)
     if settings.s3_endpoint_url:
@@ -186,7 +190,8 @@ class MlflowCallback(Callback):
             mlflow.set_tags({
                 "network": self.network, "profile": recipe.profile, "data_version": self.data_ref,
                 "recipe_fingerprint": recipe.fingerprint(), "git_commit": git_commit(),
-                "world_size": str(trainer.world_size), **system_info(str(trainer.device)), **self.tags,
+                "world_size": str(trainer.world_size), **system_info(str(trainer.device)),
+                **_code_fingerprint_tag(self.network), **self.tags,
             })
             if self.manifest is not None:
                 name, _, digest = self.data_ref.partition("@")
@@ -242,6 +247,16 @@ class MlflowCallback(Callback):
             self.model_info = log_model(trainer.model)
             trainer.model.to(trainer.device)
         mlflow.end_run()
+
+
+def _code_fingerprint_tag(network: str) -> dict[str, str]:
+    """``code_fingerprint`` of a trainable network (part of the retrain cache key), else nothing."""
+    from fer_core.training.fingerprint import code_fingerprint
+
+    try:
+        return {"code_fingerprint": code_fingerprint(network)}
+    except ValueError:  # a model without a training task (e.g. a bare backbone)
+        return {}
 
 
 def _key(name: str) -> str:

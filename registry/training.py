@@ -10,15 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from filelock import FileLock, Timeout
+
 from fer_core.training.callbacks import Callback, ProgressBar
 from fer_core.training.recipe import Recipe
 from fer_core.training.trainer import Trainer, TrainResult
 from fer_core.workspace import Workspace
-from registry.datasets import DatasetStore, parse_ref
+from registry.datasets import DatasetStore, DatasetVersion, parse_ref
 
 
 class RunExistsError(RuntimeError):
     """A finished or interrupted run of the same recipe on the same data exists (use resume)."""
+
+
+class RunBusyError(RuntimeError):
+    """Another process is training the same recipe on the same data right now (same run folder)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,21 @@ def run_dir_for(workspace: Workspace, network: str, data_version: str, recipe: R
     return workspace.runs / network / f"{data_version[:12]}-{recipe.fingerprint()}"
 
 
+# What each split is called in the source dataset, for an honest "measured on" (FER2013's CSV Usage).
+_SOURCE_SPLIT_NAMES = {"fer2013": {"train": "Training", "val": "PublicTest", "test": "PrivateTest"}}
+
+
+def measured_on(source_format: str, test_metrics: dict[str, float]) -> str:
+    """Which split the final metrics were measured on, named as the source names it, e.g.
+    ``test (PrivateTest)`` or ``val (PublicTest; no test split, and val also chose the best epoch)``."""
+    split = next(iter(test_metrics), "").split("/", 1)[0]
+    if not split:
+        return "nothing (no val or test split)"
+    source = _SOURCE_SPLIT_NAMES.get(source_format, {}).get(split)
+    note = "; no test split, and val also chose the best epoch" if split == "val" else ""
+    return f"{split} ({source}{note})" if source else f"{split}{f' ({note[2:]})' if note else ''}"
+
+
 def train_tracked(
     network: str,
     data_ref: str,
@@ -79,17 +100,41 @@ def train_tracked(
     progress: bool = True,
     workspace: Workspace | None = None,
 ) -> TrainOutcome:
-    """Train ``network`` on the dataset version ``data_ref`` (``name@version``), tracked in MLflow."""
-    from fer_core.training.tasks import create_task
+    """Train ``network`` on the dataset version ``data_ref`` (``name@version``), tracked in MLflow.
 
+    Raises :class:`RunBusyError` when another process trains the same run folder right now.
+    """
     workspace = (workspace or Workspace.from_env()).ensure()
     name, version = parse_ref(data_ref)
     store = DatasetStore(workspace)
     data = store.get(name, version)
     root = store.pull(name, data.version)
     recipe = resolve_weight_refs(recipe, workspace)
-    task = create_task(network, root, recipe)
     run_dir = run_dir_for(workspace, network, data.version, recipe)
+    # One process per run folder: two identical trainings at once would share the MLflow run (its id
+    # is kept in the folder) and register two versions of one run. The lock file sits beside the
+    # folder and the OS drops it when its holder dies, so a killed run never wedges --resume.
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir.parent / f"{run_dir.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunBusyError(f"another process is training {network} with this recipe on {data.ref} right now "
+                           f"(run folder {run_dir}); wait for it or change the recipe") from None
+    try:
+        return _train_locked(network, data, root, recipe, run_dir, resume=resume, track=track,
+                             parent_run_id=parent_run_id, extra_callbacks=extra_callbacks,
+                             progress=progress, workspace=workspace)
+    finally:
+        lock.release()
+
+
+def _train_locked(network: str, data: DatasetVersion, root: Path, recipe: Recipe, run_dir: Path, *, resume: bool,
+                  track: bool, parent_run_id: str | None, extra_callbacks: tuple[Callback, ...],
+                  progress: bool, workspace: Workspace) -> TrainOutcome:
+    from fer_core.training.tasks import create_task
+
+    task = create_task(network, root, recipe)
     if not resume and (run_dir / "last.pt").exists():
         raise RunExistsError(f"{run_dir} holds a run of this recipe on {data.ref} already; resume it or "
                              "change the recipe")
@@ -114,5 +159,9 @@ def train_tracked(
             end_active_run("KILLED")
         raise
     model_uri = tracker.model_info.model_uri if tracker is not None and tracker.model_info else None
+    if tracker is not None and tracker.run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_tag(tracker.run_id, "measured_on", measured_on(data.source_format, result.test_metrics))
     return TrainOutcome(network=network, data_ref=data.ref, recipe=trainer.recipe, result=result,
                         run_dir=run_dir, run_id=tracker.run_id if tracker else None, model_uri=model_uri)

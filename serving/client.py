@@ -16,9 +16,9 @@ from typing import Any, Sequence, Union
 import cv2
 import numpy as np
 
-from fer_core.models.registry import ModelMetadata
+from fer_core.metadata import ModelMetadata
 from serving.ensembles.processing import MAX_IMAGE_BYTES, is_video_network
-from serving.export import metadata_from_json
+from fer_core.metadata import metadata_from_json
 from serving.server import ServingError, TritonEndpoint, _one_line
 
 __all__ = ["FERClient", "Prediction", "ServingError", "ImageInput", "encode_image", "read_clip_frames"]
@@ -97,10 +97,12 @@ class FERClient:
     """Client of a Triton serving this platform's ensembles (gRPC by default, or HTTP)."""
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", batch_size: int = 16,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, key: str | None = None) -> None:
+        """``key``: the workspace's control key (:func:`serving.server.control_key`); needed over HTTP,
+        where the platform's Triton serves key holders only, and to list networks."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.endpoint = TritonEndpoint(url, protocol, timeout_s=timeout_s)
+        self.endpoint = TritonEndpoint(url, protocol, timeout_s=timeout_s, key=key)
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self._configs: dict[str, tuple[ModelMetadata, int, int]] = {}
@@ -135,7 +137,10 @@ class FERClient:
             self._check_reachable()
             model = f"{network}_ensemble"
             if not self.endpoint.model_ready(model):
-                served = ", ".join(self.networks()) or "none"
+                try:
+                    served = ", ".join(self.networks()) or "none"
+                except ServingError:  # the index is behind the control key
+                    served = "not listed without the control key"
                 raise ServingError(f"unknown network {network!r} at {self.url} (served: {served})")
             config = self.endpoint.model_config(model)
             params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -214,7 +219,7 @@ class FERClient:
         tensor = module.InferInput(name, list(array.shape), "BYTES")
         tensor.set_data_from_numpy(array)
         try:
-            result = self.endpoint.client.infer(f"{network}_ensemble", [tensor])
+            result = self.endpoint.client.infer(f"{network}_ensemble", [tensor], headers=self.endpoint.headers)
         except Exception as exc:  # noqa: BLE001 -- tritonclient's InferenceServerException and gRPC errors
             where = f"input {offset}" if len(samples) == 1 else f"inputs {offset}-{offset + len(samples) - 1}"
             raise ServingError(f"{network}: {where}: {_one_line(exc)}") from None

@@ -9,15 +9,15 @@ The model's :class:`~fer_core.models.registry.ModelMetadata` is stored in the ON
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 
-from fer_core.models.registry import FERModel, ModelMetadata, TensorSpec
+from fer_core.metadata import ModelMetadata, metadata_from_json, metadata_to_json
+from fer_core.models.registry import FERModel
 
 METADATA_KEY = "fer_metadata"
 # Output kinds whose arg-max is a class decision (label agreement is measured on these).
@@ -32,26 +32,6 @@ __all__ = [
     "metadata_from_json",
     "read_onnx_metadata",
 ]
-
-
-def metadata_to_json(metadata: ModelMetadata) -> str:
-    """Serialise metadata (tuples become lists; ``extra`` must be JSON-able)."""
-    return json.dumps(asdict(metadata), sort_keys=True, default=list)
-
-
-def metadata_from_json(text: str) -> ModelMetadata:
-    """Inverse of :func:`metadata_to_json`."""
-    raw = json.loads(text)
-
-    def spec(d: dict[str, Any]) -> TensorSpec:
-        return TensorSpec(name=d["name"], shape=tuple(d["shape"]), dtype=d["dtype"], kind=d["kind"],
-                          labels=tuple(d["labels"]), description=d.get("description", ""))
-
-    return ModelMetadata(
-        name=raw["name"], task=raw["task"], inputs=tuple(spec(s) for s in raw["inputs"]),
-        outputs=tuple(spec(s) for s in raw["outputs"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-        label_names=tuple(raw["label_names"]), primary_output=raw["primary_output"], extra=raw["extra"],
-    )
 
 
 def read_onnx_metadata(onnx_path: str | Path) -> ModelMetadata:

@@ -5,10 +5,17 @@ Layout (one folder per Triton model; hidden entries are the repository's own boo
     <root>/<network>/config.pbtxt            backend "onnxruntime", version_policy = served versions
     <root>/<network>/labels.txt              label file of the classification outputs
     <root>/<network>/<version>/model.onnx    version = the model registry's version (not always 1)
+    <root>/<network>/<version>/package.json  the version's package manifest (metadata, input pipeline, hashes)
     <root>/<network>_preprocess/             Python backend: encoded bytes -> model input
     <root>/<network>_postprocess/            Python backend: outputs -> label, probabilities, extras
     <root>/<network>_ensemble/               preprocess -> <network> (pinned champion) -> postprocess
     <root>/../.<root name>.staging/          where versions are built before being renamed into place
+    <root>/.deployment.json                  per-network deployment choices (face handling override)
+
+Pre/post-processing is generated from the *champion's package*: its metadata and its input-pipeline
+spec (config parameter ``fer_pipeline``), so a rollback restores that version's pre-processing too.
+Face handling for full photos is the version's choice (its package) unless the deployment overrides
+it: :meth:`ModelRepository.set_face_handling` per network, else ``FER_FACE_DETECTION`` when set.
 
 Atomicity: a version folder is built in the staging folder (same filesystem) and moved into place
 with one ``os.rename``, and every config/label file is written to a temporary file then
@@ -27,10 +34,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from fer_core.models.registry import ModelMetadata
+from fer_core.metadata import ModelMetadata
 from fer_core.settings import FACE_DETECTION_MODES, Settings
 from serving.ensembles import processing
-from serving.export import metadata_to_json, read_onnx_metadata
+from fer_core.data.pipeline import InputPipeline
+from fer_core.metadata import metadata_from_dict, metadata_to_json
+from serving.package import MANIFEST, ModelPackage, PackageError, read_onnx_metadata
 
 if TYPE_CHECKING:
     from serving.server import TritonEndpoint
@@ -48,6 +57,8 @@ __all__ = [
 
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU", "KIND_AUTO")
 STAGING_SUFFIX = ".staging"
+# The promotion's candidate ensemble: <network>_candidate_{preprocess,postprocess,ensemble}.
+CANDIDATE_SUFFIX = "_candidate"
 MODEL_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
 # The folder holding fer_core/ and serving/: the Python-backend models put it on sys.path.
@@ -159,42 +170,49 @@ def _ensemble_input(metadata: ModelMetadata) -> tuple[str, tuple[int, ...]]:
 
 
 def _python_parameters(metadata: ModelMetadata, max_image_bytes: int, max_image_pixels: int,
-                       face_detection: str = "off") -> list[str]:
-    return _parameters({
+                       face_detection: str = "off", pipeline: InputPipeline | None = None) -> list[str]:
+    values = {
         "fer_metadata": metadata_to_json(metadata), "max_image_bytes": str(int(max_image_bytes)),
         "max_image_pixels": str(int(max_image_pixels)), "face_detection": face_detection,
-    })
+    }
+    if pipeline is not None:
+        values["fer_pipeline"] = json.dumps(pipeline.to_dict(), sort_keys=True)
+    return _parameters(values)
 
 
 def preprocess_config(
     metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1,
     max_image_bytes: int = processing.MAX_IMAGE_BYTES, max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
-    face_detection: str = "off",
+    face_detection: str = "off", pipeline: InputPipeline | None = None, stem: str | None = None,
 ) -> str:
     """``config.pbtxt`` of ``<network>_preprocess`` (Python backend, always on CPU).
 
-    ``face_detection`` "off" treats requests as face crops (resized whole, like the training data);
-    "haar" detects, aligns and crops the largest face first (full photos).
+    ``pipeline`` is the served version's input-pipeline spec (the stub interprets it); its face
+    handling is replaced by ``face_detection``: "off" treats requests as face crops (resized whole,
+    like the training data), "haar" detects, aligns and crops the largest face first (full photos).
     """
+    if pipeline is not None:
+        pipeline = pipeline.with_face(face_detection)
     if face_detection not in FACE_DETECTION_MODES:
         raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
     _check_common(max_batch_size, instances, "KIND_CPU")
     input_name, input_dims = _ensemble_input(metadata)
     spec = metadata.input
     lines = [
-        f"name: {_quote(metadata.name + '_preprocess')}",
+        f"name: {_quote((stem or metadata.name) + '_preprocess')}",
         'backend: "python"',
         f"max_batch_size: {int(max_batch_size)}",
         _block("input", [_tensor(input_name, "BYTES", input_dims)]),
         _block("output", [_tensor(spec.name, spec.dtype, spec.shape), _tensor("FACE_FOUND", "bool", (1,)),
                           _tensor("TO_INPUT", "float32", (2, 3))]),
         *_common_tail(max_batch_size, instances, "KIND_CPU", 0),
-        *_python_parameters(metadata, max_image_bytes, max_image_pixels, face_detection),
+        *_python_parameters(metadata, max_image_bytes, max_image_pixels, face_detection, pipeline),
     ]
     return "\n".join(lines) + "\n"
 
 
-def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1) -> str:
+def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, instances: int = 1,
+                       stem: str | None = None) -> str:
     """``config.pbtxt`` of ``<network>_postprocess`` (Python backend, always on CPU)."""
     _check_common(max_batch_size, instances, "KIND_CPU")
     spec = {s.name: s for s in metadata.outputs}
@@ -202,7 +220,7 @@ def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, ins
     inputs.append(_tensor("TO_INPUT", "float32", (2, 3)))
     outputs = [_tensor(n, dtype, shape) for n, (dtype, shape) in processing.postprocess_outputs(metadata).items()]
     lines = [
-        f"name: {_quote(metadata.name + '_postprocess')}",
+        f"name: {_quote((stem or metadata.name) + '_postprocess')}",
         'backend: "python"',
         f"max_batch_size: {int(max_batch_size)}",
         _block("input", inputs),
@@ -217,31 +235,34 @@ def _map(key: str, pairs: Iterable[tuple[str, str]]) -> str:
     return " ".join(f"{key} {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in pairs)
 
 
-def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32) -> str:
-    """``config.pbtxt`` of ``<network>_ensemble``; the network step pins ``champion_version``."""
+def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32,
+                    stem: str | None = None) -> str:
+    """``config.pbtxt`` of ``<stem>_ensemble`` (stem = the network by default); the network step pins
+    ``champion_version``, the pre/post steps are ``<stem>_preprocess`` / ``<stem>_postprocess``."""
     if int(champion_version) < 1:
         raise ValueError(f"champion_version must be >= 1, got {champion_version}")
     network = metadata.name
+    stem = stem or network
     input_name, input_dims = _ensemble_input(metadata)
     post_outputs = processing.postprocess_outputs(metadata)
     raw = processing.postprocess_inputs(metadata)
     model_input = metadata.input.name
     steps = [
-        f'  {{ model_name: {_quote(network + "_preprocess")} model_version: -1 '
+        f'  {{ model_name: {_quote(stem + "_preprocess")} model_version: -1 '
         + _map("input_map", [(input_name, input_name)]) + " "
         + _map("output_map", [(model_input, "model_input"), ("FACE_FOUND", "FACE_FOUND"), ("TO_INPUT", "to_input")])
         + " }",
         f"  {{ model_name: {_quote(network)} model_version: {int(champion_version)} "
         + _map("input_map", [(model_input, "model_input")]) + " "
         + _map("output_map", [(n, f"raw_{n}") for n in raw]) + " }",
-        f'  {{ model_name: {_quote(network + "_postprocess")} model_version: -1 '
+        f'  {{ model_name: {_quote(stem + "_postprocess")} model_version: -1 '
         + _map("input_map", [(n, f"raw_{n}") for n in raw] + [("TO_INPUT", "to_input")]) + " "
         + _map("output_map", [(n, n) for n in post_outputs]) + " }",
     ]
     outputs = [_tensor("FACE_FOUND", "bool", (1,))]
     outputs += [_tensor(n, dtype, shape) for n, (dtype, shape) in post_outputs.items()]
     lines = [
-        f"name: {_quote(network + '_ensemble')}",
+        f"name: {_quote(stem + '_ensemble')}",
         'platform: "ensemble"',
         f"max_batch_size: {int(max_batch_size)}",
         _block("input", [_tensor(input_name, "BYTES", input_dims)]),
@@ -301,8 +322,13 @@ class ModelRepository:
             raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
         self.root = Path(root).resolve()
         self.instance_kind = instance_kind
-        # The ensembles' pre-processing mode (see preprocess_config); default from the settings.
-        self.face_detection = face_detection or Settings.load().face_detection
+        # A deployment-wide face handling override (see the module docstring); None = each version's own.
+        if face_detection is None:
+            settings = Settings.load()
+            face_detection = settings.face_detection if settings.is_set("face_detection") else None
+        if face_detection is not None and face_detection not in FACE_DETECTION_MODES:
+            raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
+        self.face_detection = face_detection
 
     # -- paths and queries ----------------------------------------------------------------------
 
@@ -359,12 +385,95 @@ class ModelRepository:
         match = re.search(r"versions: \[([\d, ]*)\]", config.read_text())
         return [int(v) for v in match.group(1).split(",") if v.strip()] if match else []
 
+    def _package_manifest(self, network: str, version: int) -> dict | None:
+        path = self._network_dir(network) / str(int(version)) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PackageError(f"{path} is not valid JSON") from None
+
     def metadata(self, network: str, version: int) -> ModelMetadata:
-        """The metadata embedded in a version's ONNX file."""
+        """A version's metadata: from its package manifest, else embedded in its ONNX file."""
         path = self._network_dir(network) / str(int(version)) / MODEL_FILE
         if not path.is_file():
             raise ValueError(f"{network} has no version {version} in {self.root}")
-        return read_onnx_metadata(path)
+        manifest = self._package_manifest(network, version)
+        return metadata_from_dict(manifest["metadata"]) if manifest else read_onnx_metadata(path)
+
+    def pipeline(self, network: str, version: int) -> InputPipeline:
+        """A version's input-pipeline spec as packaged (derived from its metadata for a bare ONNX file)."""
+        manifest = self._package_manifest(network, version)
+        if manifest and "pipeline" in manifest:
+            return InputPipeline.from_dict(manifest["pipeline"])
+        return InputPipeline.for_model(self.metadata(network, version))
+
+    def verify_version(self, network: str, version: int, digest: str | None = None) -> None:
+        """The on-disk ``model.onnx`` matches its package manifest (and the manifest ``digest``);
+        :class:`PackageError` otherwise."""
+        folder = self._network_dir(network) / str(int(version))
+        manifest = self._package_manifest(network, version)
+        if manifest is None:
+            raise PackageError(f"{folder} has no {MANIFEST}; reinstall the version from its package")
+        if digest is not None:
+            from serving.package import package_digest
+
+            if package_digest(folder) != digest:
+                raise PackageError(f"{folder / MANIFEST} differs from the registered package")
+        expected = manifest.get("files", {}).get(MODEL_FILE)
+        import hashlib
+
+        if not (folder / MODEL_FILE).is_file() or hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest() != expected:
+            raise PackageError(f"{folder / MODEL_FILE} was altered (sha256 differs from its package)")
+
+    # -- deployment choices ---------------------------------------------------------------------
+
+    @property
+    def _deployment_file(self) -> Path:
+        return self.root / ".deployment.json"
+
+    def deployment(self) -> dict[str, dict[str, str]]:
+        """Per-network deployment choices (``{"<network>": {"face": "haar"}}``)."""
+        try:
+            return json.loads(self._deployment_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def face_handling(self, network: str, version: int) -> str:
+        """The face handling served for ``version``: the network's deployment override, else the
+        repository-wide one (``FER_FACE_DETECTION``), else the version's package."""
+        override = self.deployment().get(network, {}).get("face") or self.face_detection
+        return override or self.pipeline(network, version).face
+
+    def set_face_handling(self, network: str, face: str | None,
+                          endpoint: "TritonEndpoint | str | None" = None) -> bool:
+        """Override (or with ``None`` clear) the face handling of ``network``'s ensemble for this
+        deployment; rewrites its pre-processing config and, with ``endpoint``, reloads it on the
+        running server. Returns whether the served pre-processing changed."""
+        if face is not None and face not in FACE_DETECTION_MODES:
+            raise ValueError(f"face handling must be one of {FACE_DETECTION_MODES}, got {face!r}")
+        choices = self.deployment()
+        entry = dict(choices.get(network, {}))
+        if face is None:
+            entry.pop("face", None)
+        else:
+            entry["face"] = face
+        choices[network] = entry
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self._deployment_file, json.dumps(choices, indent=1, sort_keys=True) + "\n")
+        champion = self.champion(network)
+        if champion is None:
+            return False
+        changed = self.write_ensemble(network, champion)
+        if endpoint is not None and changed:
+            from serving.server import TritonEndpoint
+
+            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else TritonEndpoint(endpoint)
+            for name in [m for m in (f"{network}_preprocess", f"{network}_postprocess") if m in changed]:
+                endpoint.load(name)
+            endpoint.load(f"{network}_ensemble")
+        return bool(changed)
 
     def champion(self, network: str) -> int | None:
         """The version the network's ensemble pins, ``None`` without an ensemble."""
@@ -414,6 +523,10 @@ class ModelRepository:
         if version < 1:
             raise ValueError(f"version must be >= 1 (Triton versions are positive), got {version}")
         onnx_path = Path(onnx_path)
+        package = None
+        if onnx_path.is_dir():  # a model package: verified, installed with its manifest
+            package = ModelPackage.open(onnx_path)
+            metadata, onnx_path = metadata or package.metadata, package.onnx_path
         if not onnx_path.is_file():
             raise ValueError(f"ONNX file {onnx_path} does not exist")
         metadata = metadata or read_onnx_metadata(onnx_path)
@@ -430,6 +543,9 @@ class ModelRepository:
         staged = self._stage(f"{network}-{version}")
         shutil.copyfile(onnx_path, staged / MODEL_FILE)
         _fsync_file(staged / MODEL_FILE)
+        if package is not None:
+            shutil.copyfile(package.root / MANIFEST, staged / MANIFEST)
+            _fsync_file(staged / MANIFEST)
         self._install_dir(staged, target)
         specs = {s.name: s for s in metadata.outputs}
         for output, filename in label_files(metadata).items():
@@ -467,10 +583,12 @@ class ModelRepository:
         os.rename(target, trash / "version")
         shutil.rmtree(trash, ignore_errors=True)
 
-    def _write_python_model(self, name: str, class_name: str, config: str) -> None:
+    def _write_python_model(self, name: str, class_name: str, config: str) -> bool:
+        """Write a Python-backend model; returns whether anything changed."""
         folder = self.root / name
         version_dir = folder / "1"
         source = _python_model_source(class_name)
+        changed = False
         if not (version_dir / PYTHON_MODEL_FILE).is_file() or (version_dir / PYTHON_MODEL_FILE).read_text() != source:
             staged = self._stage(name)
             (staged / PYTHON_MODEL_FILE).write_text(source)
@@ -479,7 +597,15 @@ class ModelRepository:
                 os.rename(version_dir, old / "1")
                 shutil.rmtree(old, ignore_errors=True)
             self._install_dir(staged, version_dir)
-        _atomic_write_text(folder / "config.pbtxt", config)
+            changed = True
+        return self._write_if_changed(folder / "config.pbtxt", config) or changed
+
+    @staticmethod
+    def _write_if_changed(path: Path, text: str) -> bool:
+        if path.is_file() and path.read_text() == text:
+            return False
+        _atomic_write_text(path, text)
+        return True
 
     def write_ensemble(
         self,
@@ -491,28 +617,56 @@ class ModelRepository:
         postprocess_instances: int = 1,
         max_image_bytes: int = processing.MAX_IMAGE_BYTES,
         max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
-    ) -> None:
+        stem: str | None = None,
+        face: str | None = None,
+    ) -> list[str]:
         """Write ``<network>_preprocess``, ``_postprocess`` and ``_ensemble`` pinned to ``champion_version``.
 
-        Pre/post-processing is generated from the champion's metadata. Writes the ensemble last, so
-        it never references a step that does not exist yet.
+        Pre/post-processing is generated from the champion's package (metadata and input-pipeline
+        spec, face handling per :meth:`face_handling`). Writes the ensemble last, so it never
+        references a step that does not exist yet. Returns the models whose files changed.
+        ``stem`` names the three models ``<stem>_preprocess`` … instead of ``<network>_…`` (the
+        promotion's candidate ensemble, :meth:`candidate_stem`); ``face`` forces the face handling.
         """
+        stem = stem or network
         champion_version = int(champion_version)
         if champion_version not in self.versions(network):
             raise ValueError(f"{network} has no version {champion_version} on disk (has {self.versions(network)})")
         metadata = self.metadata(network, champion_version)
-        self._write_python_model(
-            f"{network}_preprocess", "PreprocessModel",
-            preprocess_config(metadata, max_batch_size=max_batch_size, instances=preprocess_instances,
-                              max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                              face_detection=self.face_detection))
-        self._write_python_model(
-            f"{network}_postprocess", "PostprocessModel",
-            postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances))
-        ensemble_dir = self.root / f"{network}_ensemble"
+        pipeline = self.pipeline(network, champion_version)
+        changed = []
+        if self._write_python_model(
+                f"{stem}_preprocess", "PreprocessModel",
+                preprocess_config(metadata, max_batch_size=max_batch_size, instances=preprocess_instances,
+                                  max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                                  face_detection=face or self.face_handling(network, champion_version), pipeline=pipeline,
+                                  stem=stem)):
+            changed.append(f"{stem}_preprocess")
+        if self._write_python_model(
+                f"{stem}_postprocess", "PostprocessModel",
+                postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances,
+                                   stem=stem)):
+            changed.append(f"{stem}_postprocess")
+        ensemble_dir = self.root / f"{stem}_ensemble"
         (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even empty
-        _atomic_write_text(ensemble_dir / "config.pbtxt",
-                           ensemble_config(metadata, champion_version, max_batch_size=max_batch_size))
+        if self._write_if_changed(ensemble_dir / "config.pbtxt",
+                                  ensemble_config(metadata, champion_version, max_batch_size=max_batch_size,
+                                                  stem=stem)):
+            changed.append(f"{stem}_ensemble")
+        return changed
+
+    def candidate_stem(self, network: str) -> str:
+        """Stem of the promotion's temporary ensemble of a candidate version."""
+        return f"{network}{CANDIDATE_SUFFIX}"
+
+    def remove_models(self, names: Sequence[str]) -> None:
+        """Delete whole Triton model folders (the candidate ensemble after its smoke test)."""
+        for name in names:
+            folder = self.root / name
+            if folder.is_dir():
+                trash = self._stage(f"removed-{name}")
+                os.rename(folder, trash / "model")
+                shutil.rmtree(trash, ignore_errors=True)
 
     def set_champion(self, network: str, version: int, endpoint: "TritonEndpoint | str | None" = None) -> None:
         """Pin the ensemble of ``network`` to ``version`` (atomic config rewrite) and reload it.
@@ -527,32 +681,17 @@ class ModelRepository:
         if version not in self.served_versions(network):
             raise ValueError(f"{network} version {version} is not served (served: {self.served_versions(network)}); "
                              "add it with set_served_versions first")
-        config = self.root / f"{network}_ensemble" / "config.pbtxt"
-        steps_changed = True
-        if not config.is_file():
-            self.write_ensemble(network, version)
-        else:
-            old = self.champion(network)
-            old_meta = self.metadata(network, old) if old in self.versions(network) else None
-            new_meta = self.metadata(network, version)
-            if old_meta is None or metadata_to_json(old_meta) != metadata_to_json(new_meta):
-                self.write_ensemble(network, version)  # the outputs changed: regenerate pre/post too
-            else:
-                steps_changed = False
-                text = config.read_text()
-                text = re.sub(rf'model_name: "{re.escape(network)}" model_version: -?\d+',
-                              f'model_name: "{network}" model_version: {version}', text)
-                text = re.sub(r'(key: "champion_version" value: \{ string_value: )"\d+"',
-                              rf'\g<1>"{version}"', text)
-                _atomic_write_text(config, text)
+        # Every step is regenerated from the new champion's package; only what changed is rewritten
+        # and reloaded (reloading a Python model restarts its stub, seconds).
+        changed = self.write_ensemble(network, version)
         if endpoint is not None:
-            from serving.server import TritonEndpoint
+            from serving.server import TritonEndpoint, control_key
 
-            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else TritonEndpoint(endpoint)
+            endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else \
+                TritonEndpoint(endpoint, key=control_key(self.root.parent))  # model control is keyed
             if not endpoint.model_ready(network, version):
                 endpoint.load(network)
-            # Reloading a Python model restarts its stub (seconds): only when its config changed.
-            steps = [f"{network}_preprocess", f"{network}_postprocess"] if steps_changed else []
+            steps = [m for m in (f"{network}_preprocess", f"{network}_postprocess") if m in changed]
             for name in steps + [f"{network}_ensemble"]:
                 endpoint.load(name)
 

@@ -16,10 +16,23 @@ virtual environment, and ignores ``PYTHONPATH``; so the server's environment get
 package folders (numpy, onnxruntime, OpenCV), and every ``model.py`` we write puts those folders at
 the front of ``sys.path`` before importing anything. On NVIDIA's container set the same variable
 (or install the packages into the container's Python) and mount the project.
+
+Security: model control (load/unload, the repository index), logging, trace and shared-memory
+APIs need the workspace's control key (:func:`control_key`, sent as a header by
+:class:`TritonEndpoint` when given ``key``); HTTP is off unless ``allow_http``, and then every HTTP
+API but health needs the key too (see ``RESTRICTED_APIS``); busy ports are refused and the server
+answering on the gRPC port must be the process started here (:meth:`EmbeddedTriton.owns_ports`).
+Triton takes the key on its command line, which every local user can read in
+``/proc/<pid>/cmdline``; a preload compiled from ``serving/backends/scrub_argv.c``
+(:func:`build_argv_scrubber`) overwrites it there before ``main()`` runs. Without a C compiler the
+server runs without it and :attr:`EmbeddedTriton.key_hidden` is False (``fer serve`` warns); then
+mount ``/proc`` with ``hidepid=2`` or run the server as its own user.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -37,7 +50,22 @@ from typing import Any, Callable, Sequence
 from serving.repository import PROJECT_ROOT, PYTHONPATH_ENV, ModelRepository
 
 __all__ = ["ServingError", "TritonEndpoint", "EmbeddedTriton", "TritonInstall", "find_triton",
-           "build_backend_directory", "free_port", "supervise"]
+           "build_backend_directory", "build_argv_scrubber", "free_port", "port_in_use", "supervise", "control_key",
+           "CONTROL_HEADER", "RESTRICTED_APIS"]
+
+# Model control is closed by default: Triton's restricted-API options put these APIs behind a header
+# only the platform knows (a per-workspace key in <workspace>/triton/control.key, mode 0600). Without
+# it, anyone who reaches the port can POST /v2/repository/models/<m>/load with a config and a
+# file:1/model.py parameter and run that Python as the server's user. ``model-config`` stays open:
+# FERClient reads the ensembles' metadata from it and it changes nothing. Over HTTP ``inference`` is
+# restricted too: Triton 2.51 sizes an HTTP/JSON input buffer from the request's shape before it
+# checks anything, so ``shape [2147483648,1,48,48]`` with one value aborts the server (bad_alloc);
+# its gRPC front validates sizes first. HTTP is therefore off by default (``allow_http``).
+CONTROL_HEADER = "fer-control-key"
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+HTTP_RESTRICTED_APIS = RESTRICTED_APIS + ("inference",)
+CONTROL_KEY_FILE = "control.key"
+_GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB = "triton_python_backend_stub"
@@ -93,6 +121,28 @@ def build_backend_directory(target: str | Path, install: TritonInstall | None = 
     return target
 
 
+def build_argv_scrubber(target: str | Path) -> Path | None:
+    """Compile ``serving/backends/scrub_argv.c`` to ``<target>/libferscrub.so`` (once; needs a C
+    compiler), the preload that hides the control key from ``/proc/<pid>/cmdline``. ``None`` when no
+    compiler is found: the server still runs, and the key is then visible to local users' ``ps``."""
+    source = Path(__file__).resolve().parent / "backends" / "scrub_argv.c"
+    library = Path(target) / "libferscrub.so"
+    if library.is_file() and library.stat().st_mtime >= source.stat().st_mtime:
+        return library
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    library.parent.mkdir(parents=True, exist_ok=True)
+    tmp = library.with_name(f".{library.name}.{os.getpid()}.tmp")
+    result = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(source)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        return None
+    os.replace(tmp, library)
+    return library
+
+
 def _copy_if_changed(source: Path, target: Path) -> None:
     if target.exists() and target.stat().st_size == source.stat().st_size \
             and target.stat().st_mtime >= source.stat().st_mtime:
@@ -107,6 +157,47 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on ``host:port`` (a bind of it fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are not "in use"
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def control_key(folder: str | Path) -> str:
+    """The model-control key of the repository whose parent folder is ``folder`` (the workspace's
+    ``triton/``): ``<folder>/control.key``, created on first use.
+
+    Written with mode 0600 from the start (``O_EXCL``, no window where it is readable by others) and
+    never printed or logged. A file readable by others is refused: whoever could read it could load code.
+    """
+    path = Path(folder) / CONTROL_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ServingError(f"{path} is readable by other users (mode {mode:o}); chmod 600 it or delete it "
+                               "(a new key is made at the next start)") from None
+        key = path.read_text().strip()
+        if len(key) < 32:
+            raise ServingError(f"{path} does not hold a valid key; delete it (a new one is made at the next start)")
+        return key
+    import secrets
+
+    key = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
 
 
 def _split_url(url: str, protocol: str | None) -> tuple[str, str]:
@@ -147,9 +238,14 @@ def _one_line(exc: BaseException) -> str:
 class TritonEndpoint:
     """A running Triton, reached over gRPC (default) or HTTP with tritonclient."""
 
-    def __init__(self, url: str = "127.0.0.1:8001", protocol: str | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str | None = None, timeout_s: float = 60.0,
+                 key: str | None = None) -> None:
         self.protocol, self.address = _split_url(url, protocol)
         self.timeout_s = timeout_s
+        # The model-control key (see CONTROL_HEADER): sent with every call of this endpoint.
+        # Triton's gRPC front expects restricted-protocol headers with a "triton-grpc-protocol-" prefix.
+        header = f"{_GRPC_HEADER_PREFIX}{CONTROL_HEADER}" if self.protocol == "grpc" else CONTROL_HEADER
+        self.headers = {header: key} if key else None
         if self.protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -177,14 +273,14 @@ class TritonEndpoint:
     def server_ready(self) -> bool:
         """True when the server answers and is ready; False when unreachable."""
         try:
-            return bool(self.client.is_server_ready())
+            return bool(self.client.is_server_ready(headers=self.headers))
         except Exception:  # noqa: BLE001 -- unreachable counts as not ready
             return False
 
     def server_live(self) -> bool:
         """True when the server answers (it may be live but not ready while a model (un)loads)."""
         try:
-            return bool(self.client.is_server_live())
+            return bool(self.client.is_server_live(headers=self.headers))
         except Exception:  # noqa: BLE001
             return False
 
@@ -197,23 +293,24 @@ class TritonEndpoint:
 
     def load(self, model: str) -> None:
         """Load (or reload, picking up config changes) ``model``; the old one serves until then."""
-        self._call(f"loading {model!r}", self.client.load_model, model)
+        self._call(f"loading {model!r}", self.client.load_model, model, headers=self.headers)
 
     def unload(self, model: str) -> None:
-        self._call(f"unloading {model!r}", self.client.unload_model, model)
+        self._call(f"unloading {model!r}", self.client.unload_model, model, headers=self.headers)
 
     def model_ready(self, model: str, version: str | int = "") -> bool:
         try:
-            return bool(self.client.is_model_ready(model, str(version)))
+            return bool(self.client.is_model_ready(model, str(version), headers=self.headers))
         except Exception:  # noqa: BLE001
             return False
 
     def index(self) -> list[dict[str, Any]]:
         """The repository index: ``{"name", "version", "state", "reason"}`` per model (version)."""
         if self.protocol == "grpc":
-            raw = self._call("repository index", self.client.get_model_repository_index, as_json=True)
+            raw = self._call("repository index", self.client.get_model_repository_index, as_json=True,
+                             headers=self.headers)
             return list(raw.get("models", []))
-        return list(self._call("repository index", self.client.get_model_repository_index))
+        return list(self._call("repository index", self.client.get_model_repository_index, headers=self.headers))
 
     def served_versions(self, model: str) -> list[int]:
         """Versions of ``model`` that are loaded and ready."""
@@ -222,8 +319,9 @@ class TritonEndpoint:
 
     def model_config(self, model: str) -> dict[str, Any]:
         if self.protocol == "grpc":
-            return self._call(f"config of {model!r}", self.client.get_model_config, model, as_json=True)["config"]
-        return self._call(f"config of {model!r}", self.client.get_model_config, model)
+            return self._call(f"config of {model!r}", self.client.get_model_config, model, as_json=True,
+                              headers=self.headers)["config"]
+        return self._call(f"config of {model!r}", self.client.get_model_config, model, headers=self.headers)
 
     def close(self) -> None:
         try:
@@ -251,6 +349,7 @@ class EmbeddedTriton:
         models: Sequence[str] = (),
         startup_timeout_s: float = 90.0,
         extra_args: Sequence[str] = (),
+        allow_http: bool = False,
     ) -> None:
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
         self.workspace_dir = Path(workspace_dir).resolve()
@@ -260,8 +359,13 @@ class EmbeddedTriton:
         self.models = list(models)
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = list(extra_args)
+        self.allow_http = allow_http
         self.process: subprocess.Popen | None = None
         self.load_failures: dict[str, str] = {}
+        self.key = control_key(self.repository.root.parent)  # beside the repository: one key per workspace
+        self._shm_prefix = ""
+        self._segment_guard_stop = None
+        self._scrubber: Path | None = None
         self._log_handle = None
         self._strict = True
 
@@ -282,7 +386,10 @@ class EmbeddedTriton:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def endpoint(self, protocol: str = "grpc") -> TritonEndpoint:
-        return TritonEndpoint(self.grpc_url if protocol == "grpc" else self.http_url, protocol)
+        """A keyed endpoint of this server (the platform's own client: model control allowed)."""
+        if protocol == "http" and not self.allow_http:
+            raise ServingError("this Triton runs without HTTP (allow_http=False); use gRPC")
+        return TritonEndpoint(self.grpc_url if protocol == "grpc" else self.http_url, protocol, key=self.key)
 
     def _environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
@@ -292,17 +399,26 @@ class EmbeddedTriton:
         packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
         env[PYTHONPATH_ENV] = os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT), *packages]))
         env.setdefault("OMP_NUM_THREADS", "1")  # stubs share the CPU with each other and ORT
+        if self._scrubber is not None:
+            env["LD_PRELOAD"] = os.pathsep.join(filter(None, [str(self._scrubber), env.get("LD_PRELOAD")]))
         return env
 
     def command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
         args = [
             str(install.binary), f"--model-repository={self.repository.root}", f"--backend-directory={backend_dir}",
             "--model-control-mode=explicit", "--strict-model-config=true", "--exit-on-error=false",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{CONTROL_HEADER}={self.key}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}", "--log-verbose=0",
+            # Python-backend segments named after this workspace and launch (see _remove_stale_segments).
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
+        if self.allow_http:
+            args += [f"--http-address={self.host}", f"--http-port={self.http_port}",
+                     f"--http-restricted-api={','.join(HTTP_RESTRICTED_APIS)}:{CONTROL_HEADER}={self.key}"]
+        else:
+            args += ["--allow-http=false"]
         return args + self.extra_args
 
     def start(self, strict: bool = True) -> "EmbeddedTriton":
@@ -318,13 +434,28 @@ class EmbeddedTriton:
         self.repository.root.mkdir(parents=True, exist_ok=True)
         self.repository.repair()  # a crash may have left staging leftovers
         backend_dir = build_backend_directory(self.workspace_dir / "backends", install)
+        self._scrubber = build_argv_scrubber(self.workspace_dir / "backends")
         self.http_port, self.grpc_port, self.metrics_port = (
             p or free_port(self.host) for p in self._requested_ports)
+        # A port already in use would make this server exit while another one answers "ready" there
+        # (and get this platform's models loaded into it): refuse before starting.
+        ports = {"gRPC": self.grpc_port, "metrics": self.metrics_port}
+        if self.allow_http:
+            ports["HTTP"] = self.http_port
+        busy = [f"{name} {self.host}:{port}" for name, port in ports.items() if port_in_use(self.host, port)]
+        if busy:
+            raise ServingError(f"port in use: {', '.join(busy)} (another server runs there; stop it or pick "
+                               "other ports, 0 picks free ones)")
+        _remove_stale_segments(self.workspace_dir)
+        self._shm_prefix = _segment_prefix(self.workspace_dir)
         self._log_handle = open(self.log_path, "ab")
+        os.chmod(self.log_path, 0o600)
         self.process = subprocess.Popen(
             self.command(install, backend_dir), stdout=self._log_handle, stderr=subprocess.STDOUT,
             env=self._environment(install), cwd=self.workspace_dir, start_new_session=True,
+            umask=0o077,  # request buffers (/dev/shm segments of the Python backend) readable by us only
         )
+        self._start_segment_guard()
         try:
             self._wait_ready()
             failures = self.load_failures = self.load_models(self.models)
@@ -336,39 +467,79 @@ class EmbeddedTriton:
         return self
 
     def load_models(self, models: Sequence[str]) -> dict[str, str]:
-        """Load (or reload) ``models`` in order over HTTP; returns ``{model: one-line error}`` of failures."""
+        """Load (or reload) ``models`` in order over gRPC (keyed); returns ``{model: one-line error}``."""
         failures = {}
-        for model in models:
-            request = urllib.request.Request(
-                f"http://{self.http_url}/v2/repository/models/{model}/load", data=b"{}", method="POST")
-            try:
-                urllib.request.urlopen(request, timeout=self.startup_timeout_s).close()
-            except urllib.error.HTTPError as exc:
-                failures[model] = _http_error(exc)
-            except (urllib.error.URLError, OSError) as exc:
-                failures[model] = f"server unreachable: {exc}"
+        endpoint = self.endpoint()
+        try:
+            for model in models:
+                try:
+                    endpoint.load(model)
+                except ServingError as exc:
+                    failures[model] = str(exc).split(" failed: ", 1)[-1]
+        finally:
+            endpoint.close()
         return failures
+
+    def protect_segments(self) -> int:
+        """chmod 0600 this server's Python-backend segments in ``/dev/shm``; returns how many changed.
+
+        Why not umask alone: the Python backend creates its segments through Boost.Interprocess, which
+        sets their mode explicitly (0644) after ``shm_open``, so the server's umask 077 does not reach
+        them. A guard thread (:meth:`_start_segment_guard`) runs this every 0.2 s; a segment is
+        therefore readable by others for at most that long after a stub starts, before it holds requests.
+        """
+        changed = 0
+        for path in _SEGMENT_DIR.glob(f"{self._shm_prefix}*") if self._shm_prefix else ():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mode & 0o077:
+                    os.chmod(path, 0o600)
+                    changed += 1
+        return changed
+
+    def _start_segment_guard(self) -> None:
+        import threading
+
+        stop = self._segment_guard_stop = threading.Event()
+
+        def guard() -> None:
+            while not stop.wait(0.2):
+                self.protect_segments()
+
+        threading.Thread(target=guard, name="triton-segment-guard", daemon=True).start()
+
+    def owns_ports(self) -> bool:
+        """True when the gRPC port's listening socket belongs to this server's process: the server
+        answering there is the one started here, not another one that held the port."""
+        return self.process is not None and _listens_on(self.process.pid, self.grpc_port)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        url = f"http://{self.http_url}/v2/health/ready"
-        while True:
-            if self.process is None or self.process.poll() is not None:
-                raise ServingError(f"tritonserver exited during start-up; last log lines:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise ServingError(f"tritonserver not ready after {self.startup_timeout_s:.0f}s; log: {self.log_path}")
-            time.sleep(0.25)
+        endpoint = self.endpoint()
+        try:
+            while True:
+                if self.process is None or self.process.poll() is not None:
+                    raise ServingError(f"tritonserver exited during start-up; last log lines:\n{self.log_tail()}")
+                if endpoint.server_ready():
+                    if not self.owns_ports():
+                        raise ServingError(f"another server answers on {self.grpc_url}, not the tritonserver "
+                                           "started here; stop it or pick other ports")
+                    return
+                if time.monotonic() > deadline:
+                    raise ServingError(f"tritonserver not ready after {self.startup_timeout_s:.0f}s; "
+                                       f"log: {self.log_path}")
+                time.sleep(0.25)
+        finally:
+            endpoint.close()
 
     def log_tail(self, lines: int = 20) -> str:
         if not self.log_path.is_file():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    @property
+    def key_hidden(self) -> bool:
+        """Whether the control key is hidden from ``/proc/<pid>/cmdline`` (the scrubber preload ran)."""
+        return self._scrubber is not None
 
     @property
     def running(self) -> bool:
@@ -392,6 +563,9 @@ class EmbeddedTriton:
                 except (ProcessLookupError, PermissionError):
                     pass
             self.process = None
+            if self._segment_guard_stop is not None:
+                self._segment_guard_stop.set()
+            _remove_stale_segments(self.workspace_dir, also=self._shm_prefix)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
@@ -408,6 +582,71 @@ class EmbeddedTriton:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (Linux ``/proc``)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as handle:
+            for line in list(handle)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                    return True
+    return False
+
+
+_SEGMENT_DIR = Path("/dev/shm")
+_live_prefixes: set[str] = set()  # segment prefixes of the servers this process runs now
+_launches = iter(range(1, 1 << 62))
+
+
+def _workspace_tag(workspace_dir: Path) -> str:
+    return hashlib.sha256(str(Path(workspace_dir).resolve()).encode()).hexdigest()[:10]
+
+
+def _segment_prefix(workspace_dir: Path) -> str:
+    """``fer<workspace hash>_<pid>_<launch>_``: whose segments these are, so leftovers can be found."""
+    prefix = f"fer{_workspace_tag(workspace_dir)}_{os.getpid()}_{next(_launches)}_"
+    _live_prefixes.add(prefix)
+    return prefix
+
+
+def _remove_stale_segments(workspace_dir: Path, also: str = "") -> list[Path]:
+    """Delete the Python-backend shared-memory segments a crashed server of this workspace left
+    behind: those whose launching process is gone, and those of this process's stopped servers."""
+    _live_prefixes.discard(also)
+    tag = f"fer{_workspace_tag(workspace_dir)}_"
+    removed = []
+    for path in _SEGMENT_DIR.glob(f"{tag}*") if _SEGMENT_DIR.is_dir() else ():
+        parts = path.name[len(tag):].split("_")
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        pid, prefix = int(parts[0]), f"{tag}{parts[0]}_{parts[1]}_"
+        stale = not _pid_alive(pid) or (pid == os.getpid() and prefix not in _live_prefixes)
+        if stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def supervise(

@@ -7,6 +7,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from fer_cli.main import main
+from fer_core.errors import EXIT_STATE
 from registry.tracking import setup_tracking
 
 TINY = ["--set", "epochs=2", "--set", "max_steps_per_epoch=3", "--set", "batch_size=16",
@@ -33,7 +34,7 @@ def test_fer_train_logs_a_complete_run_and_guards_reruns(workspace, tmp_path, ca
     assert len(client.get_metric_history(run_id, "throughput/samples_per_s")) == 2
 
     # The same recipe on the same data again: refused without --resume, continued with it.
-    assert main(["train", "ca_resnet", "--data", "fer", *TINY]) == 1
+    assert main(["train", "ca_resnet", "--data", "fer", *TINY]) == EXIT_STATE  # a state conflict
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "ca_resnet", "--data", "fer", *TINY, "--resume"]) == 0
 

@@ -314,7 +314,8 @@ def test_data_docs_are_written_into_the_workspace(good, workspace, capfd):
     assert index is not None and index.is_file()
     assert workspace.gx_docs in index.parents
     assert (workspace.gx_docs / "great_expectations.yml").is_file()
-    assert "micro-frames.micro" in index.read_text()
+    assert second.run_name == first.run_name and second.run_name.startswith("micro-frames@table-")
+    assert f"{first.run_name}.micro" in index.read_text()  # the suite, named after the table it gated
     pages = list((index.parent / "validations").rglob("*.html"))
     assert len(pages) >= 2
     assert "Calculating Metrics" not in capfd.readouterr().err

@@ -343,8 +343,11 @@ def test_prefect_yaml_is_valid_for_prefect_and_deploys_every_flow():
     assert list(scheduled) == ["flows/retrain_all.py:retrain_all"]
     (schedule,) = scheduled["flows/retrain_all.py:retrain_all"]
     assert schedule.cron == "0 3 * * *"
+    # no hard-coded checkout: the worker's FER_CHECKOUT, read when the run starts; the image sets it
     pull = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
-    assert pull[0]["prefect.deployments.steps.set_working_directory"]["directory"] == PLATFORM_IMAGE_DIR
+    assert pull[0]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $FER_CHECKOUT }}"
+    assert PLATFORM_IMAGE_DIR not in PREFECT_YAML.read_text()
+    assert f"FER_CHECKOUT={PLATFORM_IMAGE_DIR}" in (DOCKER / "Dockerfile").read_text()
 
 
 @pytest.mark.parametrize("entrypoint", sorted(FLOW_ENTRYPOINTS))

@@ -18,6 +18,8 @@ pytest.importorskip("prefect")
 from fer_core.data.formats import DataFormat, get_format, register_format  # noqa: E402
 from tests.corruptions import CORRUPTIONS  # noqa: E402
 
+pytestmark = pytest.mark.integration  # starts Prefect flows (temporary local Prefect API server) and the embedded Triton
+
 NETWORKS = ("ca_resnet", "au_cotrain")
 SIZES = {"fer2013": 140, "au_table": 64}
 TINY = {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16}

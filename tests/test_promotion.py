@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -29,16 +32,19 @@ from fer_core.training.trainer import load_model_from_checkpoint
 from fer_core.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore
-from registry.export import ONNX_ARTIFACT, SMOKE_ARTIFACT, export_and_register
+from registry.export import PACKAGE_ARTIFACT, export_and_register
 from registry.promotion import (
-    GATE_NAMES, PromotionBusy, PromotionGates, _smoke_gate, promote, promotion_lock, registry_gates, rollback,
+    GATE_NAMES, PromotionBusy, PromotionGates, _smoke_gate, download_package, promote, promotion_lock, rollback,
 )
+from serving.package import ModelPackage, PackageError
 from registry.tracking import setup_tracking
 from registry.training import resolve_recipe, train_tracked
 from serving.client import FERClient, encode_image
 from serving.ensembles import processing
 from serving.repository import ModelRepository
 from serving.server import EmbeddedTriton
+
+pytestmark = pytest.mark.integration  # starts the embedded tritonserver
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
@@ -134,25 +140,16 @@ def test_registered_versions_carry_lineage_parity_and_metrics(platform):
     assert reg.get_alias(NETWORK, "challenger", platform.ws).version == 2  # the newest registration
     setup_tracking(platform.ws)
     client = MlflowClient()
-    artifacts = {a.path for a in client.list_artifacts(v1.run_id, "onnx")}
-    assert artifacts == {ONNX_ARTIFACT, SMOKE_ARTIFACT}
+    artifacts = {a.path for a in client.list_artifacts(v1.run_id, PACKAGE_ARTIFACT)}
+    assert {"package/package.json", "package/model.onnx", "package/smoke"} <= artifacts
     run = client.get_run(v1.run_id)
+    assert run.data.params["package_sha256"] == tags["package_sha256"]
+    assert tags["code_fingerprint"] == run.data.tags["code_fingerprint"] and tags["face_handling"] == "off"
     assert run.data.metrics["parity/label_agreement"] == 1.0 and run.data.tags["parity_passed"] == "true"
     assert run.data.metrics["parity/max_abs_diff"] <= 1e-4
 
 
-def test_registry_gates_decide_from_tags():
-    tags = {"data_gate": "passed", "parity_passed": "true", "parity_max_abs_diff": "1e-7",
-            "parity_label_agreement": "1.0", "primary_metric": "test/accuracy", "primary_metric_value": "0.50"}
-    candidate = reg.ModelVersion(NETWORK, 3, "r3", "s", tags=tags)
-    champion = reg.ModelVersion(NETWORK, 2, "r2", "s", tags={**tags, "primary_metric_value": "0.55"})
-    by_name = {g.name: g for g in registry_gates(candidate, champion, PromotionGates(margin=0.1))}
-    assert all(g.passed for g in by_name.values())
-    metric = {g.name: g for g in registry_gates(candidate, champion, PromotionGates(margin=0.02))}["metric_vs_champion"]
-    assert not metric.passed and metric.numbers == {"candidate": 0.5, "champion": 0.55, "margin": 0.02}
-    bad = reg.ModelVersion(NETWORK, 4, "r4", "s", tags={**tags, "data_gate": "not_in_index", "parity_passed": "false"})
-    failed = [g.name for g in registry_gates(bad, None, PromotionGates(floor=0.6)) if not g.passed]
-    assert failed == ["data_gate", "onnx_parity", "metric_vs_champion"]
+def test_gate_thresholds_are_validated():
     with pytest.raises(ValueError, match="margin"):
         PromotionGates(margin=-0.1)
     with pytest.raises(ValueError, match="latency_budget_ms"):
@@ -182,6 +179,8 @@ def test_promote_first_version_serves_it_through_the_ensemble(platform, test_ima
     smoke = {g.name: g for g in result.gates}["triton_smoke"]
     latency = {g.name: g for g in result.gates}["latency_p95"]
     assert smoke.numbers["max_abs_diff"] <= 1e-4 and smoke.numbers["samples"] == 8
+    metric = {g.name: g for g in result.gates}["metric_vs_champion"]
+    assert "samples of fer@" in metric.detail and "floor" in metric.detail  # recomputed, not read from tags
     TIMINGS.update({"smoke max|diff|": smoke.numbers["max_abs_diff"], "p50 ms": latency.numbers["p50_ms"],
                     "p95 ms": latency.numbers["p95_ms"]})
     assert reg.get_alias(NETWORK, "champion", platform.ws).version == 1
@@ -211,21 +210,33 @@ def test_refused_promotions_leave_aliases_repository_and_serving_untouched(platf
     assert _state(platform) == before
     assert np.abs(_served_probabilities(platform, test_images) - expected_v1).max() <= 1e-4
 
-    # The smoke gate can fail: Triton's v1 against a reference that is off by 1e-3.
-    setup_tracking(platform.ws)
-    smoke_file = MlflowClient().download_artifacts(platform.v1.run_id, SMOKE_ARTIFACT, str(tmp_path))
-    smoke = dict(np.load(smoke_file))
-    smoke["output:logits"] = smoke["output:logits"] + 1e-3
-    gate = _smoke_gate(platform.endpoint, NETWORK, 1, platform.repo.metadata(NETWORK, 1), smoke, OPEN)
+    # The smoke gate can fail: v1's raw smoke set through its ensemble against answers off by 1e-3.
+    package = download_package(platform.v1, tmp_path / "v1", platform.ws)
+    expected = package.expected()
+    expected["PROBABILITIES"] = expected["PROBABILITIES"] + 1e-3
+    np.savez(package.root / "smoke" / "expected.npz", **expected)
+    altered = ModelPackage.open(package.root, verify=False)
+    gate = _smoke_gate(platform.endpoint, platform.repo, altered, 1, OPEN)
     assert not gate.passed and gate.numbers["max_abs_diff"] == pytest.approx(1e-3, rel=1e-2)
+    assert _state(platform) == before  # the candidate ensemble is gone again
 
-    # A version whose ONNX export failed parity is refused by that gate before anything is installed.
+    # Tags are not trusted: a version tagged as passing parity is refused when its run's logged
+    # parity metric says otherwise; a tagged metric of 0.99 changes nothing (issue 11, item 4).
     v2 = platform.v2
-    bad = reg.register(NETWORK, v2.source, v2.run_id, {**v2.tags, "parity_passed": "false"}, platform.ws)
-    before = _state(platform)
-    result = promote(NETWORK, bad.version, gates=OPEN, triton=platform.url, workspace=platform.ws)
-    assert not result.promoted and [g.name for g in result.failed] == ["onnx_parity"]
-    assert _state(platform) == before
+    bad = reg.register(NETWORK, v2.source, v2.run_id, {**v2.tags, "parity_passed": "true",
+                                                     "primary_metric_value": "0.99"}, platform.ws)
+    client = MlflowClient()
+    client.log_metric(v2.run_id, "parity/max_abs_diff", 0.5)
+    try:
+        before = _state(platform)
+        result = promote(NETWORK, bad.version, gates=OPEN, triton=platform.url, workspace=platform.ws)
+        assert not result.promoted and [g.name for g in result.failed] == ["onnx_parity"]
+        metric = {g.name: g for g in result.gates}["metric_vs_champion"]
+        assert metric.numbers["candidate"] < 0.99 and "champion v1" in metric.detail
+        assert _state(platform) == before
+    finally:
+        client.log_metric(v2.run_id, "parity/max_abs_diff", 0.0)
+    reg.set_alias(NETWORK, "challenger", 2, platform.ws)
 
 
 def test_promote_second_version_then_roll_back(platform, test_images):
@@ -291,3 +302,43 @@ def test_two_concurrent_promotions_one_wins_one_is_refused(platform, test_images
     assert platform.repo.repair() == []  # no staging leftovers or half-written files
     assert np.abs(_served_probabilities(platform, test_images) - _expected_probabilities(platform, 2, test_images)
                   ).max() <= 1e-4
+
+
+def _registry_file(platform, version, name: str):
+    """The file ``package/<name>`` of a version's run in the workspace's artifact store."""
+    setup_tracking(platform.ws)
+    uri = MlflowClient().get_run(getattr(platform, f"v{version}").run_id).info.artifact_uri
+    return Path(uri.removeprefix("file://")) / "package" / name
+
+
+def test_altered_packages_are_refused_with_one_line_and_the_champion_keeps_serving(platform, test_images, capsys):
+    """Issue 11 item 4: a truncated registry ONNX, and a rollback whose target folder is gone and
+    whose registry ONNX was swapped, are refused with one line; nothing changes."""
+    champion = reg.get_alias(NETWORK, "champion", platform.ws).version
+    previous = reg.get_alias(NETWORK, "previous", platform.ws).version
+    assert (champion, previous) == (2, 1)
+    served = _served_probabilities(platform, test_images)
+    onnx_file = _registry_file(platform, previous, "model.onnx")
+    original = onnx_file.read_bytes()
+    try:
+        onnx_file.write_bytes(original[: len(original) // 2])  # truncated
+        before = _state(platform)
+        with pytest.raises(PackageError, match="model.onnx was altered"):
+            rollback(NETWORK, triton=platform.url, workspace=platform.ws)
+        assert _state(platform) == before
+        assert main(["rollback", NETWORK, "--url", platform.url]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "altered" in err[0] and "Traceback" not in err[0]
+        # Folder removed and the registry ONNX swapped for the champion's weights: still refused.
+        onnx_file.write_bytes(_registry_file(platform, champion, "model.onnx").read_bytes())
+        shutil.rmtree(platform.repo.root / NETWORK / str(previous))
+        with pytest.raises(PackageError, match="altered"):
+            rollback(NETWORK, triton=platform.url, workspace=platform.ws)
+        assert reg.get_alias(NETWORK, "champion", platform.ws).version == champion
+        # A promotion of the altered version is refused by the package gate, before anything else.
+        result = promote(NETWORK, previous, gates=OPEN, triton=platform.url, workspace=platform.ws)
+        assert not result.promoted and [g.name for g in result.failed] == ["package"]
+        assert len(result.failed[0].detail.splitlines()) == 1
+    finally:
+        onnx_file.write_bytes(original)
+    assert np.abs(_served_probabilities(platform, test_images) - served).max() == 0.0

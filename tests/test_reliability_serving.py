@@ -37,6 +37,8 @@ from bench.promotion_under_load import NETWORK, LoadGenerator, build_platform, s
 from serving.client import FERClient, ServingError, encode_image
 from serving.server import supervise
 
+pytestmark = pytest.mark.integration  # starts the embedded tritonserver
+
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 

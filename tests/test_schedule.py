@@ -20,6 +20,8 @@ from prefect import flow  # noqa: E402
 
 from flows.local_server import LocalPrefectServer, api_healthy  # noqa: E402
 
+pytestmark = pytest.mark.integration  # starts a local Prefect server
+
 REPO = Path(__file__).resolve().parent.parent
 FIRE_WITHIN_S = 120  # server start is separate; serve start-up + first scheduled run + its completion
 

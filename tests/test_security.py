@@ -65,18 +65,20 @@ def _wait_listening(root_pid: int, port: int, timeout_s: float) -> set[tuple[str
 
 # -- servers bind to loopback ---------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_embedded_triton_listens_on_loopback_only(tmp_path):
     pytest.importorskip("pytriton")
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton
 
-    with EmbeddedTriton(ModelRepository(tmp_path / "models"), tmp_path / "triton") as server:
+    with EmbeddedTriton(ModelRepository(tmp_path / "models"), tmp_path / "triton", allow_http=True) as server:
         addresses = _wait_listening(server.process.pid, server.grpc_port, 30)
     ports = {server.http_port, server.grpc_port, server.metrics_port}
     assert ports <= {p for _, p in addresses}, addresses  # HTTP, gRPC and metrics all found
     assert {ip for ip, _ in addresses} <= LOOPBACK, addresses
 
 
+@pytest.mark.integration
 def test_fer_ui_mlflow_server_listens_on_loopback_only(workspace):
     from serving.server import free_port
 
@@ -96,6 +98,7 @@ def test_fer_ui_mlflow_server_listens_on_loopback_only(workspace):
     assert {ip for ip, _ in addresses} <= LOOPBACK, addresses
 
 
+@pytest.mark.integration
 def test_local_prefect_server_listens_on_loopback_only(tmp_path):
     from flows.local_server import LocalPrefectServer
 

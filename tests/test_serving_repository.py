@@ -276,7 +276,12 @@ def test_face_detection_off_uses_the_whole_image_like_training(onnx_files, face)
     """The default serving mode builds exactly the tensor the training tasks build from a face crop."""
     _, meta = onnx_files["ca_resnet"]
     prepared = processing.prepare_image(face, meta, None)
-    expected = to_model_input(face, meta.input_size, meta.in_chans, meta.mean, meta.std)
+    # Training's decode: resize at model size, round to uint8 (the cached pixels), then /255 and normalise.
+    pixels = np.round(to_model_input(face, meta.input_size, meta.in_chans, 0.0, 1.0) * np.float32(255.0))
+    x = pixels.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(meta.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(meta.std, np.float32).reshape(-1, 1, 1)
+    expected = (x - mean) / std
     assert not prepared.face_found and np.array_equal(prepared.tensor, expected)
     assert 'key: "face_detection"' in preprocess_config(meta) and '"off"' in preprocess_config(meta)
     with pytest.raises(ValueError, match="face_detection"):

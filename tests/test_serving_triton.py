@@ -27,6 +27,8 @@ from serving.export import export_onnx
 from serving.repository import ModelRepository
 from serving.server import EmbeddedTriton, TritonEndpoint, free_port
 
+pytestmark = pytest.mark.integration  # starts the embedded tritonserver
+
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 
@@ -70,7 +72,7 @@ def served(tmp_path_factory):
     repo.write_model("ca_resnet", 5, onnx["ca_resnet", 5], keep_versions=[3])  # candidate beside champion 3
     repo.install("multitask_fer", 1, onnx["multitask_fer", 1])
     repo.install("c3d_ecstfl", 2, onnx["c3d_ecstfl", 2])
-    server = EmbeddedTriton(repo, root / "workspace", models=repo.load_order())
+    server = EmbeddedTriton(repo, root / "workspace", models=repo.load_order(), allow_http=True)
     start = time.perf_counter()
     server.start()
     print(f"tritonserver ready with {len(repo.load_order())} models in {time.perf_counter() - start:.1f}s")
@@ -133,7 +135,7 @@ def test_ensemble_matches_pytorch(served, faces, fmt):
 def test_multitask_valence_arousal_and_landmarks_over_http(served, faces):
     model = served["models"]["multitask_fer", 1]
     encoded = [encode_image(face) for face in faces[:3]]
-    with FERClient(served["server"].http_url, protocol="http") as client:
+    with FERClient(served["server"].http_url, protocol="http", key=served["server"].key) as client:
         predictions = client.predict(list(faces[:3]), network="multitask_fer")  # arrays, encoded as PNG
     expected, _, to_input = _reference(model, encoded)
     got_va = np.array([[p.valence, p.arousal] for p in predictions])
@@ -237,7 +239,7 @@ def test_bad_inputs_give_clear_errors_and_server_keeps_serving(served, faces):
 
 
 def test_unknown_network_and_unreachable_server(served, faces):
-    with FERClient(served["server"].grpc_url) as client:
+    with FERClient(served["server"].grpc_url, key=served["server"].key) as client:  # the index needs the key
         with pytest.raises(ServingError, match="unknown network 'nope'.*ca_resnet"):
             client.predict([encode_image(faces[0])], network="nope")
         assert set(client.networks()) == {"ca_resnet", "multitask_fer", "c3d_ecstfl"}
@@ -263,7 +265,7 @@ def test_fer_infer_cli(served, faces, tmp_path, capsys):
     args = parser.parse_args(["infer", str(folder / "face0.png"), "--url", url])
     assert args.func(args) == 0
     assert "1 prediction(s) from ca_resnet" in capsys.readouterr().out
-    args = parser.parse_args(["serve", "--url", f"grpc://{url}"])
+    args = parser.parse_args(["serve", "--url", f"grpc://{url}", "--repository", str(served["repo"].root)])
     assert args.func(args) == 0
     assert "ca_resnet_ensemble" in capsys.readouterr().out
 

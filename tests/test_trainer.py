@@ -81,8 +81,8 @@ def test_early_stopping_stops_after_patience(tmp_path):
 
 def test_recipe_overrides_yaml_and_validation(tmp_path):
     r = Recipe(network="ca_resnet", model_kwargs={"width": 64})
-    r2 = r.with_overrides(parse_set_options(["lr=0.01", "model_kwargs.width=16", "data.image_size=24"]))
-    assert (r2.lr, r2.model_kwargs["width"], r2.data["image_size"]) == (0.01, 16, 24)
+    r2 = r.with_overrides(parse_set_options(["lr=0.01", "model_kwargs.width=16", "data.val_fraction=0.2"]))
+    assert (r2.lr, r2.model_kwargs["width"], r2.data["val_fraction"]) == (0.01, 16, 0.2)
     assert r.fingerprint() != r2.fingerprint() and r.fingerprint() == Recipe(network="ca_resnet", model_kwargs={"width": 64}).fingerprint()
     (tmp_path / "r.yaml").write_text("epochs: 3\nmodel_kwargs:\n  width: 8\n")
     r3 = r.with_yaml(tmp_path / "r.yaml")

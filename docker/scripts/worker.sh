@@ -5,6 +5,6 @@
 set -eu
 POOL="${FER_WORK_POOL:-fer-training}"
 prefect work-pool inspect "$POOL" > /dev/null 2>&1 || prefect work-pool create "$POOL" --type process
-prefect --no-prompt deploy --all --prefect-file /opt/fer/prefect.yaml
+prefect --no-prompt deploy --all --prefect-file "${FER_CHECKOUT:-/opt/fer}/prefect.yaml"
 exec prefect worker start --pool "$POOL" --type process --with-healthcheck \
   --limit "${FER_WORKER_CONCURRENCY:-1}" --name "worker-$(hostname)"

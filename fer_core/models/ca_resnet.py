@@ -38,14 +38,15 @@ loss with per-class α, γ and optional label smoothing).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.models.registry import FERModel, ModelMetadata, TensorSpec, register_model
+from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.training.recipe import Recipe
 
 
 class ChannelAttention(nn.Module):
@@ -242,3 +243,38 @@ class CAResNet(FERModel):
 def ca_resnet(**kwargs) -> CAResNet:
     """CA-ResNet for 1x48x48 faces; ``layers=(3, 4, 6, 3)`` gives ResNet-34 depth."""
     return CAResNet(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Network spec: task, profiles, default data
+# ---------------------------------------------------------------------------------------------
+
+
+def static_profiles(network: str, paper_kwargs: Mapping[str, Any], quick_kwargs: Mapping[str, Any]) -> dict[str, Recipe]:
+    """The static-FER profiles (shared by CA-ResNet and its ResNet baselines so a comparison isolates
+    the architecture): ``paper`` as in the source method, ``quick`` CPU-sized."""
+    paper = Recipe(
+        network=network, profile="paper", model_kwargs=dict(paper_kwargs),
+        loss_kwargs={"gamma": 2.0, "label_smoothing": 0.0}, optimizer="adam", lr=1e-3, weight_decay=5e-4,
+        scheduler="cosine", epochs=100, batch_size=128, eval_batch_size=256, early_stopping_patience=10,
+        monitor="val/loss", monitor_mode="min", num_workers=4,
+        augment={"hflip": True, "rotation_deg": 10.0, "crop_area": [0.5, 1.0], "gamma_max": 2.0,
+                 "noise_var": 0.001, "erase_prob": 0.5},
+    )
+    quick = paper.with_overrides({
+        "profile": "quick", "model_kwargs": dict(quick_kwargs), "epochs": 12, "batch_size": 64,
+        "early_stopping_patience": 4, "num_workers": 0, "max_steps_per_epoch": 40,
+        "augment": {"hflip": True, "rotation_deg": 8.0, "crop_area": [0.8, 1.0], "gamma_max": 1.5,
+                    "noise_var": 0.001, "erase_prob": 0.25},
+    })
+    return {"paper": paper, "quick": quick}
+
+
+
+register_network(NetworkSpec(
+    name="ca_resnet", factory=ca_resnet, task="static", model_class=CAResNet,
+    profiles=lambda: static_profiles("ca_resnet", {"layers": [2, 2, 2, 2]}, {"layers": [1, 1, 1, 1], "width": 16}),
+    data_format="fer2013", dataset="fer2013", primary_metric="accuracy", demo_size=1400,
+    description="ResNet with coordinate / hybrid attention for 48x48 grey faces (7 expressions)",
+    reference="CA-ResNet static FER (focal loss, FER2013)",
+))

@@ -1,78 +1,35 @@
-"""Model registry and the metadata every model carries.
+"""Model and network registry, and the metadata every model carries.
 
 Models are built only through :func:`create_model`. Each model carries a :class:`ModelMetadata`
 (input/output tensor specs, normalisation, label names) that drives transforms, the MLflow
 signature and the Triton ``config.pbtxt`` alike, so nothing downstream hard-codes shapes.
+
+A *network* is a model family the platform trains, exports and serves. Everything about it lives in
+its own file (timm's shape): the model, its factory and one :class:`NetworkSpec` (task kind,
+``quick``/``paper`` profiles, default data source, primary metric, demo size, metadata) passed to
+:func:`register_network`. The registry finds network files by importing every module of
+``fer_core.models``, the modules of the ``fer_core.networks`` entry-point group (plugins) and the
+comma-separated modules of ``FER_NETWORK_MODULES``; a module that does not import is an error,
+never a silently missing network.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from fer_core.training.recipe import Recipe
 
 import torch
 from torch import nn
 
-TASKS = ("static", "multitask", "micro", "dynamic", "au")
-OUTPUT_KINDS = ("logits", "probabilities", "regression", "heatmaps", "features", "multilabel_logits")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named input or output tensor; ``shape`` excludes the batch axis (-1 = dynamic)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    kind: str = "image"
-    labels: tuple[str, ...] = ()  # per-index names for classification / multi-label outputs
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    """What serving, tracking and data transforms need to know about a model."""
-
-    name: str
-    task: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    label_names: tuple[str, ...] = ()
-    primary_output: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
-        if not self.inputs or not self.outputs:
-            raise ValueError("a model needs at least one input and one output spec")
-        names = [s.name for s in self.outputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate output names: {names}")
-        if self.primary_output and self.primary_output not in names:
-            raise ValueError(f"primary_output {self.primary_output!r} is not among outputs {names}")
-
-    @property
-    def input(self) -> TensorSpec:
-        """The (single) input spec."""
-        return self.inputs[0]
-
-    @property
-    def in_chans(self) -> int:
-        """Channels of an image or per-frame input (the axis before H, W)."""
-        return self.input.shape[-3]
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """(H, W) of the input images or frames."""
-        return (self.input.shape[-2], self.input.shape[-1])
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.outputs)
+# The metadata is torch-free (package readers need it without torch); re-exported here.
+from fer_core.metadata import OUTPUT_KINDS, TASKS, ModelMetadata, TensorSpec  # noqa: F401
 
 
 class FERModel(nn.Module):
@@ -119,16 +76,145 @@ class FERModel(nn.Module):
         return torch.rand((batch_size, *spec.shape), dtype=getattr(torch, spec.dtype))
 
 
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything the platform needs to know about one network, declared in the network's file.
+
+    ``profiles`` is a zero-argument function returning ``{"quick": Recipe, "paper": Recipe}``; it is
+    called once the registry is loaded, so the recipes are checked against this very spec.
+    """
+
+    name: str
+    factory: Callable[..., FERModel]
+    task: str  # task kind that trains it (fer_core.training.tasks): static | multitask | micro | dynamic | au
+    profiles: Callable[[], Mapping[str, "Recipe"]]
+    data_format: str  # default source format (fer_core.data.formats), e.g. "fer2013"
+    dataset: str  # default dataset name its source is versioned under, e.g. "fer2013"
+    primary_metric: str  # higher is better; what promotion compares
+    demo_size: int  # samples `fer demo` generates for it
+    model_class: type | None = None  # whose __init__ signature lists the valid model_kwargs
+    fixed_kwargs: tuple[str, ...] = ()  # __init__ parameters the factory sets itself (not model_kwargs)
+    description: str = ""
+    reference: str = ""  # the source paper / method
+    default: bool = True  # part of the default pipeline and demo (baselines are not)
+
+    def model_options(self) -> dict[str, Any]:
+        """Valid ``model_kwargs``: name -> annotation, from the model class (or the factory)."""
+        from fer_core.training.recipe import option_types
+
+        target = self.model_class or self.factory
+        return option_types(target, exclude=self.fixed_kwargs)
+
+    def recipe(self, profile: str) -> "Recipe":
+        """The registered recipe for ``profile``."""
+        from fer_core.errors import UsageError
+
+        recipes = _profiles_of(self)
+        if profile not in recipes:
+            raise UsageError(f"unknown profile {profile!r} for {self.name}; choose from {sorted(recipes)}")
+        return recipes[profile]
+
+    @property
+    def profile_names(self) -> tuple[str, ...]:
+        return tuple(sorted(_profiles_of(self)))
+
+
 _MODEL_FACTORIES: dict[str, Callable[..., FERModel]] = {}
-# Model family modules; importing them fills the registry.
-_MODEL_MODULES = (
-    "fer_core.models.resnet",
-    "fer_core.models.ca_resnet",
-    "fer_core.models.multitask_fer",
-    "fer_core.models.micro_lsh",
-    "fer_core.models.c3d_ecstfl",
-    "fer_core.models.au_cotrain",
-)
+_NETWORKS: dict[str, NetworkSpec] = {}
+_PROFILES: dict[str, Mapping[str, "Recipe"]] = {}
+_state = {"loaded": False, "loading": False}
+NETWORK_MODULES_ENV = "FER_NETWORK_MODULES"
+ENTRY_POINT_GROUP = "fer_core.networks"
+
+
+def register_network(spec: NetworkSpec) -> NetworkSpec:
+    """Register a network (call it at the bottom of the network's file); also registers its factory."""
+    if spec.name in _NETWORKS and _NETWORKS[spec.name] != spec:
+        raise ValueError(f"network {spec.name!r} is registered twice")
+    if _MODEL_FACTORIES.get(spec.name, spec.factory) is not spec.factory:
+        raise ValueError(f"network {spec.name!r}: another model factory has that name")
+    _MODEL_FACTORIES[spec.name] = spec.factory
+    _NETWORKS[spec.name] = spec
+    _PROFILES.pop(spec.name, None)
+    return spec
+
+
+def _profiles_of(spec: NetworkSpec) -> Mapping[str, "Recipe"]:
+    from fer_core.training.recipe import PROFILES
+
+    _load_model_modules()
+    if spec.name not in _PROFILES:
+        recipes = dict(spec.profiles())
+        missing = sorted(set(PROFILES) - set(recipes))
+        if missing:
+            raise ValueError(f"network {spec.name!r} lacks profiles {missing}")
+        for name, recipe in recipes.items():
+            if recipe.network != spec.name or recipe.profile != name:
+                raise ValueError(f"network {spec.name!r}: profile {name!r} holds a recipe for "
+                                 f"{recipe.network!r}/{recipe.profile!r}")
+        _PROFILES[spec.name] = recipes
+    return _PROFILES[spec.name]
+
+
+def registry_loading() -> bool:
+    """True while network modules are being imported (recipes built then are checked later)."""
+    return _state["loading"]
+
+
+def _network_module_names() -> list[str]:
+    from importlib.metadata import entry_points
+
+    import fer_core.models as package
+
+    names = [f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+             if info.name != "registry"]
+    names += [ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    names += [m.strip() for m in os.environ.get(NETWORK_MODULES_ENV, "").split(",") if m.strip()]
+    return names
+
+
+def _load_model_modules() -> None:
+    if _state["loaded"] or _state["loading"]:
+        return
+    _state["loading"] = True
+    try:
+        for module in _network_module_names():
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    raise  # the module exists but one of its imports does not: a real bug
+                from fer_core.errors import UsageError
+
+                raise UsageError(f"network module {module!r} cannot be imported (from {NETWORK_MODULES_ENV} "
+                                 f"or the {ENTRY_POINT_GROUP!r} entry points): no such module") from None
+        _state["loaded"] = True
+    finally:
+        _state["loading"] = False
+
+
+def list_networks(*, default_only: bool = False) -> list[str]:
+    """Names of all registered networks (trainable model families), sorted; ``default_only``: those
+    in the default pipeline and demo."""
+    _load_model_modules()
+    return sorted(n for n, s in _NETWORKS.items() if s.default or not default_only)
+
+
+def get_network(name: str, *, missing_ok: bool = False) -> NetworkSpec | None:
+    """The spec of network ``name`` (``None`` when unknown and ``missing_ok``)."""
+    _load_model_modules()
+    if name not in _NETWORKS:
+        if missing_ok:
+            return None
+        from fer_core.errors import UsageError
+
+        raise UsageError(f"unknown network {name!r}; registered: {', '.join(sorted(_NETWORKS))}")
+    return _NETWORKS[name]
+
+
+def network_specs(*, default_only: bool = False) -> list[NetworkSpec]:
+    """The registered specs, sorted by name."""
+    return [_NETWORKS[n] for n in list_networks(default_only=default_only)]
 
 
 def register_model(fn: Callable[..., FERModel]) -> Callable[..., FERModel]:
@@ -138,15 +224,6 @@ def register_model(fn: Callable[..., FERModel]) -> Callable[..., FERModel]:
         raise ValueError(f"model {name!r} is registered twice")
     _MODEL_FACTORIES[name] = fn
     return fn
-
-
-def _load_model_modules() -> None:
-    for module in _MODEL_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a family not written yet must not hide the others
-            if exc.name != module:
-                raise
 
 
 def list_models() -> list[str]:
@@ -160,7 +237,9 @@ def create_model(name: str, **kwargs: Any) -> FERModel:
     checkpoint can rebuild it (``create_model(m.model_name, **m.create_kwargs)``)."""
     _load_model_modules()
     if name not in _MODEL_FACTORIES:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODEL_FACTORIES))}")
+        from fer_core.errors import UsageError
+
+        raise UsageError(f"unknown model {name!r}; registered: {', '.join(sorted(_MODEL_FACTORIES))}")
     model = _MODEL_FACTORIES[name](**kwargs)
     if not isinstance(model, FERModel):
         raise TypeError(f"factory {name!r} returned {type(model).__name__}, not a FERModel")

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.models.registry import FERModel, ModelMetadata, TensorSpec, register_model
+from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.training.recipe import Recipe
 
 
 class BasicBlock(nn.Module):
@@ -138,3 +139,23 @@ def resnet18(**kwargs) -> ResNet:
 def resnet34(**kwargs) -> ResNet:
     """ResNet-34 static-FER baseline (1x48x48 input by default)."""
     return ResNet([3, 4, 6, 3], name="resnet34", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Network specs: the baselines train with CA-ResNet's static profiles (same data, loss, schedule)
+# ---------------------------------------------------------------------------------------------
+
+
+def _baseline(name: str, factory) -> NetworkSpec:
+    from fer_core.models.ca_resnet import static_profiles
+
+    return NetworkSpec(
+        name=name, factory=factory, task="static", model_class=ResNet, fixed_kwargs=("layers", "name"),
+        profiles=lambda: static_profiles(name, {}, {"width": 16}),
+        data_format="fer2013", dataset="fer2013", primary_metric="accuracy", demo_size=1400,
+        description=f"plain {name.upper()} static-FER baseline", reference="He et al. 2016", default=False,
+    )
+
+
+register_network(_baseline("resnet18", resnet18))
+register_network(_baseline("resnet34", resnet34))

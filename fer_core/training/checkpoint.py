@@ -7,6 +7,7 @@ A checkpoint holds only tensors and plain Python values (no pickled classes), so
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -34,12 +35,20 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
     sidecar_tmp = path.with_name(f".{path.name}.sha256.tmp-{os.getpid()}")
-    sidecar_tmp.write_text(f"{digest}  {path.name}\n")
+    try:
+        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        sidecar_tmp.write_text(f"{digest}  {path.name}\n")
+    except BaseException as exc:  # e.g. a full disk: leave no partial temporaries taking the space
+        tmp.unlink(missing_ok=True)
+        sidecar_tmp.unlink(missing_ok=True)
+        # torch's zip writer reports a full disk as RuntimeError("... iostream error"): say what it is.
+        if isinstance(exc, RuntimeError) and os.statvfs(path.parent).f_bavail == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     # Hash first, then data: a crash between the renames leaves a hash that the old file fails,
     # which is reported as corruption instead of silently loading a mismatched pair.
     os.replace(sidecar_tmp, path.with_name(path.name + ".sha256"))

@@ -300,9 +300,11 @@ class Trainer:
                     # seed); a resumed run must continue from the same state to end where this one ends.
                     "torch_rng_state": torch.get_rng_state(),
                 }
-                save_checkpoint(state, last_path)
+                # best.pt before last.pt: if writing best fails (disk full), last.pt still names the
+                # previous best, so a resumed run never records a best epoch whose weights were lost.
                 if improved:
                     save_checkpoint(state, best_path)
+                save_checkpoint(state, last_path)
             self._call("on_epoch_end", epoch, metrics)
             self._call("on_checkpoint", last_path, improved)
             stopped_early = bool(patience and bad_epochs >= patience and epoch + 1 < r.epochs)
@@ -310,6 +312,8 @@ class Trainer:
             dist.barrier()
         best = load_checkpoint(best_path if best_path.is_file() else last_path, map_location=self.device)
         self.model.load_state_dict(best["model_state"])
+        if not best_path.is_file():  # no best weights on disk: what follows is of the last epoch's
+            best_epoch = -1
         # Final evaluation of the best weights on the test split (val when there is none), plus the
         # task's detailed report (confusion matrix, per-class table) for tracking artifacts.
         final_split = next((s for s in ("test", "val") if s in self.datasets and len(self.datasets[s])), None)

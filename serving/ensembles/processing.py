@@ -3,10 +3,10 @@
 The Triton Python models in :mod:`serving.ensembles.triton_models` are thin wrappers around these
 functions, and tests/benchmarks call them directly, so "what Triton did" can be recomputed exactly.
 
-Pre-processing builds the model input the way training does: decode (RGB, like
-:func:`fer_core.data.samples.decode_image_file`) → :class:`HaarFaceDetector` +
-:func:`detect_and_align` to the metadata's input size (the whole image when no face is found,
-reported in ``face_found``) → :func:`to_model_input` with the metadata's size, channels, mean and std.
+Pre-processing decodes (RGB, like :func:`fer_core.data.samples.decode_image_file`) and then
+interprets the version's input-pipeline spec (:mod:`fer_core.data.pipeline`, from its model
+package) exactly as training's decode does: face handling, frame rule, resize, uint8 rounding,
+normalisation.
 Every prepared input also carries ``to_input``, the 2x3 affine map from original-image pixels to
 model-input pixels, so that post-processing can map landmarks back onto the picture the user sent.
 """
@@ -20,21 +20,14 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
-from fer_core.data.preprocess import (
-    FaceBox,
-    HaarFaceDetector,
-    align_face,
-    alignment_matrix,
-    detect_and_align,
-    estimate_apex,
-    resample_clip,
-    to_model_input,
-)
-from fer_core.models.registry import ModelMetadata
+from fer_core.data.pipeline import InputPipeline, normalise, prepare_pixels
+from fer_core.data.preprocess import FaceBox, HaarFaceDetector
+from fer_core.metadata import ModelMetadata
 
 __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
+    "ACCEPTED_FORMATS",
     "PreparedInput",
     "RecordingDetector",
     "encoded_image_size",
@@ -61,27 +54,60 @@ def is_video_network(metadata: ModelMetadata) -> bool:
 
 
 def encoded_image_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` read from a PNG or JPEG header, ``None`` for other/unknown formats."""
+    """``(width, height)`` read from the image's header, ``None`` when it is no image format we accept
+    (``ValueError`` for one Pillow already refuses as a decompression bomb).
+
+    PNG and JPEG are parsed here (the common case, no allocation); every other format is identified by
+    Pillow, whose ``Image.open`` reads the header only (no pixel is decoded), so a small TIFF, BMP,
+    WebP or GIF that inflates to gigabytes is refused before OpenCV ever decodes it.
+    """
     if data[:8] == _PNG_SIGNATURE and len(data) >= 24 and data[12:16] == b"IHDR":
         width, height = struct.unpack(">II", data[16:24])
         return int(width), int(height)
     if data[:2] == b"\xff\xd8":
-        pos = 2
-        while pos + 4 <= len(data):
-            if data[pos] != 0xFF:
-                return None
-            marker = data[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
-                pos += 2
-                continue
-            (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-            if marker in _JPEG_SOF and pos + 9 <= len(data):
-                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-                return int(width), int(height)
-            pos += 2 + length
+        return _jpeg_size(data)
+    return _pillow_size(data)
+
+
+# Formats OpenCV decodes that Pillow can size from the header. Anything else is refused before
+# decoding: a format whose size cannot be read first cannot be bounded (OpenEXR, HDR, PFM, ...).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM", "DIB")
+
+
+def _pillow_size(data: bytes) -> tuple[int, int] | None:
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we check the size ourselves
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+                return int(image.width), int(image.height)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused at open
+        raise ValueError(f"image exceeds the pixel limit ({str(exc).split(',')[0]})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, EOFError):
+        return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _JPEG_SOF and pos + 9 <= len(data):
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return int(width), int(height)
+        pos += 2 + length
     return None
 
 
@@ -100,16 +126,18 @@ def decode_image_bytes(
     if len(data) > max_bytes:
         raise ValueError(f"image of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     size = encoded_image_size(data)
-    if size is not None:
-        width, height = size
-        if width == 0 or height == 0:
-            raise ValueError(f"image has zero size ({width}x{height})")
-        if width * height > max_pixels:
-            raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    if size is None:  # never decode what cannot be sized first
+        raise ValueError(f"cannot decode {len(data)} bytes as an image (expected one of "
+                         f"{', '.join(ACCEPTED_FORMATS[:-1])}; no readable header)")
+    width, height = size
+    if width == 0 or height == 0:
+        raise ValueError(f"image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise ValueError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
         raise ValueError(f"cannot decode {len(data)} bytes as an image (expected JPEG or PNG)")
-    if image.shape[0] * image.shape[1] > max_pixels:  # formats whose header we do not parse
+    if image.shape[0] * image.shape[1] > max_pixels:  # a header that lied about the size
         raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
     # Same conversions as fer_core.data.samples.decode_image_file, so serving sees training's pixels.
     if image.dtype != np.uint8:
@@ -123,12 +151,20 @@ def decode_image_bytes(
     return image
 
 
-class RecordingDetector:
-    """Wraps a detector and remembers the faces of its last call.
+def check_decoded(image: np.ndarray, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A decoded image given as an array: uint8 ``(H, W)`` grey or ``(H, W, 3)`` RGB (one-line ``ValueError``)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8, got {image.dtype}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or 0 in image.shape:
+        raise ValueError(f"image arrays must be (H, W) grey or (H, W, 3) RGB, got shape {image.shape}")
+    if image.shape[0] * image.shape[1] > max_pixels:
+        raise ValueError(f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {max_pixels} pixels")
+    return image
 
-    Lets serving call :func:`detect_and_align` itself (the exact training-time function) and still
-    learn which box it aligned, to map landmarks back to the original image.
-    """
+
+class RecordingDetector:
+    """Wraps a detector and remembers the faces of its last call."""
 
     def __init__(self, detector: HaarFaceDetector) -> None:
         self.detector = detector
@@ -153,87 +189,49 @@ class PreparedInput:
     to_input: np.ndarray
 
 
-def _resize_matrix(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
-    """The affine map of ``cv2.resize`` (pixel centres: ``x' = (x + 0.5) * s - 0.5``)."""
-    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
-    return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]], dtype=np.float64)
+def default_pipeline(metadata: ModelMetadata, detector: HaarFaceDetector | None) -> InputPipeline:
+    """The pipeline of a model without a package spec: its metadata, face handling by ``detector``."""
+    return InputPipeline.for_model(metadata, face="haar" if detector is not None else "off")
 
 
-def _align(image: np.ndarray, detector: RecordingDetector | None, size: tuple[int, int]) -> tuple[np.ndarray, FaceBox | None]:
-    if detector is None:  # face detection off: the request is a face crop, used whole like training data
-        return image, None
-    aligned = detect_and_align(image, detector, out_size=size)
-    if aligned is None:
-        return image, None
-    return aligned, detector.last_faces[0]
+def _prepared(decoded: Sequence[np.ndarray], pipeline: InputPipeline, detector: HaarFaceDetector | None) -> PreparedInput:
+    prepared = prepare_pixels(decoded, pipeline, detector)
+    return PreparedInput(normalise(prepared.pixels, pipeline), prepared.face_found, prepared.to_input)
 
 
-def _normalise(pixels: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
-    return to_model_input(pixels, metadata.input_size, metadata.in_chans, metadata.mean, metadata.std)
-
-
-def prepare_image(image: np.ndarray, metadata: ModelMetadata, detector: HaarFaceDetector | None) -> PreparedInput:
-    """Build the ``(C, H, W)`` input of an image network from one decoded image: face-aligned when a
-    detector is given (and finds a face), else the whole image resized like the training data."""
+def prepare_image(image: np.ndarray, metadata: ModelMetadata, detector: HaarFaceDetector | None,
+                  pipeline: InputPipeline | None = None) -> PreparedInput:
+    """The ``(C, H, W)`` input of an image network from one decoded image, by the input-pipeline spec."""
     if is_video_network(metadata):
         raise ValueError(f"{metadata.name} takes a clip of frames, not one image")
-    size = metadata.input_size
-    pixels, box = _align(image, RecordingDetector(detector) if detector else None, size)
-    if box is None:
-        to_input = _resize_matrix(image.shape[:2], size)
-    else:
-        to_input = alignment_matrix(box, size)
-    return PreparedInput(_normalise(pixels, metadata), box is not None, to_input.astype(np.float32))
+    return _prepared([image], pipeline or default_pipeline(metadata, detector), detector)
 
 
-def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector: HaarFaceDetector | None) -> PreparedInput:
-    """Build the ``(T, C, H, W)`` input of a video network from decoded frames of one clip.
-
-    The face is detected on the first frame where one is found and every frame is aligned with
-    that same box, so the crop does not jitter over the clip. For ``micro`` networks (onset, apex)
-    two frames are used as given; a longer clip uses its first frame as onset and
-    :func:`estimate_apex` picks the apex. Other networks resample the clip to their frame count.
-    """
+def prepare_clip(frames: Sequence[np.ndarray], metadata: ModelMetadata, detector: HaarFaceDetector | None,
+                 pipeline: InputPipeline | None = None) -> PreparedInput:
+    """The ``(T, C, H, W)`` input of a video network from the decoded frames of one clip
+    (:func:`fer_core.data.pipeline.prepare_pixels` documents the frame and face rules)."""
     if not is_video_network(metadata):
         raise ValueError(f"{metadata.name} takes one image, not a clip")
     if len(frames) == 0:
         raise ValueError("a clip needs at least one frame")
-    shapes = {f.shape[:2] for f in frames}
-    if len(shapes) != 1:
-        raise ValueError(f"all frames of a clip must have the same size, got {sorted(shapes)}")
-    size = metadata.input_size
-    recorder = RecordingDetector(detector) if detector else None
-    box = None
-    for frame in frames if recorder else ():
-        if detect_and_align(frame, recorder, out_size=size) is not None:
-            box = recorder.last_faces[0]
-            break
-    if box is None:
-        aligned = np.stack(list(frames))
-        to_input = _resize_matrix(frames[0].shape[:2], size)
-    else:
-        aligned = np.stack([align_face(f, box, size) for f in frames])
-        to_input = alignment_matrix(box, size)
-    num_frames = metadata.input.shape[0]
-    if metadata.task == "micro" and num_frames == 2:
-        if len(aligned) == 1:
-            raise ValueError(f"{metadata.name} needs onset and apex frames (2 or more), got 1")
-        if len(aligned) > 2:
-            aligned = aligned[[0, estimate_apex(aligned, 0)]]
-    else:
-        aligned = resample_clip(aligned, num_frames, "interpolate")
-    return PreparedInput(_normalise(aligned, metadata), box is not None, to_input.astype(np.float32))
+    return _prepared(list(frames), pipeline or default_pipeline(metadata, detector), detector)
 
 
 def prepare(encoded: Sequence[bytes], metadata: ModelMetadata, detector: HaarFaceDetector | None,
-            max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> PreparedInput:
-    """Decode and prepare one sample: one encoded image, or the encoded frames of one clip."""
+            max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+            pipeline: InputPipeline | None = None) -> PreparedInput:
+    """Decode and prepare one sample: one encoded image, or the encoded frames of one clip.
+
+    ``pipeline`` is the version's input-pipeline spec (from its package); without one it is
+    derived from ``metadata`` with face handling decided by ``detector``.
+    """
     decoded = [decode_image_bytes(b, max_bytes, max_pixels) for b in encoded]
     if is_video_network(metadata):
-        return prepare_clip(decoded, metadata, detector)
+        return prepare_clip(decoded, metadata, detector, pipeline)
     if len(decoded) != 1:
         raise ValueError(f"{metadata.name} takes one image per sample, got {len(decoded)}")
-    return prepare_image(decoded[0], metadata, detector)
+    return prepare_image(decoded[0], metadata, detector, pipeline)
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

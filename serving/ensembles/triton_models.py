@@ -1,6 +1,7 @@
 """Triton Python-backend models of the ensembles: ``<network>_preprocess`` and ``<network>_postprocess``.
 
-Imported only inside Triton's Python-backend stub (``triton_python_backend_utils`` exists there
+Imported only inside Triton's Python-backend stub (and importing no torch: only numpy, OpenCV and
+the torch-free parts of ``fer_core``) (``triton_python_backend_utils`` exists there
 alone). The repository writes a two-line ``model.py`` per model that puts the project root on
 ``sys.path`` and re-exports one of these classes as ``TritonPythonModel``; the stub additionally
 needs the platform's dependencies (numpy, OpenCV) on ``PYTHONPATH`` (:mod:`serving.server` sets it).
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by the stub
 
-from fer_core.data.preprocess import HaarFaceDetector
+from fer_core.data.pipeline import InputPipeline, make_detector
+from fer_core.metadata import metadata_from_json
 from serving.ensembles import processing
-from serving.export import metadata_from_json
 
 _METADATA_PARAMETER = "fer_metadata"
 
@@ -46,8 +47,12 @@ class PreprocessModel(_Base):
 
     def initialize(self, args: dict[str, str]) -> None:
         super().initialize(args)
-        # "off": requests are face crops like the training data; "haar": detect + align first.
-        self.detector = HaarFaceDetector() if _parameter(self.config, "face_detection", "off") == "haar" else None
+        # The served version's input-pipeline spec (from its package; face handling as deployed).
+        raw = _parameter(self.config, "fer_pipeline")
+        face = _parameter(self.config, "face_detection", "off")
+        self.pipeline = (InputPipeline.from_dict(json.loads(raw)) if raw
+                         else InputPipeline.for_model(self.metadata)).with_face(face)
+        self.detector = make_detector(self.pipeline)
         self.input_name = self.config["input"][0]["name"]
         self.tensor_name = self.metadata.input.name
 
@@ -62,7 +67,7 @@ class PreprocessModel(_Base):
                 for i, sample in enumerate(encoded.reshape(len(encoded), -1)):
                     try:
                         prepared.append(processing.prepare(list(sample), self.metadata, self.detector,
-                                                           self.max_bytes, self.max_pixels))
+                                                           self.max_bytes, self.max_pixels, self.pipeline))
                     except ValueError as exc:
                         raise ValueError(f"{self.network}: sample {i}: {exc}") from None
                 outputs = [
@@ -72,9 +77,16 @@ class PreprocessModel(_Base):
                 ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # one bad request must not fail the others of the batch
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(exc)))
         return responses
+
+
+def _error(exc: Exception):
+    """The request's error, one line: a client fault (``ValueError``: bad bytes, too large, wrong
+    dtype or shape) is ``INVALID_ARG`` (HTTP 400, gRPC INVALID_ARGUMENT); anything else ``INTERNAL``."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, ValueError) else pb_utils.TritonError.INTERNAL
+    return pb_utils.TritonError(message, code)
 
 
 class PostprocessModel(_Base):
@@ -95,6 +107,5 @@ class PostprocessModel(_Base):
                 outputs = [pb_utils.Tensor(n, result[n]) for n in self.output_names]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(exc)))
         return responses

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fer_core.data.manifest import DatasetCard
+from fer_core.errors import UsageError
 
 Adapter = Callable[..., DatasetCard]
 Writer = Callable[..., Path]
@@ -52,12 +53,9 @@ def register_format(fmt: DataFormat) -> DataFormat:
 
 
 def _load() -> None:
+    # Every listed module must import: a typo or a broken import is an error, never a missing format.
     for module in _FORMAT_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+        importlib.import_module(module)
 
 
 def list_formats() -> list[DataFormat]:
@@ -68,7 +66,7 @@ def list_formats() -> list[DataFormat]:
 def get_format(name: str) -> DataFormat:
     _load()
     if name not in _FORMATS:
-        raise ValueError(f"unknown data format {name!r}; known: {', '.join(sorted(_FORMATS))}")
+        raise UsageError(f"unknown data format {name!r}; known: {', '.join(sorted(_FORMATS))}")
     return _FORMATS[name]
 
 
@@ -89,11 +87,21 @@ def adapt(
     """
     source = Path(source)
     if not source.exists():
-        raise ValueError(f"source {source} does not exist")
-    card = get_format(format_name).adapt(source, Path(out_dir), name=name, **options)
+        raise UsageError(f"source {source} does not exist")
+    fmt = get_format(format_name)
+    options = adapter_options(fmt, options)
+    card = fmt.adapt(source, Path(out_dir), name=name, **options)
     if drop_cross_split_duplicates:
         card = _drop_cross_split_duplicates(Path(out_dir), card)
     return card
+
+
+def adapter_options(fmt: DataFormat, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` coerced by the types of ``fmt``'s adapter keywords; unknown ones refused, listing the known."""
+    from fer_core.training.recipe import coerce_options, option_types
+
+    known = option_types(fmt.adapt, exclude=("source", "out_dir", "name"))
+    return coerce_options(options, known, fmt.name, what="adapter option")
 
 
 def _drop_cross_split_duplicates(root: Path, card: DatasetCard) -> DatasetCard:

@@ -29,6 +29,7 @@ emotions normalised to sum to 1 (``unknown``/``NF`` votes excluded).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,33 +76,85 @@ def find_csv(source: Path) -> Path:
 
 
 def read_fer2013_csv(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Parse ``fer2013.csv[.gz]`` into (emotions int64 (N,), usages str (N,), pixels uint8 (N,48,48))."""
-    try:
-        # pyarrow's reader is ~4x faster than the C engine on the 290 MB of pixel strings.
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, engine="pyarrow")
-    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a readable CSV"
-        raise ValueError(f"cannot read {path} as a FER2013 CSV: {exc}") from exc
+    """Parse ``fer2013.csv[.gz]`` into (emotions int64 (N,), usages str (N,), pixels uint8 (N,48,48)).
+
+    Errors name the data row (0-based, the number in the ``fer%07d`` ids) and its line in the file.
+    """
+    table = _read_table(path)
     missing = [c for c in ("emotion", "pixels", "Usage") if c not in table.columns]
     if missing:
         raise ValueError(f"{path} lacks FER2013 columns {missing}; found {list(table.columns)}")
-    emotion_text = table["emotion"].str.strip()
-    bad = ~emotion_text.str.fullmatch(r"-?\d+")
+    emotion_text = table["emotion"].astype(str).str.strip()
+    bad = ~emotion_text.str.fullmatch(r"-?\d+").fillna(False).astype(bool)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ValueError(f"{path} row {row}: emotion {table['emotion'].iloc[row]!r} is not an integer")
+        raise ValueError(f"{path} {_where(row)}: emotion {table['emotion'].iloc[row]!r} is not an integer")
     emotions = emotion_text.astype(np.int64).to_numpy()
     # One np.fromstring per row (C parser, ~1.5 s for the full file) also checks each row's length,
     # which a single parse of the joined column could not.
     pixels = np.empty((len(table), IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
     for i, text in enumerate(table["pixels"].to_numpy()):
         values = np.fromstring(text, dtype=np.int32, sep=" ")
-        if values.size != NUM_PIXELS or values.min(initial=0) < 0 or values.max(initial=0) > 255:
+        if values.size != NUM_PIXELS:
             raise ValueError(
-                f"{path} row {i}: pixels must be {NUM_PIXELS} space-separated values in 0..255, "
-                f"got {values.size} values"
+                f"{path} {_where(i)}: pixels must be {NUM_PIXELS} space-separated values, got {values.size}"
+            )
+        outside = np.flatnonzero((values < 0) | (values > 255))
+        if outside.size:
+            k = int(outside[0])
+            raise ValueError(
+                f"{path} {_where(i)}: pixel {k} is {int(values[k])}, outside 0..255 "
+                f"({outside.size} such value{'s' if outside.size > 1 else ''} in the row)"
             )
         pixels[i] = values.reshape(IMAGE_SIDE, IMAGE_SIDE)
-    return emotions, table["Usage"].str.strip().to_numpy(dtype=object), pixels
+    return emotions, table["Usage"].astype(str).str.strip().to_numpy(dtype=object), pixels
+
+
+# A real row is at most ~9.2 KB (2304 values of up to 3 digits); longer lines are not FER2013 rows.
+MAX_LINE_BYTES = 16 * 1024
+_BLOCK_BYTES = 4 << 20  # pyarrow's parse block: any real row fits many times over
+
+
+def _where(row: int) -> str:
+    """``row R (line L)``: data rows count from 0 (the ids' numbering), lines from 1 with the header."""
+    return f"row {row} (line {row + 2})"
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """The CSV with FER2013's columns read as text (pyarrow must not infer ``4`` as ``4.0``)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    text_columns = {c: pa.string() for c in ("emotion", "pixels", "Usage")}
+    try:
+        # pyarrow's reader is ~4x faster than pandas' C engine on the 290 MB of pixel strings.
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=_BLOCK_BYTES),
+            convert_options=pacsv.ConvertOptions(column_types=text_columns, strings_can_be_null=False),
+        )
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path} as a FER2013 CSV: {_diagnose(path, exc)}") from None
+    return table.to_pandas()
+
+
+def _diagnose(path: Path, exc: Exception) -> str:
+    """Our own reason for a reader failure: pyarrow's messages carry tuning hints (block size) and
+    whole rows of pixels, neither of which tells a user what is wrong with the file."""
+    import gzip
+
+    try:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if len(line) > MAX_LINE_BYTES:
+                    return (f"line {number} is {len(line) / 1e6:.1f} MB long; a FER2013 row is at most "
+                            f"~{NUM_PIXELS * 4 // 1000} KB (emotion, {NUM_PIXELS} pixel values, Usage)")
+    except (OSError, EOFError) as scan_error:
+        return f"{type(scan_error).__name__}: {scan_error}"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = re.sub(r"\s*\(try to [^)]*\)", "", message)  # drop reader-tuning hints
+    return message if len(message) <= 200 else message[:197] + "..."
 
 
 def read_ferplus_votes(path: Path, num_rows: int, usages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

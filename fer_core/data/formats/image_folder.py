@@ -18,6 +18,16 @@ to the card's classes after the 7 expressions, so no image is lost and indices 0
 meaning), ``"drop"`` (skip its images, counted in the card's provenance) or ``"error"``.
 Numbered class folders (RAF-DB's ``1``..``7``) need ``folder_names`` (e.g. :data:`RAFDB_FOLDERS`).
 
+Evaluation-only test sets (``role="test"``, e.g. CK+48 as a cross-dataset test of a network trained
+on FER2013): every image goes to the ``test`` split (split folders are refused, so nothing is silently
+merged), the card records ``provenance["role"] = "test"`` and the data gate skips the train-split
+class-balance checks (a test set may lack classes, CK+ has no neutral) while keeping every file,
+label and leakage check. Classes keep the canonical 7-class indices so a network's outputs line up.
+``label_map`` names folder→class explicitly (``anger:angry,sadness:sad`` or a mapping; applied
+before the synonyms; a target that is no expression is refused). ``unknown_classes="unknown"`` keeps
+every unmapped folder's images as one extra class ``unknown`` (evaluation reports what the network
+predicts for them but leaves them out of the metrics); ``"drop"`` skips them (counted).
+
 Images are copied byte-for-byte to ``images/<path below source>``. Subjects come from file names
 via ``subject_pattern`` (default: CK+'s ``S010_...``); otherwise ``subject`` is "". An image that
 cannot be decoded still gets a row (with an empty ``content_hash``) so the data gate can see it.
@@ -57,7 +67,9 @@ CLASS_SYNONYMS: Mapping[str, str] = {
 RAFDB_FOLDERS: Mapping[str, str] = {
     "1": "surprise", "2": "fear", "3": "disgust", "4": "happy", "5": "sad", "6": "angry", "7": "neutral",
 }
-UNKNOWN_CLASS_MODES = ("extend", "drop", "error")
+UNKNOWN_CLASS_MODES = ("extend", "drop", "error", "unknown")
+ROLES = ("train", "test")  # "train": a training set (splits as found); "test": evaluation only
+UNKNOWN_CLASS = "unknown"
 CKPLUS_SUBJECT_PATTERN = r"^(S\d{3})_"
 
 
@@ -71,6 +83,31 @@ def canonical_class(folder_name: str, folder_names: Mapping[str, str] | None = N
     if folder_names and key in folder_names:
         key = folder_names[key]
     return CLASS_SYNONYMS.get(key.lower().replace("-", "_").replace(" ", "_"))
+
+
+def parse_label_map(value: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"anger:angry,sadness:sad"`` (or a mapping) as {folder name: canonical class}.
+
+    Raises ``ValueError`` for a malformed pair or a target that names no expression.
+    """
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            folder, sep, target = item.partition(":")
+            if not sep or not folder.strip() or not target.strip():
+                raise ValueError(f"label_map entry {item!r} must look like FOLDER:CLASS (e.g. anger:angry)")
+            pairs.append((folder.strip(), target.strip()))
+    mapping = {}
+    for folder, target in pairs:
+        cls = CLASS_SYNONYMS.get(target.lower())
+        if cls is None:
+            raise ValueError(f"label_map target {target!r} (for {folder!r}) is none of {EXPRESSIONS}")
+        mapping[folder] = cls
+    return mapping
 
 
 def _held_out(key: str, fraction: float, seed: int) -> bool:
@@ -102,12 +139,15 @@ def adapt(
     test_fraction: float = 0.0,
     seed: int = 0,
     subject_pattern: str | None = CKPLUS_SUBJECT_PATTERN,
+    role: str = "train",
+    label_map: str | Mapping[str, str] | None = None,
 ) -> DatasetCard:
     """Read a class-per-folder tree at ``source`` into a prepared dataset (see module docstring).
 
     ``folder_names`` maps folder names to class names first (e.g. :data:`RAFDB_FOLDERS`);
     ``test_fraction``/``seed`` hold out a stable share when there are no split folders;
-    ``subject_pattern`` is a regex whose first group, searched in the file name, is the subject.
+    ``subject_pattern`` is a regex whose first group, searched in the file name, is the subject;
+    ``role="test"`` makes an evaluation-only test set; ``label_map`` maps folders to classes explicitly.
     """
     source, out_dir = Path(source), Path(out_dir)
     if unknown_classes not in UNKNOWN_CLASS_MODES:
@@ -116,14 +156,23 @@ def adapt(
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if not source.is_dir():
         raise ValueError(f"image_folder source {source} must be a folder")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "test" and test_fraction:
+        raise ValueError("role=test puts every image in the test split; drop test_fraction")
+    if unknown_classes == UNKNOWN_CLASS and role != "test":
+        raise ValueError("unknown_classes=unknown is for evaluation-only sets: add role=test (or use extend)")
+    explicit = parse_label_map(label_map)
     subject_regex = re.compile(subject_pattern) if subject_pattern else None
     layout = _find_layout(source)
+    if role == "test" and layout[0][0] is not None:
+        raise ValueError(f"role=test expects class folders only, but {source} has split folders")
 
     # Resolve class folders first, so an unknown one fails before anything is copied.
     folder_class: dict[Path, str | None] = {}
     extra: list[str] = []
     for _, folder in layout:
-        cls = canonical_class(folder.name, folder_names)
+        cls = explicit.get(folder.name) or canonical_class(folder.name, folder_names)
         if cls is None:
             if folder.name.isdigit() and not folder_names:
                 raise ValueError(
@@ -131,8 +180,8 @@ def adapt(
                 )
             if unknown_classes == "error":
                 raise ValueError(f"class folder {folder.name!r} names no expression of {EXPRESSIONS}")
-            if unknown_classes == "extend":
-                cls = folder.name.strip().lower()
+            if unknown_classes in ("extend", UNKNOWN_CLASS):
+                cls = UNKNOWN_CLASS if unknown_classes == UNKNOWN_CLASS else folder.name.strip().lower()
                 if cls not in extra:
                     extra.append(cls)
         folder_class[folder] = cls
@@ -152,7 +201,9 @@ def adapt(
             relative = file.relative_to(source).as_posix()
             match = subject_regex.search(file.name) if subject_regex else None
             subject = match.group(1) if match else ""
-            if split is None:
+            if role == "test":
+                split_of_file = "test"
+            elif split is None:
                 key = subject or relative
                 split_of_file = "test" if test_fraction and _held_out(key, test_fraction, seed) else "train"
             else:
@@ -200,6 +251,8 @@ def adapt(
             "dropped_images": dropped,
             "test_fraction": test_fraction,
             "seed": seed,
+            "role": role,
+            "label_map": explicit,
         },
     )
     write_prepared(out_dir, df, card)

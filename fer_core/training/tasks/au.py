@@ -44,6 +44,7 @@ stage, width 8, 40 px, small stem) for CPUs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -52,7 +53,7 @@ import pandas as pd
 import torch
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import to_model_input
+from fer_core.data.pipeline import InputPipeline, prepare_pixels
 from fer_core.data.samples import read_image
 from fer_core.data.transforms import AugmentConfig
 from fer_core.losses.au_cotrain import AUCoTrainLoss
@@ -61,7 +62,8 @@ from fer_core.models import create_model
 from fer_core.models.au_cotrain import pseudo_labels
 from fer_core.training.datasets import ManifestDataset
 from fer_core.training.recipe import Recipe
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
+from fer_core.training.tasks.static import SplitOptions
 
 LABEL_SET_CODES = {"clean": 0, "noisy": 1, "unlabelled": 2}
 LOSS_WEIGHT_KEYS = ("clean_weight", "noisy_weight", "pseudo_weight", "orthogonality_weight", "consistency_weight")
@@ -92,6 +94,23 @@ def smoothed_frequencies(labels: np.ndarray) -> np.ndarray | None:
         return None
     known = labels >= 0
     return ((labels == 1).sum(0) + 1.0) / (known.sum(0) + 2.0)
+
+
+@dataclass(frozen=True)
+class AUCoTrainOptions:
+    """``loss_kwargs.*`` of the au kind; an unset weight keeps :class:`AUCoTrainLoss`'s default."""
+
+    clean_weight: float | None = None
+    noisy_weight: float | None = None
+    pseudo_weight: float | None = None
+    orthogonality_weight: float | None = None
+    consistency_weight: float | None = None
+    semi_supervised: bool = False
+    pseudo_threshold: float = 0.9
+    pseudo_start_epoch: int = 1
+    label_frequencies: str = "train"  # "train" (whole train split) or "batch"
+    bce: str = "au_weighted"  # the BCE form of AUCoTrainLoss
+    orthogonality: str = "signed"  # the orthogonality form of AUCoTrainLoss
 
 
 class AUDataset(ManifestDataset):
@@ -152,17 +171,11 @@ class AUCoTrainTask:
 
     @staticmethod
     def _loss_options(recipe: Recipe) -> dict[str, Any]:
-        raw = dict(recipe.loss_kwargs)
-        unknown = sorted(set(raw) - set(LOSS_WEIGHT_KEYS) - set(LOSS_OPTION_KEYS))
-        if unknown:
-            raise ValueError(f"unknown au_cotrain loss_kwargs {unknown}; known: {sorted(LOSS_WEIGHT_KEYS + LOSS_OPTION_KEYS)}")
-        options = {"semi_supervised": bool(raw.get("semi_supervised", False)),
-                   "pseudo_threshold": float(raw.get("pseudo_threshold", 0.9)),
-                   "pseudo_start_epoch": int(raw.get("pseudo_start_epoch", 1)),
-                   "label_frequencies": str(raw.get("label_frequencies", "train")),
-                   "forms": {"bce": str(raw.get("bce", "au_weighted")),
-                             "orthogonality": str(raw.get("orthogonality", "signed"))},
-                   "weights": {k: float(raw[k]) for k in LOSS_WEIGHT_KEYS if k in raw}}
+        opts = AUCoTrainOptions(**recipe.loss_kwargs)  # keys and types were checked by the recipe
+        options = {"semi_supervised": opts.semi_supervised, "pseudo_threshold": opts.pseudo_threshold,
+                   "pseudo_start_epoch": opts.pseudo_start_epoch, "label_frequencies": opts.label_frequencies,
+                   "forms": {"bce": opts.bce, "orthogonality": opts.orthogonality},
+                   "weights": {k: getattr(opts, k) for k in LOSS_WEIGHT_KEYS if getattr(opts, k) is not None}}
         if options["label_frequencies"] not in ("train", "batch"):
             raise ValueError(f"loss_kwargs.label_frequencies must be 'train' or 'batch', got {options['label_frequencies']!r}")
         if not 0.5 <= options["pseudo_threshold"] <= 1.0:
@@ -175,8 +188,8 @@ class AUCoTrainTask:
     # -- data -------------------------------------------------------------------------------
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         image = read_image(root, row["path"])
-        x = to_model_input(image, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)
+        # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
+        return prepare_pixels([image], InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
     def _targets(self, row: pd.Series) -> dict[str, Any]:
         num_aus = len(self.au_names)
@@ -195,7 +208,7 @@ class AUCoTrainTask:
         """Rows per split (module docstring); the same for the same recipe seed."""
         manifest = self.manifest
         out = {s: manifest[manifest["split"] == s] for s in ("train", "val", "test")}
-        val_fraction = float(recipe.data.get("val_fraction", 0.15))
+        val_fraction = SplitOptions(**recipe.data).val_fraction
         if len(out["val"]) == 0 and val_fraction > 0:
             rng = np.random.default_rng(recipe.seed)
             train = out["train"]
@@ -300,30 +313,7 @@ class AUCoTrainTask:
                 **{k: v for k, v in metrics.items() if k.startswith("mean_f1")}}
 
 
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(
-        network="au_cotrain", profile="paper",
-        model_kwargs={},  # the model defaults: two ResNet-34 views, 3x224x224, 14 AUs
-        loss_kwargs={"semi_supervised": True, "pseudo_threshold": 0.9, "label_frequencies": "train"},
-        data={"val_fraction": 0.1},
-        optimizer="adam", lr=1e-4, weight_decay=1e-4, scheduler="cosine", epochs=30, batch_size=64,
-        eval_batch_size=128, early_stopping_patience=5, monitor="val/mean_f1", monitor_mode="max", num_workers=4,
-        augment={"hflip": True, "rotation_deg": 10.0, "crop_area": [0.8, 1.0], "gamma_max": 1.5,
-                 "noise_var": 0.001, "erase_prob": 0.0},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick",
-        "model_kwargs": {"layers": [1, 1, 1, 1], "width": 8, "img_size": 40, "stem": "small"},
-        "data": {"val_fraction": 0.15}, "lr": 3e-3, "weight_decay": 0.0, "epochs": 15, "batch_size": 32,
-        "eval_batch_size": 64, "early_stopping_patience": 4, "num_workers": 0, "max_steps_per_epoch": 30,
-        "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [0.9, 1.0], "gamma_max": 1.2,
-                    "noise_var": 0.0, "erase_prob": 0.0},
-    })
-    return {"paper": paper, "quick": quick}
-
-
-register_task(TaskSpec(
-    network="au_cotrain", data_task="au",
-    build=lambda root, recipe: AUCoTrainTask(root, recipe, "au_cotrain"),
-    profiles=_profiles(),
+register_task_kind(TaskKind(
+    name="au", data_task="au", build=AUCoTrainTask,
+    data_options=SplitOptions, loss_options=AUCoTrainOptions, augment_options=AugmentConfig,
 ))

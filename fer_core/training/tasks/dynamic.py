@@ -33,6 +33,7 @@ recall/F1; report: confusion matrix and per-class precision/recall/F1.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,14 @@ import numpy as np
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector, detect_and_align, resample_clip, to_model_input
+from fer_core.data.pipeline import InputPipeline, make_detector, prepare_pixels
+from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector
 from fer_core.data.samples import read_clip
 from fer_core.losses.ecstfl import DEFAULT_LAMBDA, EcStflLoss
 from fer_core.models import create_model
 from fer_core.training.recipe import Recipe
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
+from fer_core.data.transforms import AugmentConfig
 from fer_core.training.tasks.static import SingleLabelClassificationTask
 
 NUM_FOLDS = 5
@@ -71,8 +74,29 @@ def select_fold(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
     return out
 
 
+@dataclass(frozen=True)
+class DynamicData:
+    """``data.*`` of the dynamic kind."""
+
+    val_fraction: float = 0.15  # held out of train when the manifest has no "val" split
+    fold: int | None = None  # DFEW-style 5-fold split: train/val/test of fold N
+    resample: str = "interpolate"  # how a clip is brought to the model's frame count (RESAMPLE_METHODS)
+    align_faces: bool | str = False  # detect and eye-align each frame first; "auto" = when clips are raw videos
+
+
+@dataclass(frozen=True)
+class EcStflOptions:
+    """``loss_kwargs.*`` of the dynamic kind: CE + λ·EC-STFL."""
+
+    lambda_weight: float = DEFAULT_LAMBDA
+    reduction: str = "sum"
+    label_smoothing: float = 0.0
+
+
 class DynamicClassificationTask(SingleLabelClassificationTask):
     """Fixed-length clips with one expression label each."""
+
+    data_options = DynamicData
 
     primary_metric = "uar"
 
@@ -82,13 +106,14 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
         self.label_names = tuple(card.classes)
         manifest = read_manifest(root)
         manifest = manifest[manifest["label"] >= 0]
-        if recipe.data.get("fold") is not None:
-            manifest = select_fold(manifest, recipe.data["fold"])
+        data = DynamicData(**recipe.data)
+        if data.fold is not None:
+            manifest = select_fold(manifest, data.fold)
         self.manifest = manifest
-        self.resample = recipe.data.get("resample", "interpolate")
+        self.resample = data.resample
         if self.resample not in RESAMPLE_METHODS:
             raise ValueError(f"data.resample must be one of {RESAMPLE_METHODS}, got {self.resample!r}")
-        self.align_faces = resolve_align_faces(recipe.data.get("align_faces", "auto"), card.provenance)
+        self.align_faces = resolve_align_faces(data.align_faces, card.provenance)
         self._detector: HaarFaceDetector | None = None  # built on first use (Haar cascades load slowly)
         probe = create_model(recipe.network, **{**recipe.model_kwargs, **self.model_overrides()})
         self.meta = probe.metadata
@@ -97,27 +122,17 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
     def model_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.label_names)}
 
-    def _aligned(self, frames: np.ndarray) -> np.ndarray:
-        """Frames with a detected face, each aligned on the eyes at the model's size (raw if none has one)."""
-        if self._detector is None:
-            self._detector = HaarFaceDetector()
-        aligned = [detect_and_align(frame, self._detector, self.meta.input_size) for frame in frames]
-        kept = [face for face in aligned if face is not None]
-        return np.stack(kept) if kept else frames
-
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         frames = read_clip(root, row["path"])
-        if self.align_faces:
-            frames = self._aligned(frames)
-        frames = resample_clip(frames, self.num_frames, self.resample)
-        x = to_model_input(frames, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)  # (T, C, H, W)
+        # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
+        # "auto" is resolved against the dataset card here, so the pipeline sees a plain bool.
+        pipeline = InputPipeline.for_model(self.meta, {**self.recipe.data, "align_faces": self.align_faces})
+        if pipeline.face == "haar" and self._detector is None:
+            self._detector = make_detector(pipeline)
+        return prepare_pixels(list(frames), pipeline, self._detector).pixels  # (T, C, H, W)
 
     def build_loss(self, recipe: Recipe, model):
-        kwargs = dict(recipe.loss_kwargs)
-        criterion = EcStflLoss(lambda_weight=kwargs.get("lambda_weight", DEFAULT_LAMBDA),
-                               reduction=kwargs.get("reduction", "sum"),
-                               label_smoothing=kwargs.get("label_smoothing", 0.0))
+        criterion = EcStflLoss(**asdict(EcStflOptions(**recipe.loss_kwargs)))
 
         def loss(outputs, targets):
             parts = criterion.parts(outputs, targets)
@@ -126,37 +141,7 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
         return loss
 
 
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(
-        network="c3d_ecstfl", profile="paper",
-        model_kwargs={},  # C3D as published: 16 x 112 x 112 RGB, widths 64..512, fc 4096, dropout 0.5
-        loss_kwargs={"lambda_weight": 0.1, "reduction": "sum"},
-        data={"val_fraction": 0.1, "align_faces": False, "resample": "interpolate"},
-        # C3D's recipe (Tran et al. 2015): SGD, lr 0.003 divided by 10 every 4 epochs, 16 epochs,
-        # mini-batches of ~30 clips; random crops (C3D: 112 of 128x171, ~57 % of the area) and flips.
-        optimizer="sgd", lr=0.003, momentum=0.9, weight_decay=5e-4, scheduler="step", step_size=4, gamma=0.1,
-        epochs=16, batch_size=32, eval_batch_size=32, early_stopping_patience=0, monitor="val/loss",
-        monitor_mode="min", num_workers=4,
-        augment={"hflip": True, "rotation_deg": 0.0, "crop_area": [0.6, 1.0], "gamma_max": 1.0,
-                 "noise_var": 0.0, "erase_prob": 0.0},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick",
-        # Narrow C3D on 8 frames of 32x32; dropout off because a 128-wide FC has little to spare.
-        "model_kwargs": {"num_frames": 8, "img_size": 32, "width": 8, "fc_width": 128, "drop_rate": 0.0},
-        "data": {"val_fraction": 0.15, "align_faces": False, "resample": "interpolate"},
-        "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
-        # C3D sits on a plateau for ~100 steps before it starts to learn: enough epochs, patient stopping.
-        "epochs": 15, "batch_size": 28, "eval_batch_size": 64, "early_stopping_patience": 6, "num_workers": 0,
-        "max_steps_per_epoch": 40,
-        "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [0.85, 1.0], "gamma_max": 1.2,
-                    "noise_var": 0.0, "erase_prob": 0.0},
-    })
-    return {"paper": paper, "quick": quick}
-
-
-register_task(TaskSpec(
-    network="c3d_ecstfl", data_task="dynamic",
-    build=lambda root, recipe: DynamicClassificationTask(root, recipe, "c3d_ecstfl"),
-    profiles=_profiles(),
+register_task_kind(TaskKind(
+    name="dynamic", data_task="dynamic", build=DynamicClassificationTask,
+    data_options=DynamicData, loss_options=EcStflOptions, augment_options=AugmentConfig,
 ))

@@ -23,6 +23,7 @@ The micro network's profile then loads the registered weights (``data.magnifier_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,8 +40,23 @@ from fer_core.losses.micro import magnification_loss
 from fer_core.models import create_model
 from fer_core.training.datasets import ManifestDataset
 from fer_core.training.recipe import Recipe
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
 from fer_core.training.tasks.micro import subject_splits
+
+
+@dataclass(frozen=True)
+class MagnifierData:
+    """``data.*`` of the magnifier kind (subject-independent splits)."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class MagnificationLossOptions:
+    """``loss_kwargs.*`` of the magnifier kind."""
+
+    kind: str = "mse"  # "mse" | "l1"
 
 
 class MagnifiedPairsDataset(Dataset):
@@ -86,9 +102,8 @@ class MagnifierTask:
         return np.round(x * 255.0).astype(np.uint8)  # (3, C, H, W): onset, apex, magnified
 
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
-        data = dict(recipe.data)
-        return subject_splits(self.manifest, float(data.get("val_fraction", 0.2)),
-                              float(data.get("test_fraction", 0.2)), recipe.seed)
+        data = MagnifierData(**recipe.data)
+        return subject_splits(self.manifest, data.val_fraction, data.test_fraction, recipe.seed)
 
     def build_datasets(self, recipe: Recipe) -> dict[str, Dataset]:
         aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None
@@ -100,11 +115,7 @@ class MagnifierTask:
         return out
 
     def build_loss(self, recipe: Recipe, model):
-        kwargs = dict(recipe.loss_kwargs)
-        unknown = sorted(set(kwargs) - {"kind"})
-        if unknown:
-            raise ValueError(f"magnifier loss_kwargs take only 'kind' ('mse' | 'l1'), got {unknown}")
-        kind = str(kwargs.get("kind", "mse"))
+        kind = MagnificationLossOptions(**recipe.loss_kwargs).kind
 
         def loss(outputs, targets):
             value = magnification_loss(outputs, targets, kind)
@@ -133,25 +144,7 @@ def reconstruction_errors(predicted: torch.Tensor, targets: Mapping[str, torch.T
             "gain_vs_identity": 1.0 - mse / mse_identity if mse_identity > 0 else 0.0}
 
 
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(
-        network="magnifier", profile="paper",
-        model_kwargs={"img_size": 112, "magnifier_width": 16, "magnifier_res_blocks": 1},
-        loss_kwargs={"kind": "mse"}, data={"val_fraction": 0.2, "test_fraction": 0.2},
-        optimizer="adam", lr=1e-4, weight_decay=0.0, scheduler="cosine", epochs=12, batch_size=16,
-        eval_batch_size=32, early_stopping_patience=0, monitor="val/loss", monitor_mode="min", num_workers=4,
-        augment={"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.0,
-                 "noise_var": 0.0, "erase_prob": 0.0},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick", "model_kwargs": {"img_size": 32, "magnifier_width": 8, "magnifier_res_blocks": 1},
-        "lr": 2e-3, "epochs": 12, "batch_size": 16, "num_workers": 0, "max_steps_per_epoch": 30,
-    })
-    return {"paper": paper, "quick": quick}
-
-
-register_task(TaskSpec(
-    network="magnifier", data_task="micro",
-    build=lambda root, recipe: MagnifierTask(root, recipe, "magnifier"),
-    profiles=_profiles(),
+register_task_kind(TaskKind(
+    name="magnifier", data_task="micro", build=MagnifierTask,
+    data_options=MagnifierData, loss_options=MagnificationLossOptions, augment_options=AugmentConfig,
 ))

@@ -67,20 +67,16 @@ import numpy as np
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import (
-    HaarFaceDetector,
-    estimate_apex,
-    onset_apex_pair,
-    register_clip_faces,
-    to_model_input,
-)
+from fer_core.data.pipeline import InputPipeline, prepare_pixels
+from fer_core.data.preprocess import HaarFaceDetector, estimate_apex, onset_apex_pair, register_clip_faces
 from fer_core.data.samples import read_clip
 from fer_core.losses.micro import micro_classification_loss
 from fer_core.metrics.classification import classification_metrics
 from fer_core.models import create_model
 from fer_core.training.callbacks import Callback
 from fer_core.training.recipe import Recipe
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
+from fer_core.data.transforms import AugmentConfig
 from fer_core.training.tasks.static import SingleLabelClassificationTask
 from fer_core.training.trainer import Trainer
 
@@ -178,6 +174,23 @@ def subject_splits(
     return {"train": manifest[~test_mask & ~val_mask], "val": manifest[val_mask], "test": manifest[test_mask]}
 
 
+@dataclass(frozen=True)
+class MicroData:
+    """``data.*`` of the micro kind (subject-independent splits)."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    fold: str | None = None  # a subject id: leave that subject out as the test split
+    min_class_clips: int = 0  # classes with fewer clips are dropped (0 = keep all)
+    face_crop: bool = True  # register both frames on the onset's detected face
+    magnifier_weights: str | None = None  # a magnifier checkpoint (or registry URI via `fer train`)
+
+
+@dataclass(frozen=True)
+class NoLossOptions:
+    """The micro kind's cross-entropy takes no ``loss_kwargs``."""
+
+
 class MicroExpressionTask(SingleLabelClassificationTask):
     """Onset/apex pairs of micro-expression clips with one class each."""
 
@@ -191,10 +204,10 @@ class MicroExpressionTask(SingleLabelClassificationTask):
         # Rows a data gate would reject (no label, no frames) cannot be trained on.
         manifest = manifest[(manifest["label"] >= 0) & (manifest["num_frames"] > 0)].reset_index(drop=True)
         self.manifest, self.label_names, self.dropped_classes = drop_rare_classes(
-            manifest, self.label_names, int(recipe.data.get("min_class_clips", 0)))
+            manifest, self.label_names, MicroData(**recipe.data).min_class_clips)
         if self.manifest.empty:
             raise ValueError(f"{root} holds no labelled clips with frames")
-        self.face_crop = bool(recipe.data.get("face_crop", True))
+        self.face_crop = MicroData(**recipe.data).face_crop
         self._detector = None  # built on first use (Haar cascades load slowly)
         self.faces_found = self.faces_missed = 0
         probe = create_model(recipe.network, **{**recipe.model_kwargs, **self.model_overrides()})
@@ -217,20 +230,18 @@ class MicroExpressionTask(SingleLabelClassificationTask):
             else:
                 self.faces_found += 1
                 pair = registered
-        x = to_model_input(pair, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)  # (2, C, H, W)
+        # (2, C, H, W) through the package's input-pipeline spec (onset/apex given as two frames).
+        return prepare_pixels(list(pair), InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
         """The rows of each split for ``recipe`` (``data.val_fraction``, ``data.test_fraction``, ``data.fold``)."""
-        data = dict(recipe.data)
-        fold = data.get("fold")
-        return subject_splits(self.manifest, float(data.get("val_fraction", 0.2)), float(data.get("test_fraction", 0.2)),
-                              recipe.seed, None if fold is None else str(fold))
+        data = MicroData(**recipe.data)
+        return subject_splits(self.manifest, data.val_fraction, data.test_fraction, recipe.seed, data.fold)
 
     def build_loss(self, recipe: Recipe, model):
         if recipe.loss_kwargs:
             raise ValueError(f"micro_lsh's cross-entropy takes no loss_kwargs, got {dict(recipe.loss_kwargs)}")
-        weights = recipe.data.get("magnifier_weights")
+        weights = MicroData(**recipe.data).magnifier_weights
         if weights:
             load_pretrained_magnifier(model, str(weights))
 
@@ -322,40 +333,7 @@ def run_loso(
                       extra={"num_folds": len(folds), "num_test_clips": int(len(y_true))})
 
 
-# ---------------------------------------------------------------------------------------------
-# Profiles
-# ---------------------------------------------------------------------------------------------
-
-
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(
-        network="micro_lsh", profile="paper",
-        # Model defaults (112 px, ResNet-18 width 64, 32 magnified frames, learned magnifier) plus the
-        # Reformer-style shared Q/K that keeps the LSH attention alive (module docstring).
-        model_kwargs={"shared_qk": True},
-        data={"val_fraction": 0.2, "test_fraction": 0.2},
-        optimizer="adam", lr=1e-4, weight_decay=1e-4, scheduler="cosine", epochs=60, batch_size=32,
-        eval_batch_size=64, early_stopping_patience=10, monitor="val/loss", monitor_mode="min", num_workers=4,
-        augment={"hflip": True, "rotation_deg": 5.0, "crop_area": [0.9, 1.0], "gamma_max": 1.2,
-                 "noise_var": 0.0, "erase_prob": 0.0},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick",
-        # The linear magnifier: the learned one, trained end to end from scratch in a CPU-minutes
-        # budget, collapsed to one class (test UF1 0.06 vs 0.51 linear on 320 generated CASME II clips,
-        # held-out subjects). It needs pre-training on magnified pairs first, which no task runs yet.
-        "model_kwargs": {"img_size": 32, "width": 8, "stem": "small", "magnifier": "linear", "num_mag_frames": 4,
-                         "head_hidden": 32, "shared_qk": True},
-        "lr": 2e-3, "weight_decay": 0.0, "epochs": 15, "batch_size": 16, "early_stopping_patience": 6,
-        "num_workers": 0, "max_steps_per_epoch": 30,
-        "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.0,
-                    "noise_var": 0.0, "erase_prob": 0.0},
-    })
-    return {"paper": paper, "quick": quick}
-
-
-register_task(TaskSpec(
-    network="micro_lsh", data_task="micro",
-    build=lambda root, recipe: MicroExpressionTask(root, recipe, "micro_lsh"),
-    profiles=_profiles(),
+register_task_kind(TaskKind(
+    name="micro", data_task="micro", build=MicroExpressionTask,
+    data_options=MicroData, loss_options=NoLossOptions, augment_options=AugmentConfig,
 ))

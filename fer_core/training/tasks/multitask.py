@@ -47,7 +47,8 @@ from fer_core.models import ModelMetadata, create_model
 from fer_core.training.datasets import split_rows
 from fer_core.training.recipe import Recipe
 from fer_core.training.task import epoch_generator
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
+from fer_core.training.tasks.static import SplitOptions
 
 NUM_LANDMARKS = 68
 AFFECT_DIMENSIONS = ("valence", "arousal")
@@ -156,7 +157,7 @@ class MultitaskTask:
         return {"num_classes": len(self.label_names), "label_names": list(self.label_names)}
 
     def build_datasets(self, recipe: Recipe) -> dict[str, LandmarkFaceDataset]:
-        splits = split_rows(self.manifest, recipe.data.get("val_fraction", 0.15), recipe.seed)
+        splits = split_rows(self.manifest, SplitOptions(**recipe.data).val_fraction, recipe.seed)
         aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None  # {} = off
         return {
             split: LandmarkFaceDataset(self.root, rows, self.meta, aug if split == "train" else None, recipe.seed)
@@ -219,36 +220,9 @@ class MultitaskTask:
         }
 
 
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(
-        network="multitask_fer", profile="paper",
-        # The model's defaults are the design: FAN's 4 stacks x 256, order-4 hourglasses, 3-level
-        # transformer pyramid of width 128, RGB 64x64.
-        model_kwargs={},
-        loss_kwargs={"expression_weight": 1.0, "va_weight": 1.0, "heatmap_weight": 1.0, "va_loss": "ccc"},
-        # Validation outputs are kept whole for the metrics (every stack's heatmaps: ~0.35 MB a face),
-        # so the held-out part of AffectNet's 287k training faces is kept small (~5.7k faces).
-        data={"val_fraction": 0.02},
-        optimizer="adam", lr=2.5e-4, weight_decay=0.0, scheduler="cosine", warmup_epochs=1, epochs=40,
-        batch_size=64, eval_batch_size=128, early_stopping_patience=8, monitor="val/loss", monitor_mode="min",
-        grad_clip=5.0, num_workers=4,
-        augment={"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.5,
-                 "noise_var": 0.001, "erase_prob": 0.25},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick",
-        "model_kwargs": {"width": 16, "num_stacks": 1, "hourglass_depth": 2, "pyramid_dim": 16, "num_heads": 2,
-                         "head_hidden": 32},
-        "data": {"val_fraction": 0.15}, "lr": 2e-3, "warmup_epochs": 0, "epochs": 15, "batch_size": 32,
-        "eval_batch_size": 64, "early_stopping_patience": 3, "num_workers": 0, "max_steps_per_epoch": 30,
-        "augment": {"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.3,
-                    "noise_var": 0.0005, "erase_prob": 0.0},
-    })
-    return {"paper": paper, "quick": quick}
-
-
-register_task(TaskSpec(
-    network="multitask_fer", data_task="static",
-    build=lambda root, recipe: MultitaskTask(root, recipe, "multitask_fer"),
-    profiles=_profiles(),
+register_task_kind(TaskKind(
+    # Faces with landmarks, expression and valence/arousal: trains on "static" data (AffectNet-style).
+    # Its loss options are MultitaskLoss's keyword arguments (one source for their defaults).
+    name="multitask", data_task="static", build=MultitaskTask,
+    data_options=SplitOptions, loss_options=MultitaskLoss, augment_options=AugmentConfig,
 ))

@@ -10,15 +10,16 @@ UF1, per-class recall/F1; report: confusion matrix and per-class precision/recal
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.preprocess import to_model_input
+from fer_core.data.pipeline import InputPipeline, prepare_pixels
 from fer_core.data.samples import read_image
 from fer_core.data.transforms import AugmentConfig
 from fer_core.losses.focal import FocalLoss
@@ -26,7 +27,25 @@ from fer_core.metrics.classification import classification_metrics, confusion_ma
 from fer_core.models import create_model
 from fer_core.training.datasets import ManifestDataset, split_rows
 from fer_core.training.recipe import Recipe
-from fer_core.training.tasks import TaskSpec, register_task
+from fer_core.training.tasks import TaskKind, register_task_kind
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """``data.*`` of the static and multitask kinds."""
+
+    val_fraction: float = 0.15  # held out of train when the manifest has no "val" split
+
+
+@dataclass(frozen=True)
+class FocalOptions:
+    """``loss_kwargs.*`` of the static kind: :class:`~fer_core.losses.focal.FocalLoss` (γ = 0, α off = CE)."""
+
+    gamma: float = 0.0
+    alpha: float | Sequence[float] | None = None
+    label_smoothing: float = 0.0
+    form: str | None = None  # "method" | "target"; None = the network's own (method for ca_resnet)
+    reduction: str | None = None  # None = the form's default (method: sum, target: mean)
 
 
 class SingleLabelClassificationTask:
@@ -38,6 +57,7 @@ class SingleLabelClassificationTask:
     """
 
     label_names: tuple[str, ...]
+    data_options: type = SplitOptions  # the kind's ``data.*`` dataclass (it has ``val_fraction``)
 
     @staticmethod
     def _targets(row: pd.Series) -> dict[str, Any]:
@@ -45,7 +65,7 @@ class SingleLabelClassificationTask:
 
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
         """Rows by split; a manifest without "val" holds out ``data.val_fraction`` of train."""
-        return split_rows(self.manifest, recipe.data.get("val_fraction", 0.15), recipe.seed)
+        return split_rows(self.manifest, self.data_options(**recipe.data).val_fraction, recipe.seed)
 
     def build_datasets(self, recipe: Recipe) -> dict[str, ManifestDataset]:
         aug = AugmentConfig.from_mapping(recipe.augment) if recipe.augment else None  # {} = off
@@ -89,16 +109,14 @@ class StaticClassificationTask(SingleLabelClassificationTask):
 
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         image = read_image(root, row["path"])
-        x = to_model_input(image, self.meta.input_size, self.meta.in_chans, 0.0, 1.0)
-        return np.round(x * 255.0).astype(np.uint8)
+        # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
+        return prepare_pixels([image], InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
     def build_loss(self, recipe: Recipe, model):
-        kwargs = dict(recipe.loss_kwargs)
+        options = FocalOptions(**recipe.loss_kwargs)
         # ca_resnet's method specifies its own focal form; the ResNet baselines keep the target-class form.
-        form = kwargs.get("form", "method" if self.name == "ca_resnet" else "target")
-        focal = FocalLoss(gamma=kwargs.get("gamma", 0.0), alpha=kwargs.get("alpha"),
-                          label_smoothing=kwargs.get("label_smoothing", 0.0), form=form,
-                          reduction=kwargs.get("reduction"))
+        form = options.form or ("method" if self.name == "ca_resnet" else "target")
+        focal = FocalLoss(**{**asdict(options), "form": form})
 
         def loss(outputs, targets):
             value = focal.to(outputs["logits"].device)(outputs, targets)
@@ -107,31 +125,7 @@ class StaticClassificationTask(SingleLabelClassificationTask):
         return loss
 
 
-def _static_profiles(network: str, paper_kwargs: Mapping[str, Any], quick_kwargs: Mapping[str, Any]) -> dict[str, Recipe]:
-    paper = Recipe(
-        network=network, profile="paper", model_kwargs=dict(paper_kwargs),
-        loss_kwargs={"gamma": 2.0, "label_smoothing": 0.0}, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-        scheduler="cosine", epochs=100, batch_size=128, eval_batch_size=256, early_stopping_patience=10,
-        monitor="val/loss", monitor_mode="min", num_workers=4,
-        augment={"hflip": True, "rotation_deg": 10.0, "crop_area": [0.5, 1.0], "gamma_max": 2.0,
-                 "noise_var": 0.001, "erase_prob": 0.5},
-    )
-    quick = paper.with_overrides({
-        "profile": "quick", "model_kwargs": dict(quick_kwargs), "epochs": 12, "batch_size": 64,
-        "early_stopping_patience": 4, "num_workers": 0, "max_steps_per_epoch": 40,
-        "augment": {"hflip": True, "rotation_deg": 8.0, "crop_area": [0.8, 1.0], "gamma_max": 1.5,
-                    "noise_var": 0.001, "erase_prob": 0.25},
-    })
-    return {"paper": paper, "quick": quick}
-
-
-for _network, _paper, _quick in (
-    ("ca_resnet", {"layers": [2, 2, 2, 2]}, {"layers": [1, 1, 1, 1], "width": 16}),
-    ("resnet18", {}, {"width": 16}),
-    ("resnet34", {}, {"width": 16}),
-):
-    register_task(TaskSpec(
-        network=_network, data_task="static",
-        build=lambda root, recipe, _n=_network: StaticClassificationTask(root, recipe, _n),
-        profiles=_static_profiles(_network, _paper, _quick),
-    ))
+register_task_kind(TaskKind(
+    name="static", data_task="static", build=StaticClassificationTask,
+    data_options=SplitOptions, loss_options=FocalOptions, augment_options=AugmentConfig,
+))

@@ -66,7 +66,7 @@ class TritonPythonModel:
         responses, offset = [], 0
         for r, size in enumerate(sizes):
             if r in errors:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[r])))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[r], pb_utils.TritonError.INVALID_ARG)))
                 continue
             tensors = [pb_utils.Tensor(n, np.ascontiguousarray(outputs[n][offset : offset + size]))
                        for n in self.output_names]

@@ -1,0 +1,185 @@
+"""Two plain ``prefect worker`` processes drain ``retrain_all``'s trainings in parallel.
+
+Against a real ``prefect server start`` on 127.0.0.1, with this checkout (not an image) as the
+code the workers run (``FER_CHECKOUT``), exactly the commands of docs/deployment.md:
+
+    prefect work-pool create fer-training --type process
+    prefect --no-prompt deploy --all
+    prefect worker start --pool fer-training --type process --limit 1     (twice)
+
+then ``retrain_all(dispatch="pool")`` over a few networks on tiny generated data (quick profile
+plus tiny overrides: the machine is shared). Reports the wall time, each ``train`` flow run's
+start/end and the overlap of the trainings. ``tests/test_prefect_server.py`` runs it.
+
+    python bench/prefect_workers.py [--networks ca_resnet au_cotrain] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from flows.local_server import LocalPrefectServer  # noqa: E402  (no Prefect import)
+
+POOL = "fer-training"
+SIZES = {"fer2013": 140, "au_table": 64, "affectnet": 64}
+DATASETS = {"ca_resnet": ("fer", "fer2013"), "au_cotrain": ("au", "au_table"), "multitask_fer": ("aff", "affectnet")}
+TINY = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16}
+OVERRIDES = {"ca_resnet": {**TINY, "model_kwargs.width": 8}, "au_cotrain": TINY, "multitask_fer": TINY}
+GATES = {"floor": 0.0, "latency_budget_ms": 5000.0, "smoke_samples": 4, "latency_requests": 3}
+
+
+def environment(work: Path, api_url: str) -> dict[str, str]:
+    """What a worker started from this checkout sees: the server, the workspace, the checkout."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FER_", "MLFLOW_TRACKING", "MLFLOW_REGISTRY", "PREFECT_"))}
+    env.update({"PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "prefect-client"),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "FER_HOME": str(work / "fer-home"),
+                "FER_CHECKOUT": str(ROOT), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"})
+    return env
+
+
+def prefect(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("prefect")
+    proc = subprocess.run([str(exe), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(args)} failed ({proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    return proc
+
+
+def documented_commands(section: str = "### Workers from a checkout") -> list[list[str]]:
+    """The ``prefect ...`` lines of the bash blocks of docs/deployment.md (all, or one section's)."""
+    import re
+    import shlex
+
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    if section:
+        text = text.split(section, 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == "prefect":
+                commands.append(words[1:])
+    return commands
+
+
+def start_worker(argv: list[str], name: str, env: dict[str, str], log: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("prefect")
+    return subprocess.Popen([str(exe), *argv, "--name", name], env=env, cwd=ROOT, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+DRIVER = """
+import json, sys
+from flows.retrain_all import retrain_all
+args = json.loads(sys.argv[1])
+state = retrain_all(networks=args["networks"], sources=args["sources"], overrides=args["overrides"],
+                    gates=args["gates"], dispatch="pool", return_state=True)
+rows = state.result(raise_on_failure=False)
+print("ROWS=" + json.dumps(rows if isinstance(rows, list) else str(rows)))
+print("STATE=" + state.type.value + " " + (state.message or ""))
+print("RUN=" + str(state.state_details.flow_run_id))
+"""
+
+
+def train_runs(env: dict[str, str]) -> list[dict]:
+    import urllib.request
+
+    body = {"flows": {"name": {"any_": ["train"]}}, "limit": 50}
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def run(work: Path, networks: tuple[str, ...] = ("ca_resnet", "au_cotrain"), after=None) -> dict:
+    """The whole bench in ``work``; returns the measurements (and raises if a step fails).
+    ``after(env)``: called while the server still runs (the test runs the other documented commands)."""
+    from datetime import datetime
+
+    from fer_core.data.formats import get_format
+
+    work.mkdir(parents=True, exist_ok=True)
+    # a busy shared machine: a fresh server DB migrates slowly
+    server = LocalPrefectServer(work / "prefect-server", startup_timeout_s=400).start(reuse=False)
+    workers: list[subprocess.Popen] = []
+    try:
+        env = environment(work, server.api_url)
+        sources = {}
+        for network in networks:
+            name, fmt = DATASETS[network]
+            path = get_format(fmt).write_synthetic(work / "sources" / fmt, seed=0, size=SIZES[fmt])
+            sources[network] = (name, fmt, str(path))
+        # docs/deployment.md, "Workers from a checkout", as written: the pool, the deployments, workers
+        commands = documented_commands()
+        assert [c[:2] for c in commands] == [["work-pool", "create"], ["--no-prompt", "deploy"], ["worker", "start"]], commands
+        prefect(*commands[0], env=env)
+        prefect(*commands[1], env=env, timeout=600)
+        workers = [start_worker(commands[2], f"worker-{i}", env, work / f"worker-{i}.log") for i in (1, 2)]
+        start = time.monotonic()
+        driver = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(
+            {"networks": list(networks), "sources": sources, "overrides": OVERRIDES, "gates":
+             {n: GATES for n in networks}})], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        wall = time.monotonic() - start
+        out = dict(line.split("=", 1) for line in driver.stdout.splitlines() if line.startswith(("ROWS=", "STATE=", "RUN=")))
+        if "STATE" not in out:
+            raise RuntimeError(f"retrain_all driver failed: {driver.stdout[-2000:]}{driver.stderr[-3000:]}")
+        runs = train_runs(env)
+        spans = []
+        for r in runs:
+            t0, t1 = r.get("start_time"), r.get("end_time")
+            spans.append({"name": r["name"], "state": r["state_type"], "parent": r.get("parent_task_run_id"),
+                          "start": t0, "end": t1,
+                          "seconds": (datetime.fromisoformat(t1) - datetime.fromisoformat(t0)).total_seconds()
+                          if t0 and t1 else None})
+        done = [s for s in spans if s["start"] and s["end"]]
+        overlap = 0.0
+        if len(done) >= 2:
+            starts = [datetime.fromisoformat(s["start"]) for s in done]
+            ends = [datetime.fromisoformat(s["end"]) for s in done]
+            overlap = max(0.0, (min(ends) - max(starts)).total_seconds())
+        if after is not None:
+            after(env)
+        return {"wall_s": round(wall, 1), "state": out["STATE"].strip(), "rows": json.loads(out.get("ROWS", "[]")),
+                "train_runs": spans, "overlap_s": round(overlap, 1), "networks": list(networks),
+                "load_average": os.getloadavg(), "worker_logs": [str(work / f"worker-{i}.log") for i in (1, 2)]}
+    finally:
+        for worker in workers:
+            stop(worker)
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--networks", nargs="+", default=["ca_resnet", "au_cotrain"], choices=sorted(DATASETS))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/fer-prefect-workers"))
+    args = parser.parse_args()
+    result = run(args.out, tuple(args.networks))
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result["state"].startswith("COMPLETED") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
