@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=15, help="base training epochs")
     parser.add_argument("--round-epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=48, help="rendered size (the model input is 40 px)")
-    parser.add_argument("--modes", nargs="+", default=["noisy_heads", "full"], choices=["noisy_heads", "full"])
+    parser.add_argument("--modes", nargs="+", default=["noisy_heads", "full", "full-control"],
+                        choices=["noisy_heads", "full", "noisy_heads-control", "full-control"],
+                        help="a '-control' mode runs the same rounds with gamma = 1 (labels unchanged): "
+                             "the equal-epochs control")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the per-round rows here")
@@ -67,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         root = make_dataset(tmp, args.size, args.flip_rate, args.seed, args.image_size)
         for mode in args.modes:
             started = time.perf_counter()
-            result = run_au_rounds(recipe, root, tmp / f"runs-{mode}", args.rounds, gamma=args.gamma, retrain=mode,
+            retrain, control = mode.removesuffix("-control"), mode.endswith("-control")
+            result = run_au_rounds(recipe, root, tmp / f"runs-{mode}", args.rounds,
+                                   gamma=1.0 if control else args.gamma, retrain=retrain,
                                    round_epochs=args.round_epochs)
             seconds = time.perf_counter() - started
             rows = [{k: v for k, v in row.items() if k != "data"} for row in result.table()]
             report["modes"][mode] = {"rounds": rows, "seconds": seconds}
-            print(f"\nretrain={mode}  flip_rate={args.flip_rate}  gamma={args.gamma}  ({seconds:.0f} s)")
+            print(f"\nretrain={mode}  flip_rate={args.flip_rate}  gamma={1.0 if control else args.gamma}  "
+                  f"({seconds:.0f} s)")
             print(f"{'round':>5}  {'changed':>7}  {'agree':>6}  {'test_f1':>7}  {'val_f1':>6}  epochs")
             for r, res in zip(rows, result.rounds):
                 val = res.train_result.history[res.train_result.best_epoch].get("val/mean_f1", float("nan"))

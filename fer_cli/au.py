@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gamma", type=float, default=0.3,
                    help="weight of the current label in the refinement, in [0, 1]; labels only flip below 0.5 "
                    "(default 0.3)")
-    p.add_argument("--retrain", choices=("noisy_heads", "full"), default="noisy_heads",
+    p.add_argument("--retrain", choices=("noisy_heads", "full"), default="full",
                    help="what each round retrains: the noisy heads only (default) or the whole network")
     p.add_argument("--round-epochs", type=int, default=None, help="epochs per round (default: half the recipe's)")
     p.add_argument("--profile", "-p", default="quick", choices=("quick", "paper"))

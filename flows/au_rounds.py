@@ -15,7 +15,7 @@ from flows.tasks import recipe_for, run_au_rounds
 
 @flow(name="au_noisy_rounds")
 def au_noisy_rounds(data_ref: str, rounds: int = 2, profile: str = "quick", overrides: dict[str, Any] | None = None,
-                    gamma: float = 0.3, retrain: str = "noisy_heads", round_epochs: int | None = None) -> dict[str, Any]:
+                    gamma: float = 0.3, retrain: str = "full", round_epochs: int | None = None) -> dict[str, Any]:
     """Run the rounds on the AU dataset ``data_ref``; returns the MLflow parent run, child runs and versions."""
     recipe = recipe_for("au_cotrain", profile, overrides)
     tracked = run_au_rounds(data_ref, recipe, rounds, gamma, retrain, round_epochs)

@@ -102,7 +102,7 @@ def run_tracked_au_rounds(
     rounds: int = 2,
     *,
     gamma: float = 0.3,
-    retrain: str = "noisy_heads",
+    retrain: str = "full",
     round_epochs: int | None = None,
     workspace: Workspace | None = None,
     log_models: bool = True,

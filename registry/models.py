@@ -8,6 +8,7 @@ tags that trace it: data version, git commit, recipe fingerprint, ONNX parity an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from mlflow.exceptions import MlflowException
@@ -122,6 +123,46 @@ def list_versions(network: str, workspace: Workspace | None = None) -> list[Mode
         versions.append(ModelVersion(v.network, v.version, v.run_id, v.source,
                                      tuple(sorted(by_version.get(v.version, []))), v.tags))
     return sorted(versions, key=lambda v: v.version)
+
+
+def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
+    """``models:/fer-<network>/<version>`` or ``models:/fer-<network>@<alias>`` -> (network, version, alias)."""
+    body = uri.removeprefix("models:/")
+    if body == uri or not body.startswith(PREFIX):
+        raise ValueError(f"{uri!r} is not a platform model URI (models:/{PREFIX}<network>/<version> or @<alias>)")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name.removeprefix(PREFIX), None, alias
+    name, _, version = body.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"{uri!r}: the version must be a number (or use @<alias>)")
+    return name.removeprefix(PREFIX), int(version), None
+
+
+def checkpoint_for(uri: str, workspace: Workspace | None = None) -> Path:
+    """The training checkpoint (``best.pt``) of a registered version, downloaded once into the workspace.
+
+    Used to initialise one network from another by model version (the micro network's pre-trained
+    magnifier): fer_core takes the local file, this resolves the URI."""
+    import mlflow
+
+    workspace = workspace or Workspace.from_env()
+    network, version, alias = parse_model_uri(uri)
+    mv = get_alias(network, alias, workspace) if alias else get_version(network, version, workspace)
+    if mv is None:
+        raise ValueError(f"{registered_name(network)} has no version with alias {alias!r}; "
+                         f"train and register `{network}` first")
+    target = workspace.runs / "_registered" / f"{network}-v{mv.version}"
+    path = target / "checkpoint" / "best.pt"
+    if not path.is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="checkpoint", dst_path=str(target))
+        except MlflowException as exc:
+            raise ValueError(f"{mv.uri}: its run {mv.run_id} has no checkpoint artifact") from exc
+    if not path.is_file():
+        raise ValueError(f"{mv.uri}: its run {mv.run_id} logged no checkpoint/best.pt")
+    return path
 
 
 def list_networks(workspace: Workspace | None = None) -> list[str]:

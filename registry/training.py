@@ -51,6 +51,23 @@ def resolve_recipe(network: str, profile: str = "quick", config: Path | None = N
     return recipe.with_overrides(dict(overrides or {}))
 
 
+# Recipe fields that name another network's weights by model version (resolved here, not in fer_core).
+WEIGHT_REF_FIELDS = ("data.magnifier_weights",)
+
+
+def resolve_weight_refs(recipe: Recipe, workspace: Workspace | None = None) -> Recipe:
+    """Replace ``models:/...`` URIs in :data:`WEIGHT_REF_FIELDS` by the local checkpoint of that version."""
+    from registry.models import checkpoint_for
+
+    overrides = {}
+    for dotted in WEIGHT_REF_FIELDS:
+        section, key = dotted.split(".", 1)
+        value = dict(getattr(recipe, section)).get(key)
+        if isinstance(value, str) and value.startswith("models:/"):
+            overrides[dotted] = str(checkpoint_for(value, workspace))
+    return recipe.with_overrides(overrides) if overrides else recipe
+
+
 def run_dir_for(workspace: Workspace, network: str, data_version: str, recipe: Recipe) -> Path:
     """Deterministic run folder: the same network, data version and recipe resume the same run."""
     return workspace.runs / network / f"{data_version[:12]}-{recipe.fingerprint()}"
@@ -92,6 +109,7 @@ def train_tracked(
     store = DatasetStore(workspace)
     data = store.get(name, version)
     root = store.pull(name, data.version)
+    recipe = resolve_weight_refs(recipe, workspace)
     run_dir = run_dir_for(workspace, network, data.version, recipe)
     # One process per run folder: two identical trainings at once would share the MLflow run (its id
     # is kept in the folder) and register two versions of one run. The lock file sits beside the

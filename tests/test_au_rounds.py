@@ -58,6 +58,16 @@ def test_refinement_matches_the_formula_on_the_noisy_heads(au_root, gamma):
     pd.testing.assert_series_equal(manifest.loc[~noisy, "aus"], task.manifest.loc[~noisy, "aus"])
 
 
+def test_default_rounds_reach_the_shared_path_and_the_clean_heads(au_root, tmp_path):
+    torch.set_num_threads(1)
+    result = run_au_rounds(_shrunk(), au_root, tmp_path / "full", rounds=1, gamma=0.0, round_epochs=2)
+    assert result.extra["retrain"] == "full"
+    base = load_checkpoint(result.rounds[0].train_result.best_checkpoint)["model_state"]
+    final = result.model.state_dict()
+    for prefix in ("trunks.", "clean_heads."):  # what the served clean-head output depends on
+        assert any(not torch.equal(final[k], base[k]) for k in base if k.startswith(prefix)), prefix
+
+
 def test_label_agreement_counts_cells_known_in_both():
     labels, truth = np.array([[1, 0, -1], [0, 0, 1]]), np.array([[1, 1, 1], [-1, 0, 1]])
     assert label_agreement(labels, truth) == 3 / 4
@@ -66,7 +76,8 @@ def test_label_agreement_counts_cells_known_in_both():
 
 def test_noisy_head_rounds_keep_trunks_and_clean_heads_and_write_refined_tables(au_root, tmp_path):
     torch.set_num_threads(1)
-    result = run_au_rounds(_shrunk(), au_root, tmp_path / "runs", rounds=1, gamma=0.0, round_epochs=2)
+    result = run_au_rounds(_shrunk(), au_root, tmp_path / "runs", rounds=1, gamma=0.0, round_epochs=2,
+                           retrain="noisy_heads")
     base = load_checkpoint(result.rounds[0].train_result.best_checkpoint)["model_state"]
     final = result.model.state_dict()
     for key, value in base.items():  # BatchNorm running statistics included

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fer_core.data.labels import AU_NAMES
 from fer_core.losses.au_cotrain import (
     AUCoTrainLoss,
+    au_weighted_bce_with_logits,
     balanced_bce_with_logits,
     consistency_loss,
     orthogonality_loss,
@@ -52,6 +53,28 @@ def _bbce_loop(logits: torch.Tensor, labels: torch.Tensor, freq: list[float] | N
             p = 1 / (1 + math.exp(-float(logits[i, j])))
             y = int(labels[i, j])
             total += -(pos_weight * y * math.log(p) + (1 - y) * math.log(1 - p))
+            count += 1
+    return total / count
+
+
+def _wbce_loop(logits: torch.Tensor, labels: torch.Tensor, freq: list[float] | None = None) -> float:
+    """The method's weighted BCE entry by entry: α_j = L (1/f_j) / Σ_k (1/f_k) times the whole term."""
+    rows, cols = labels.shape
+    if freq is None:
+        freq = []
+        for j in range(cols):
+            known = [i for i in range(rows) if labels[i, j] >= 0]
+            freq.append((sum(int(labels[i, j]) for i in known) + 1) / (len(known) + 2))
+    inv_sum = sum(1 / f for f in freq)
+    total, count = 0.0, 0
+    for j in range(cols):
+        alpha = cols * (1 / freq[j]) / inv_sum
+        for i in range(rows):
+            if labels[i, j] < 0:
+                continue
+            p = 1 / (1 + math.exp(-float(logits[i, j])))
+            y = int(labels[i, j])
+            total += -alpha * (y * math.log(p) + (1 - y) * math.log(1 - p))
             count += 1
     return total / count
 
@@ -243,11 +266,48 @@ def test_row_masks_equal_marking_the_rows_unknown():
 # --- orthogonality, consistency, combined loss -------------------------------------------------
 
 
-def test_orthogonality_is_mean_absolute_cosine_per_au():
+def test_orthogonality_is_mean_cosine_per_au_signed_by_default():
     w1 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [3.0, 4.0, 0.0]])
     w2 = torch.tensor([[0.0, 1.0, 0.0], [-1.0, -1.0, 0.0], [4.0, 3.0, 0.0]])
-    # cosines: 0, -1 (anti-parallel counts as fully aligned), 24/25
-    assert float(orthogonality_loss(w1, w2)) == pytest.approx((0 + 1 + 24 / 25) / 3, rel=1e-6)
+    # cosines: 0, -1, 24/25; the method's form is their signed mean, "abs" counts -1 as aligned
+    assert float(orthogonality_loss(w1, w2)) == pytest.approx((0 - 1 + 24 / 25) / 3, abs=1e-6)
+    assert float(orthogonality_loss(w1, w2, "abs")) == pytest.approx((0 + 1 + 24 / 25) / 3, rel=1e-6)
+    with pytest.raises(ValueError):
+        orthogonality_loss(w1, w2, "squared")
+
+
+def test_au_weighted_bce_weights_the_whole_term_by_hand():
+    logits = torch.tensor([[0.0, LN3], [LN3, 0.0]])
+    labels = torch.tensor([[1, 1], [0, -1]])
+    # f = (1/4, 1/2): 1/f = (4, 2), α = 2·(4, 2)/6 = (4/3, 2/3), applied to positives AND negatives.
+    # known terms: AU0 pos -ln s(0) = ln 2; AU1 pos -ln s(ln 3) = ln(4/3); AU0 neg -ln(1 - s(ln 3)) = ln 4
+    expected = (4 / 3 * LN2 + 2 / 3 * math.log(4 / 3) + 4 / 3 * 2 * LN2) / 3
+    got = au_weighted_bce_with_logits(logits, labels, label_frequencies=[0.25, 0.5])
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    g = torch.Generator().manual_seed(4)
+    z, y = torch.randn(6, 5, generator=g) * 2, torch.randint(-1, 2, (6, 5), generator=g)
+    assert float(au_weighted_bce_with_logits(z, y)) == pytest.approx(_wbce_loop(z, y), rel=1e-5)
+    # equal frequencies: α = 1 everywhere, i.e. plain BCE over known entries
+    full = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    plain = F.binary_cross_entropy_with_logits(logits, full)
+    torch.testing.assert_close(au_weighted_bce_with_logits(logits, full, [0.3, 0.3]), plain)
+
+
+def test_the_loss_module_uses_the_method_forms_by_default():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        out = model.forward_train(model.example_input(4))
+    targets = {"accurate": _labels(4, 14, seed=7), "inaccurate": _labels(4, 14, seed=8)}
+    parts = AUCoTrainLoss().loss_parts(out, targets)
+    clean = sum(au_weighted_bce_with_logits(out[f"clean_logits_{v}"], targets["accurate"]) for v in (1, 2)) / 2
+    torch.testing.assert_close(parts["clean"], clean)
+    torch.testing.assert_close(parts["orthogonality"],
+                               orthogonality_loss(out["clean_head_weights_1"], out["clean_head_weights_2"], "signed"))
+    old = AUCoTrainLoss(bce="pos_weight", orthogonality="abs").loss_parts(out, targets)
+    torch.testing.assert_close(old["clean"], sum(balanced_bce_with_logits(out[f"clean_logits_{v}"], targets["accurate"])
+                                                 for v in (1, 2)) / 2)
+    with pytest.raises(ValueError):
+        AUCoTrainLoss(bce="focal")
 
 
 def test_orthogonality_uses_the_bias_as_part_of_each_au_vector():
@@ -309,9 +369,9 @@ def test_combined_loss_is_the_weighted_sum_of_loop_computed_parts():
     parts = loss.loss_parts(out, targets)
     clean = [out["clean_logits_1"], out["clean_logits_2"]]
     noisy = [c + out[f"noise_logits_{v}"] for v, c in ((1, clean[0]), (2, clean[1]))]
-    assert float(parts["clean"]) == pytest.approx(sum(_bbce_loop(z, acc) for z in clean) / 2, rel=1e-5)
-    assert float(parts["noisy"]) == pytest.approx(sum(_bbce_loop(z, inacc) for z in noisy) / 2, rel=1e-5)
-    assert float(parts["pseudo"]) == pytest.approx(sum(_bbce_loop(z, pseudo) for z in clean) / 2, rel=1e-5)
+    assert float(parts["clean"]) == pytest.approx(sum(_wbce_loop(z, acc) for z in clean) / 2, rel=1e-5)
+    assert float(parts["noisy"]) == pytest.approx(sum(_wbce_loop(z, inacc) for z in noisy) / 2, rel=1e-5)
+    assert float(parts["pseudo"]) == pytest.approx(sum(_wbce_loop(z, pseudo) for z in clean) / 2, rel=1e-5)
     total = (1.5 * parts["clean"] + 0.5 * parts["noisy"] + 0.25 * parts["pseudo"]
              + 2.0 * parts["orthogonality"] + 3.0 * parts["consistency"])
     torch.testing.assert_close(loss(out, targets), total)

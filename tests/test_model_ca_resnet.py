@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.losses.focal import FocalLoss, focal_loss
+from fer_core.losses.focal import FocalLoss, focal_loss, method_focal_loss
 from fer_core.models import create_model
 from fer_core.models.ca_resnet import CABasicBlock, CoordinateAttention, HybridAttention
 from tests.model_checks import check_every_parameter_gets_gradient, check_forward, check_onnx_export
@@ -244,7 +244,7 @@ def test_focal_loss_module_reads_the_output_and_target_dicts():
     logits = torch.randn(5, 7)
     target = torch.tensor([0, 1, 2, 3, 4])
     alpha = [1.0, 2.0, 1.0, 1.0, 0.5, 1.0, 1.0]
-    module = FocalLoss(gamma=1.5, alpha=alpha, label_smoothing=0.1)
+    module = FocalLoss(gamma=1.5, alpha=alpha, label_smoothing=0.1, form="target")
     expected = focal_loss(logits, target, 1.5, torch.tensor(alpha), 0.1)
     torch.testing.assert_close(module({"logits": logits}, {"label": target}), expected)
     assert "alpha" in dict(module.named_buffers())
@@ -256,6 +256,58 @@ def test_focal_loss_module_reads_the_output_and_target_dicts():
 def test_focal_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         focal_loss(torch.randn(4, 7), torch.zeros(4, dtype=torch.long), **kwargs)
+
+
+def _method_focal_by_hand(logits, target, gamma, alpha, smoothing=0.0):
+    """−Σ_i Σ_c [α(1−p)^γ y ln p + (1−α) p^γ (1−y) ln(1−p)] with p from a hand-written softmax."""
+    n, k = logits.shape
+    total = 0.0
+    for i in range(n):
+        z = [float(v) for v in logits[i]]
+        e = [math.exp(v - max(z)) for v in z]
+        for c in range(k):
+            p = e[c] / sum(e)
+            y = (1.0 - smoothing) * (c == int(target[i])) + smoothing / k
+            total -= alpha * (1 - p) ** gamma * y * math.log(p) + (1 - alpha) * p**gamma * (1 - y) * math.log(1 - p)
+    return total
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("gamma, alpha", [(0.0, 0.5), (2.0, 0.25), (5.0, 1.0), (1.5, 0.0)])
+def test_method_focal_matches_a_hand_computation(gamma, alpha, smoothing):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 4, generator=g, dtype=torch.float64) * 2
+    target = torch.randint(0, 4, (6,), generator=g)
+    got = method_focal_loss(logits, target, gamma=gamma, alpha=alpha, label_smoothing=smoothing)
+    assert got.item() == pytest.approx(_method_focal_by_hand(logits, target, gamma, alpha, smoothing), rel=1e-10)
+    mean = method_focal_loss(logits, target, gamma, alpha, smoothing, reduction="mean")
+    assert mean.item() == pytest.approx(got.item() / 6, rel=1e-12)  # "sum" is Σ_i, "mean" its average
+
+
+def test_method_focal_two_numbers_by_hand():
+    # z = (0, ln 3): p = (1/4, 3/4); target 1, γ = 1, α = 0.5:
+    # −[0.5·(1/4)·ln(3/4)] − [0.5·(1/4)·ln(3/4)] = −0.25·ln 0.75
+    logits = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    got = method_focal_loss(logits, torch.tensor([1]), gamma=1.0, alpha=0.5)
+    assert got.item() == pytest.approx(-0.25 * math.log(0.75), rel=1e-12)
+
+
+def test_method_focal_stays_finite_for_confident_logits_and_is_the_module_default():
+    logits = torch.tensor([[60.0, 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    target = torch.tensor([1, 2])
+    loss = FocalLoss(gamma=2.0, alpha=0.25)({"logits": logits}, {"label": target})  # form="method"
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert loss.item() == pytest.approx(method_focal_loss(logits.detach(), target, 2.0, 0.25).item())
+
+
+@pytest.mark.parametrize("kwargs", [dict(gamma=5.5), dict(alpha=1.2), dict(alpha=[0.2, 0.3]), dict(gamma=-0.1)])
+def test_method_focal_rejects_values_outside_the_method_ranges(kwargs):
+    with pytest.raises(ValueError):
+        FocalLoss(**kwargs)
+    with pytest.raises(ValueError):
+        method_focal_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), **kwargs)
 
 
 # --- learning ----------------------------------------------------------------------------------------

@@ -63,7 +63,11 @@ def test_default_architecture_and_metadata():
     assert isinstance(model.magnifier, LearnedMagnifier)
     # ResNet-18: four stages of two basic blocks; d = 512 per frame, attention width = d.
     assert [len(stage) for stage in model.trunk.stages] == [2, 2, 2, 2]
-    assert model.trunk.num_features == 512 and model.num_features == 1024
+    # Q/K/V width 1024 (the method's 1 x 1024) with separate W_Q and W_K
+    assert model.trunk.num_features == 512 and model.attention.attn_dim == 1024 and model.num_features == 1536
+    assert model.attention.q_proj.weight.shape == model.attention.k_proj.weight.shape == (1024, 512)
+    assert model.attention.hash_norm == "frames" and meta.extra["lsh_shared_qk"] is False
+    assert model.attention.n_hashes == meta.extra["lsh_hashes"] == 4
     assert model.attention.n_rounds >= 3 and meta.extra["lsh_buckets"] == 2**model.attention.n_rounds
     assert len(meta.extra["magnification_factors"]) == 32
 
@@ -82,7 +86,7 @@ def test_smic_classes_and_reset_classifier():
 
 @pytest.mark.parametrize(
     "kwargs", [dict(magnifier="cubic"), dict(img_size=18), dict(num_classes=3, label_names=("a", "b")),
-               dict(n_rounds=0), dict(stem="huge")]
+               dict(n_rounds=0), dict(n_rounds=2), dict(hash_norm="layer"), dict(stem="huge")]
 )
 def test_bad_configuration_raises_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -172,7 +176,19 @@ def loop_bucket(vector: torch.Tensor, hyperplanes: torch.Tensor) -> int:
     return code
 
 
-def loop_lsh_attention(features, w_q, w_k, w_v, hyperplanes):
+def loop_standardise(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each coordinate minus its mean over the frames, over their root-mean-square (by hand)."""
+    n, dim = len(vectors), len(vectors[0])
+    out = [torch.zeros(dim, dtype=torch.float64) for _ in vectors]
+    for i in range(dim):
+        mean = sum(float(v[i]) for v in vectors) / n
+        rms = math.sqrt(sum((float(v[i]) - mean) ** 2 for v in vectors) / n)
+        for t, v in enumerate(vectors):
+            out[t][i] = (float(v[i]) - mean) / (rms + 1e-6)
+    return out
+
+
+def loop_lsh_attention(features, w_q, w_k, w_v, hyperplanes, hash_norm="none"):
     """Independent reference: per query, softmax(q.k / sqrt(d)) over keys of its bucket, else 0."""
     features, w_q, w_k, w_v, hyperplanes = (t.detach() for t in (features, w_q, w_k, w_v, hyperplanes))
     batch, steps, _ = features.shape
@@ -183,8 +199,9 @@ def loop_lsh_attention(features, w_q, w_k, w_v, hyperplanes):
         q = [w_q.double() @ features[b, t].double() for t in range(steps)]
         k = [w_k.double() @ features[b, t].double() for t in range(steps)]
         v = [w_v.double() @ features[b, t].double() for t in range(steps)]
-        q_codes = [loop_bucket(x, hyperplanes.double()) for x in q]
-        k_codes = [loop_bucket(x, hyperplanes.double()) for x in k]
+        hq, hk = (loop_standardise(q), loop_standardise(k)) if hash_norm == "frames" else (q, k)
+        q_codes = [loop_bucket(x, hyperplanes.double()) for x in hq]
+        k_codes = [loop_bucket(x, hyperplanes.double()) for x in hk]
         for u in range(steps):
             partners = [j for j in range(steps) if k_codes[j] == q_codes[u]]
             partners_per_row.append(len(partners))
@@ -198,9 +215,53 @@ def loop_lsh_attention(features, w_q, w_k, w_v, hyperplanes):
     return out, partners_per_row
 
 
+@pytest.mark.parametrize("hash_norm", ["none", "frames"])
+def test_hash_normalisation_matches_the_loop_and_fills_buckets_of_alike_frames(hash_norm):
+    torch.manual_seed(4)
+    attention = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=3, hash_norm=hash_norm)
+    # 4 sequences of 12 nearly identical frames: a shared direction plus small per-frame motion
+    features = torch.randn(4, 1, 6) * 3 + 0.1 * torch.randn(4, 12, 6)
+    with torch.no_grad():
+        got = attention(features)
+    want, partners = loop_lsh_attention(features, attention.q_proj.weight, attention.k_proj.weight,
+                                        attention.v_proj.weight, attention.hyperplanes, hash_norm)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    share = attention.empty_bucket_share(features)
+    assert share == pytest.approx(sum(p == 0 for p in partners) / len(partners))
+    if hash_norm == "frames":
+        assert share < 0.5  # standardised over the frames, queries and keys spread over the buckets
+    else:
+        # raw hashing: every query of a sequence has one code, every key another
+        codes = attention.bucket_codes(attention.q_proj(features))
+        assert (codes == codes[:, :1]).all()
+
+
+def test_several_hashings_attend_pairs_sharing_a_bucket_in_any_of_them():
+    torch.manual_seed(5)
+    multi = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=7, hash_norm="none", n_hashes=3)
+    features = torch.randn(2, 9, 6)
+    with torch.no_grad():
+        q, k = multi.q_proj(features), multi.k_proj(features)
+        got = multi.same_bucket(features)
+        want = torch.zeros_like(got)
+        for planes in [multi.hyperplanes, *multi.extra_hyperplanes]:
+            for b in range(2):
+                for t in range(9):
+                    for u in range(9):
+                        if loop_bucket(q[b, t], planes) == loop_bucket(k[b, u], planes):
+                            want[b, t, u] = True
+    assert torch.equal(got, want)
+    single = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=7, hash_norm="none")
+    torch.testing.assert_close(single.hyperplanes, multi.hyperplanes)  # the first hashing is the seed's, unchanged
+    single.load_state_dict({k: v for k, v in multi.state_dict().items() if k != "extra_hyperplanes"}, strict=False)
+    assert (got >= single.same_bucket(features)).all()  # more rounds only add partners
+    with pytest.raises(ValueError):
+        LSHSelfAttention(dim=6, n_hashes=0)
+
+
 def test_lsh_attention_equals_same_bucket_attention_computed_by_a_loop():
     torch.manual_seed(3)
-    attention = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=11)
+    attention = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=3, seed=11, hash_norm="none")
     features = torch.randn(3, 10, 6)
     with torch.no_grad():
         got = attention(features)
@@ -215,7 +276,7 @@ def test_lsh_attention_equals_same_bucket_attention_computed_by_a_loop():
 
 
 def test_shared_qk_attention_matches_the_loop_and_never_leaves_a_query_alone():
-    attention = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=4, seed=2, shared_qk=True)
+    attention = LSHSelfAttention(dim=6, attn_dim=5, n_rounds=4, seed=2, shared_qk=True, hash_norm="none")
     features = torch.randn(2, 9, 6)
     with torch.no_grad():
         got = attention(features)
@@ -227,7 +288,7 @@ def test_shared_qk_attention_matches_the_loop_and_never_leaves_a_query_alone():
 
 
 def test_lsh_attention_with_one_bucket_is_dense_attention():
-    attention = LSHSelfAttention(dim=6, n_rounds=3)
+    attention = LSHSelfAttention(dim=6, n_rounds=3)  # hash_norm="frames": zero hyperplanes still give 0
     attention.hyperplanes.zero_()  # every projection is 0 -> every vector lands in bucket 0
     features = torch.randn(2, 7, 6)
     with torch.no_grad():

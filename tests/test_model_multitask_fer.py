@@ -96,11 +96,46 @@ def test_reset_classifier_updates_metadata():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(img_size=36), dict(heatmap_stride=3), dict(width=12), dict(num_landmarks=20), dict(num_stacks=0)]
+    "kwargs", [dict(img_size=36), dict(heatmap_stride=3), dict(width=12), dict(num_landmarks=20), dict(num_stacks=0),
+               dict(pyramid_input="features"), dict(encoder_placement="top_down")]
 )
 def test_bad_configurations_raise_value_error(kwargs):
     with pytest.raises(ValueError):
         tiny_model(**kwargs)
+
+
+@pytest.mark.parametrize("placement", ["lateral", "bottom_up"])
+def test_pyramid_encoders_sit_where_the_placement_says(placement):
+    torch.manual_seed(0)
+    model = tiny_model(encoder_placement=placement).eval()
+    pyramid = model.pyramid
+    x = model.example_input(2)
+    with torch.no_grad():
+        _, stacks = model.forward_landmarks(x)
+        heatmaps = stacks[-1]
+        got = pyramid(heatmaps)  # default input: the heatmap keypoint features only
+        c = [pyramid.input_proj(heatmaps)]
+        if placement == "lateral":  # plain bottom-up convs, one encoder on each lateral link
+            for down in pyramid.downs:
+                c.append(down(c[-1]))
+            t = [enc(level) for enc, level in zip(pyramid.encoders, c)]
+        else:  # encoders in series on the bottom-up path
+            t = [pyramid.encoders[0](c[0])]
+            for down, enc in zip(pyramid.downs, pyramid.encoders[1:]):
+                t.append(enc(down(t[-1])))
+        p3 = t[2]
+        p2 = pyramid.smooth[1](t[1] + nn.functional.interpolate(p3, scale_factor=2.0, mode="nearest"))
+        p1 = pyramid.smooth[0](t[0] + nn.functional.interpolate(p2, scale_factor=2.0, mode="nearest"))
+    for a, b in zip(got, [p1, p2, p3]):
+        torch.testing.assert_close(a, b)
+    assert pyramid.input_proj[0].in_channels == 68
+    assert model.metadata.extra["valence_arousal_head"] == "extra head outside the method"
+
+
+def test_appearance_concatenation_is_an_option():
+    model = tiny_model(pyramid_input="heatmaps+features")
+    assert model.pyramid.input_proj[0].in_channels == 68 + 16
+    check_forward(model)
 
 
 def test_every_parameter_gets_gradient():

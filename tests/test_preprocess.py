@@ -288,6 +288,17 @@ def test_keyframes_keeps_the_largest_changes_in_time_order():
     assert resample_clip(clip[:3], 6, "keyframes").shape == (6, 5, 5)  # upsampling = uniform
 
 
+def test_keyframes_plus_interpolation_selects_down_and_interpolates_up():
+    values = [0, 0, 0, 90, 90, 90, 40, 40, 200, 200]
+    clip = np.stack([np.full((5, 5), v, np.uint8) for v in values])
+    # longer than needed: the key frames 0, 3, 6, 8 (no blended pixels)
+    assert resample_clip(clip, 4, "keyframes+interpolate")[:, 0, 0].tolist() == [0, 90, 40, 200]
+    # shorter than needed: time interpolation of (0, 90, 40) to 5 frames: 0, 45, 90, 65, 40
+    short = clip[[0, 3, 6]]
+    assert resample_clip(short, 5, "keyframes+interpolate")[:, 0, 0].tolist() == [0, 45, 90, 65, 40]
+    np.testing.assert_array_equal(resample_clip(clip, 10, "keyframes+interpolate"), clip)
+
+
 def test_resample_clip_rejects_bad_arguments():
     clip = ramp_clip(5, np.uint8)
     for bad in (0, -1, 2.5, True):

@@ -31,7 +31,7 @@ def test_values_are_coerced_by_field_type():
     ("max_steps_per_epoch=-1", "'max_steps_per_epoch' must be >= 0 (0 = no limit)"),
     ("lr=0", "'lr' must be > 0"),
     ("amp=3", "'amp' must be true or false"),
-    ("loss_kwargs.gama=2", "unknown recipe key loss_kwargs.gama; known loss_kwargs keys: alpha, gamma, label_smoothing"),
+    ("loss_kwargs.gama=2", "unknown recipe key loss_kwargs.gama; known loss_kwargs keys: alpha, form, gamma, label_smoothing, reduction"),
     ("model_kwargs.bogus=3", "unknown recipe key model_kwargs.bogus; known model_kwargs keys:"),
     ("data.image_size=24", "unknown recipe key data.image_size; known data keys: val_fraction"),
     ("augment.crop_area=[0.5]", "'augment.crop_area' must hold 2 values"),

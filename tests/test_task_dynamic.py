@@ -11,7 +11,8 @@ from fer_core.data import formats
 from fer_core.data.manifest import read_manifest
 from fer_core.losses.ecstfl import ec_stfl_loss
 from fer_core.training.tasks import create_task, get_recipe
-from fer_core.training.tasks.dynamic import select_fold
+from fer_core.losses.ecstfl import DEFAULT_LAMBDA, EcStflLoss
+from fer_core.training.tasks.dynamic import resolve_align_faces, select_fold
 from fer_core.training.trainer import Trainer, load_model_from_checkpoint
 
 
@@ -59,6 +60,22 @@ def test_face_alignment_option_decodes_larger_clips(tmp_path):
     assert len(clips) == 3 and all(c.shape == (8, 3, 32, 32) and c.dtype == np.uint8 for c in clips)
     with pytest.raises(ValueError, match="resample"):
         create_task("c3d_ecstfl", tmp_path / "prepared", _recipe(**{"data.resample": "random"}))
+
+
+def test_face_alignment_is_on_by_default_for_raw_videos_only(dfew_root):
+    assert resolve_align_faces("auto", {"clips": "video"}) is True
+    assert resolve_align_faces("auto", {"clips": "frames"}) is False  # DFEW's clip_224x224 face crops
+    assert resolve_align_faces(True, {"clips": "frames"}) is True
+    with pytest.raises(ValueError, match="align_faces"):
+        resolve_align_faces("yes", {})
+    task = create_task("c3d_ecstfl", dfew_root, _recipe(**{"data.align_faces": "auto"}))
+    assert task.align_faces is False  # the synthetic DFEW writes frame folders
+
+
+def test_one_lambda_default_for_the_class_and_the_task(dfew_root):
+    assert EcStflLoss().lambda_weight == DEFAULT_LAMBDA
+    recipe = get_recipe("c3d_ecstfl", "quick")
+    assert recipe.loss_kwargs.get("lambda_weight", DEFAULT_LAMBDA) == DEFAULT_LAMBDA
 
 
 def test_fold_option_resplits_the_manifest(dfew_root):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -11,7 +12,9 @@ from fer_core.data.manifest import read_manifest
 from fer_core.data.preprocess import estimate_apex, onset_apex_pair, to_model_input
 from fer_core.data.samples import read_clip
 from fer_core.metrics.classification import classification_metrics
+from fer_core.data.preprocess import HaarFaceDetector, align_face
 from fer_core.training.tasks import create_task, get_recipe
+from fer_core.training.tasks.micro import clip_key_frames, drop_rare_classes
 from fer_core.training.tasks.micro import run_loso, subject_splits
 from fer_core.training.trainer import Trainer
 
@@ -43,7 +46,7 @@ def casme2_root(tmp_path_factory):
 
 def test_input_is_the_onset_apex_pair_and_unknown_apexes_are_estimated(casme2_root):
     torch.set_num_threads(1)
-    recipe = _shrunk(augment={})
+    recipe = _shrunk(augment={}, **{"data.face_crop": False})
     task = create_task("micro_lsh", casme2_root, recipe)
     rows = task.manifest
     assert (rows["apex"] < 0).sum() == 2, "the fixture must exercise unknown apexes"
@@ -57,6 +60,34 @@ def test_input_is_the_onset_apex_pair_and_unknown_apexes_are_estimated(casme2_ro
         np.testing.assert_array_equal(got, np.round(want * 255).astype(np.uint8))
     x, targets = task.build_datasets(recipe)["train"][0]
     assert x.shape == (2, 3, 24, 24) and targets["label"].dtype == torch.int64
+
+
+def test_face_registration_crops_onset_and_apex_with_one_transform(casme2_root):
+    task = create_task("micro_lsh", casme2_root, _shrunk(augment={}))  # face_crop is on by default
+    assert task.face_crop
+    detector = HaarFaceDetector()
+    for i in range(4):
+        row = task.manifest.iloc[i]
+        frames = read_clip(casme2_root, row["path"])
+        onset, apex = clip_key_frames(frames, int(row["onset"]), int(row["apex"]), int(row["offset"]))
+        faces = detector.detect(frames[onset]) or detector.detect(frames[apex])
+        assert faces, "the synthetic faces must be found for this test to mean anything"
+        # by hand: the onset's face box aligns both frames
+        want = np.stack([align_face(frames[onset], faces[0], (24, 24)), align_face(frames[apex], faces[0], (24, 24))])
+        want = np.round(to_model_input(want, 24, 3, 0.0, 1.0) * 255).astype(np.uint8)
+        np.testing.assert_array_equal(task._decode(casme2_root, row), want)
+    assert task.faces_found == 4 and task.faces_missed == 0
+
+
+def test_classes_under_the_minimum_are_dropped_and_relabelled():
+    manifest = pd.DataFrame({"label": [0] * 12 + [1] * 3 + [2] * 10, "subject": ["a"] * 25})
+    rows, names, dropped = drop_rare_classes(manifest, ("happiness", "fear", "others"), 10)
+    assert names == ("happiness", "others") and dropped == {"fear": 3}
+    assert rows["label"].tolist() == [0] * 12 + [1] * 10
+    same, same_names, none = drop_rare_classes(manifest, ("a", "b", "c"), 0)
+    assert same is manifest and same_names == ("a", "b", "c") and none == {}
+    with pytest.raises(ValueError, match="min_class_clips"):
+        drop_rare_classes(manifest, ("a", "b", "c"), 11)
 
 
 def test_splits_hold_out_whole_subjects(casme2_root):
@@ -126,3 +157,13 @@ def test_bad_recipe_options_raise_value_error(smic_root):
         task.build_loss(_shrunk(loss_kwargs={"gamma": 2.0}), None)
     with pytest.raises(ValueError):
         task.splits(_shrunk(data={"val_fraction": 1.5}))
+
+
+def test_samm_five_class_option(tmp_path):
+    from fer_core.data.formats.micro import SAMM5_CLASSES
+
+    src = get_format("samm").write_synthetic(tmp_path / "src", size=30, image_size=32)
+    card = adapt("samm", src, tmp_path / "prepared", name="samm5", classes="samm5")
+    manifest = read_manifest(tmp_path / "prepared")
+    assert card.classes == SAMM5_CLASSES and manifest["label_name"].isin(SAMM5_CLASSES).all()
+    assert set(card.provenance["dropped_emotions"]) <= {"disgust", "fear", "sadness"}

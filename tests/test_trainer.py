@@ -110,3 +110,15 @@ def test_ddp_two_gloo_processes_match_a_single_process_run(tmp_path):
         assert torch.allclose(ddp_state[name], value, atol=1e-5), name
     for s, d in zip(single.history, ddp["history"]):
         assert abs(s["train/loss"] - d["train/loss"]) < 1e-5 and s["val/accuracy"] == d["val/accuracy"]
+
+
+def test_hold_decay_cosine_factor_by_hand():
+    import math as _math
+
+    from fer_core.training.trainer import hold_decay_cosine_factor
+
+    assert [hold_decay_cosine_factor(e, 50, 0.9, 300) for e in (0, 25, 49)] == [1.0, 1.0, 1.0]
+    assert hold_decay_cosine_factor(50, 50, 0.9, 300) == 1.0
+    # epoch 51: 0.9^1 · ½(1 + cos(π/250))
+    assert hold_decay_cosine_factor(51, 50, 0.9, 300) == pytest.approx(0.9 * 0.5 * (1 + _math.cos(_math.pi / 250)))
+    assert hold_decay_cosine_factor(300, 50, 0.9, 300) == pytest.approx(0.0, abs=1e-12)

@@ -1,5 +1,9 @@
 """Augmentation: deterministic per generator, shape-preserving, same draw across a clip's frames."""
 
+import dataclasses
+import math
+
+import pytest
 import torch
 
 from fer_core.data.transforms import AugmentConfig, augment, normalize
@@ -34,3 +38,36 @@ def test_no_augmentation_is_identity_and_flip_flips():
 def test_normalize():
     x = torch.full((2, 4, 4), 0.5)
     assert torch.allclose(normalize(x, (0.5, 0.25), (0.5, 0.25)), torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 4, 4))
+
+
+def _only(**kwargs) -> AugmentConfig:
+    return dataclasses.replace(AugmentConfig.none(), **kwargs)
+
+
+def test_vertical_flip_and_fixed_gamma():
+    x = torch.rand(3, 8, 8)
+    seen_v, seen_g = set(), set()
+    for seed in range(20):
+        out = augment(x, torch.Generator().manual_seed(seed), _only(vflip=True))
+        assert torch.allclose(out, x) or torch.allclose(out, x.flip(-2))
+        seen_v.add(bool(torch.allclose(out, x)))
+        out = augment(x, torch.Generator().manual_seed(seed), _only(gamma=2.0, gamma_prob=0.5))
+        assert torch.allclose(out, x) or torch.allclose(out, x**2)  # exactly gamma 2 or untouched
+        seen_g.add(bool(torch.allclose(out, x)))
+    assert seen_v == seen_g == {True, False}
+
+
+def test_rotation_range_draws_a_magnitude_between_its_ends():
+    # a centred bright dot: rotating by angle a moves it to an angle a around the centre
+    x = torch.zeros(1, 65, 65)
+    x[0, 32, 52] = 1.0  # 20 px right of the centre
+    angles = []
+    for seed in range(12):
+        out = augment(x, torch.Generator().manual_seed(seed), _only(rotation_range=(30.0, 90.0)))
+        ys, xs = torch.nonzero(out[0] > 0.05 * out.max(), as_tuple=True)
+        w = out[0, ys, xs]
+        cy, cx = float((ys * w).sum() / w.sum()) - 32, float((xs * w).sum() / w.sum()) - 32
+        angles.append(abs(math.degrees(math.atan2(cy, cx))))
+    assert all(28.0 <= a <= 92.0 for a in angles), angles
+    with pytest.raises(ValueError):
+        AugmentConfig.from_mapping({"rotation_span": [1, 2]})

@@ -54,6 +54,7 @@ OPTIONAL_COLUMNS: Mapping[str, str] = {
     "arousal": "float64",
     "landmarks": "object",  # list[float]: 68 (x, y) pairs, flattened, pixel coordinates
     "fold": "int64",  # cross-validation fold in which the sample is a test sample (DFEW)
+    "magnification": "float64",  # α of a magnified pair (magnified_pairs format)
 }
 
 

@@ -44,10 +44,11 @@ __all__ = [
     "clip_motion",
     "estimate_apex",
     "onset_apex_pair",
+    "register_clip_faces",
     "to_model_input",
 ]
 
-RESAMPLE_METHODS = ("interpolate", "uniform", "keyframes")
+RESAMPLE_METHODS = ("interpolate", "uniform", "keyframes", "keyframes+interpolate")
 APEX_METHODS = ("diff", "flow")
 
 # iBUG 68-point indices of the two eye contours (0-based).
@@ -537,6 +538,10 @@ def resample_clip(frames: np.ndarray, num_frames: int, method: str = "interpolat
     * ``"keyframes"``: the first frame plus the ``num_frames - 1`` frames that change most from
       their predecessor (mean absolute difference), returned in time order; ties go to the earlier
       frame. It cannot add frames, so when upsampling it behaves like ``"uniform"``.
+    * ``"keyframes+interpolate"``: the two combined, as the C3D + EC-STFL method fixes the length: a
+      longer clip keeps its key frames (``"keyframes"``), a shorter one is time-interpolated up
+      (``"interpolate"``); the method names both steps without their order, and this split by
+      direction is our reading (each step is used where it does not invent or drop needed frames).
 
     Any integer or float dtype is accepted (not only uint8), so feature or flow sequences resample too.
     """
@@ -546,6 +551,8 @@ def resample_clip(frames: np.ndarray, num_frames: int, method: str = "interpolat
     if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     num_in = len(frames)
+    if method == "keyframes+interpolate":
+        method = "keyframes" if num_frames < num_in else "interpolate"
     if method == "keyframes" and num_frames < num_in:
         # Stable sort on -change keeps the earlier of equal changes; frame 0 (inf) always wins.
         order = np.argsort(-_frame_changes(frames), kind="stable")
@@ -624,6 +631,37 @@ def onset_apex_pair(frames: np.ndarray, onset: int, apex: int) -> np.ndarray:
         if not 0 <= int(index) < len(frames):
             raise ValueError(f"{name}={index} is outside a clip of {len(frames)} frames")
     return np.stack([frames[int(onset)], frames[int(apex)]])
+
+
+def register_clip_faces(
+    frames: np.ndarray,
+    detector: FaceDetector,
+    out_size: int | Sequence[int],
+    reference: int = 0,
+    fallback: int | None = None,
+) -> np.ndarray | None:
+    """Face registration and face-region crop of a whole clip with *one* transform.
+
+    The face is detected on frame ``reference`` (the onset for a micro-expression; ``fallback``,
+    e.g. the apex, is tried when none is found there) and the alignment of :func:`align_face`
+    computed from it is applied to every frame, so all frames share one face frame of reference
+    and the motion between them is kept exactly (a per-frame detection would add its jitter to
+    the few-pixel motion that magnification amplifies). ``None`` when no face is found.
+    """
+    frames = _check_frames(frames)
+    height, width = _size_hw(out_size, "out_size")
+    box = None
+    for index in (reference, fallback):
+        if index is None:
+            continue
+        faces = detector.detect(frames[int(index)])
+        if faces:
+            box = faces[0]
+            break
+    if box is None:
+        return None
+    # the same box gives align_face the same transform for every frame
+    return np.stack([align_face(frame, box, (height, width)) for frame in frames])
 
 
 # ---------------------------------------------------------------------------------------------

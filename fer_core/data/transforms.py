@@ -5,8 +5,18 @@ call, so a clip ``(T, C, H, W)`` gets the same flip/rotation/crop on every frame
 comes from the generator passed in (see :func:`fer_core.training.task.epoch_generator`), which is
 what makes resumed and distributed runs replay the same augmentation.
 
-The static-FER recipe (CA-ResNet) uses: horizontal flip, rotation, Gaussian noise of variance
-0.001, random crop of 50–100 % of the area, gamma in [1/2, 2] ("gamma 2"), random erasing.
+The CA-ResNet method lists: flip and mirror, gamma γ = 2, random erasing, noise (0, 0.001),
+rotation 30°–90°, crop 50–100 %. Readings of that list (the method gives no probabilities):
+
+* "mirror" is the horizontal flip (``hflip``) and "flip" the vertical one (``vflip``), each with
+  probability 1/2;
+* "gamma γ = 2": with probability ``gamma_prob`` (1/2) the image becomes ``x ** γ`` with the fixed
+  ``gamma = 2`` (``gamma_max`` keeps the older log-uniform draw from [1/g, g] for other recipes);
+* "rotation 30°–90°": with probability ``rotation_prob`` the angle's magnitude is drawn from
+  ``rotation_range`` = (30, 90) degrees and its sign at random (``rotation_deg`` keeps the older
+  symmetric draw from [−d, d]);
+* noise: Gaussian, mean 0, variance ``noise_var`` = 0.001; crop: ``crop_area`` (0.5, 1.0) of the area,
+  resized back; random erasing with ``erase_prob``.
 """
 
 from __future__ import annotations
@@ -23,9 +33,14 @@ class AugmentConfig:
     """Which augmentations to apply and how strongly (0 / False disables one)."""
 
     hflip: bool = True
+    vflip: bool = False
     rotation_deg: float = 10.0
+    rotation_range: tuple[float, float] = (0.0, 0.0)  # |angle| range in degrees (used when its end > 0)
+    rotation_prob: float = 1.0
     crop_area: tuple[float, float] = (0.5, 1.0)  # fraction of the image area kept by the random crop
     gamma_max: float = 2.0  # gamma drawn log-uniformly from [1/gamma_max, gamma_max]
+    gamma: float = 0.0  # a fixed gamma applied with gamma_prob (0 = off)
+    gamma_prob: float = 0.5
     noise_var: float = 0.001
     erase_prob: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.15)
@@ -33,7 +48,7 @@ class AugmentConfig:
     @classmethod
     def from_mapping(cls, raw) -> "AugmentConfig":
         raw = dict(raw or {})
-        for key in ("crop_area", "erase_area"):
+        for key in ("crop_area", "erase_area", "rotation_range"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         unknown = set(raw) - set(cls.__dataclass_fields__)
@@ -63,9 +78,17 @@ def augment(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Te
     """One random augmentation of ``x`` (..., C, H, W) in [0, 1]."""
     if cfg.hflip and float(torch.rand((), generator=g)) < 0.5:
         x = x.flip(-1)
+    if cfg.vflip and float(torch.rand((), generator=g)) < 0.5:
+        x = x.flip(-2)
     # Rotation and the random crop are one affine warp: the crop keeps `area` of the image (with
     # a random aspect ratio in [3/4, 4/3]) and is resized back to the full size.
-    angle = math.radians(_uniform(g, -cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
+    if cfg.rotation_range[1] > 0:
+        angle = 0.0
+        if float(torch.rand((), generator=g)) < cfg.rotation_prob:
+            sign = 1.0 if float(torch.rand((), generator=g)) < 0.5 else -1.0
+            angle = sign * math.radians(_uniform(g, *cfg.rotation_range))
+    else:
+        angle = math.radians(_uniform(g, -cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
     area = _uniform(g, *cfg.crop_area)
     if angle or area < 1.0:
         ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
@@ -74,7 +97,10 @@ def augment(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Te
         cos, sin = math.cos(angle), math.sin(angle)
         theta = torch.tensor([[sx * cos, -sy * sin, tx], [sx * sin, sy * cos, ty]], dtype=x.dtype)
         x = _affine(x, theta)
-    if cfg.gamma_max > 1.0:
+    if cfg.gamma > 0:
+        if float(torch.rand((), generator=g)) < cfg.gamma_prob:
+            x = x.clamp(0, 1) ** cfg.gamma
+    elif cfg.gamma_max > 1.0:
         gamma = math.exp(_uniform(g, -math.log(cfg.gamma_max), math.log(cfg.gamma_max)))
         x = x.clamp(0, 1) ** gamma
     if cfg.noise_var > 0:

@@ -2,10 +2,10 @@
 
 Per view v, with clean logits ``c_v`` and noisy-head logits ``n_v``::
 
-    L_clean_v = BBCE(c_v, y_accurate)             # clean head on accurate labels
-    L_noisy_v = BBCE(c_v + n_v, y_inaccurate)     # p_noisy = sigmoid(f_clean + f_noisy)
-    L_pseudo_v = BBCE(c_v, y_pseudo)              # optional, semi-supervised pseudo-labels
-    L_orth = mean_j |cos([w1_j; b1_j], [w2_j; b2_j])|            # the two clean heads, per AU
+    L_clean_v = WBCE(c_v, y_accurate)             # clean head on accurate labels
+    L_noisy_v = WBCE(c_v + n_v, y_inaccurate)     # p_noisy = sigmoid(f_clean + f_noisy)
+    L_pseudo_v = WBCE(c_v, y_pseudo)              # optional, semi-supervised pseudo-labels
+    L_orth = mean_j cos([w1_j; b1_j], [w2_j; b2_j])              # the two clean heads, per AU (signed)
     L_cons = mean_{i,j} H((p1 + p2) / 2) - (H(p1) + H(p2)) / 2    # p_v = sigmoid(c_v), binary entropy
 
     total = w_clean * mean_v L_clean_v + w_noisy * mean_v L_noisy_v + w_pseudo * mean_v L_pseudo_v
@@ -13,15 +13,23 @@ Per view v, with clean logits ``c_v`` and noisy-head logits ``n_v``::
 
 Choices where the description left room:
 
-* Class-balanced BCE (``BBCE``): positives of AU j are weighted by ``(1 - f_j) / f_j`` and negatives
-  by 1 (PyTorch's ``pos_weight`` convention), so both classes carry the same total weight. ``f_j``
-  is the positive frequency of AU j: given per label set (``*_label_frequencies``, e.g. from the
-  training set), or else estimated from the known labels of the batch with add-one smoothing,
+* Weighted BCE (``WBCE``, the method's, ``bce="au_weighted"``, default): the per-AU weight α^k
+  multiplies the *whole* BCE term of AU k,
+  ``−α^k [y ln σ(z) + (1 − y) ln(1 − σ(z))]``, with ``α^k = L · (1/f_k) / Σ_j (1/f_j)`` (rarer AUs
+  weigh more; the weights average to 1 over the L AUs, so a balanced set gives plain BCE). The
+  method names α^k as the per-AU weight without its formula; the inverse-frequency form normalised
+  to mean 1 is the common one (JAA-Net's) and our choice. ``bce="pos_weight"`` keeps the earlier
+  class-balanced form (positives of AU j weighted by ``(1 − f_j) / f_j``, negatives by 1).
+  ``f_j`` is the positive frequency of AU j: given per label set (``*_label_frequencies``, e.g. from
+  the training set), or else estimated from the known labels of the batch with add-one smoothing,
   ``f_j = (n_pos_j + 1) / (n_known_j + 2)``, so an AU with no positive in the batch gets a finite
   weight. The weighted terms are averaged over the *known* entries; unknown labels (-1) are masked
   out (a batch with no known entry contributes an exact, graph-connected zero).
-* Orthogonality uses the absolute cosine so that anti-parallel heads are penalised like parallel
-  ones (a signed cosine would be minimised at -1, i.e. the same classifier up to sign).
+* Orthogonality is the *signed* cosine mean, as the method writes it (``orthogonality="signed"``).
+  Minimising it drives the heads towards anti-parallel (cos −1), which on its own would be the same
+  classifier up to sign; the two clean-label terms and the consistency term forbid that (an
+  anti-parallel pair predicts p₂ = 1 − p₁), so in the full loss the signed term acts as a push apart.
+  ``orthogonality="abs"`` (|cos|, zero only for orthogonal heads) stays selectable.
 * Consistency sign: ``H(mean) - mean(H)`` is the Jensen-Shannon divergence between the two views'
   Bernoulli predictions; it is >= 0 (entropy is concave) and 0 exactly when the views agree, so
   *minimising* it encourages agreement. It is computed on every row of the batch, labelled or not.
@@ -85,11 +93,44 @@ def balanced_bce_with_logits(
     return (per_entry * known).sum() / known.sum()
 
 
-def orthogonality_loss(weights_1: torch.Tensor, weights_2: torch.Tensor) -> torch.Tensor:
-    """Mean over AUs of |cos| between the two clean heads' per-AU vectors ([w; b], shape (L, D+1))."""
+def au_weighted_bce_with_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_frequencies: Sequence[float] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The method's per-AU weighted BCE of ``logits`` (B, L) against 0/1 ``labels`` (-1 = unknown).
+
+    ``α^k = L · (1/f_k) / Σ_j (1/f_j)`` weighs the whole BCE term of AU k; ``f_k`` as in
+    :func:`balanced_bce_with_logits`. Mean over known entries.
+    """
+    if logits.shape != labels.shape or logits.ndim != 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must both be (B, L)")
+    known = labels >= 0
+    if not known.any():
+        return logits.sum() * 0.0
+    y = torch.where(known, labels, torch.zeros_like(labels)).to(logits.dtype)
+    freq = _as_frequencies(label_frequencies, logits.shape[1])
+    if freq is None:
+        freq = ((y * known).sum(0) + 1.0) / (known.sum(0) + 2.0)
+    inverse = 1.0 / freq.to(logits)
+    alpha = logits.shape[1] * inverse / inverse.sum()
+    per_entry = -alpha * (y * F.logsigmoid(logits) + (1.0 - y) * F.logsigmoid(-logits))
+    return (per_entry * known).sum() / known.sum()
+
+
+BCE_FORMS = {"au_weighted": au_weighted_bce_with_logits, "pos_weight": balanced_bce_with_logits}
+ORTHOGONALITY_FORMS = ("signed", "abs")
+
+
+def orthogonality_loss(weights_1: torch.Tensor, weights_2: torch.Tensor, form: str = "signed") -> torch.Tensor:
+    """Mean over AUs of cos (``form="signed"``, the method) or |cos| (``"abs"``) between the two
+    clean heads' per-AU vectors ([w; b], shape (L, D+1))."""
     if weights_1.shape != weights_2.shape or weights_1.ndim != 2:
         raise ValueError(f"head weights {tuple(weights_1.shape)} / {tuple(weights_2.shape)} must match, (L, D+1)")
-    return F.cosine_similarity(weights_1, weights_2, dim=1, eps=1e-8).abs().mean()
+    if form not in ORTHOGONALITY_FORMS:
+        raise ValueError(f"orthogonality must be one of {ORTHOGONALITY_FORMS}, got {form!r}")
+    cos = F.cosine_similarity(weights_1, weights_2, dim=1, eps=1e-8)
+    return (cos if form == "signed" else cos.abs()).mean()
 
 
 def binary_entropy(p: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -131,8 +172,15 @@ class AUCoTrainLoss(nn.Module):
         consistency_weight: float = 1.0,
         accurate_label_frequencies: Sequence[float] | torch.Tensor | None = None,
         inaccurate_label_frequencies: Sequence[float] | torch.Tensor | None = None,
+        bce: str = "au_weighted",
+        orthogonality: str = "signed",
     ) -> None:
         super().__init__()
+        if bce not in BCE_FORMS:
+            raise ValueError(f"bce must be one of {sorted(BCE_FORMS)}, got {bce!r}")
+        if orthogonality not in ORTHOGONALITY_FORMS:
+            raise ValueError(f"orthogonality must be one of {ORTHOGONALITY_FORMS}, got {orthogonality!r}")
+        self.bce, self.orthogonality = bce, orthogonality
         weights = dict(clean=clean_weight, noisy=noisy_weight, pseudo=pseudo_weight,
                        orthogonality=orthogonality_weight, consistency=consistency_weight)
         if any(w < 0 for w in weights.values()):
@@ -153,13 +201,15 @@ class AUCoTrainLoss(nn.Module):
             labels = _masked_labels(targets, key)
             if labels is None:
                 return zero
-            return sum(balanced_bce_with_logits(z, labels, freq) for z in logits) / NUM_VIEWS
+            bce = BCE_FORMS[self.bce]
+            return sum(bce(z, labels, freq) for z in logits) / NUM_VIEWS
 
         return {
             "clean": per_view(clean, "accurate", self.accurate_label_frequencies),
             "noisy": per_view(noisy, "inaccurate", self.inaccurate_label_frequencies),
             "pseudo": per_view(clean, "pseudo", self.accurate_label_frequencies),
-            "orthogonality": orthogonality_loss(outputs["clean_head_weights_1"], outputs["clean_head_weights_2"]),
+            "orthogonality": orthogonality_loss(outputs["clean_head_weights_1"], outputs["clean_head_weights_2"],
+                                                self.orthogonality),
             "consistency": consistency_loss(clean[0], clean[1]),
         }
 

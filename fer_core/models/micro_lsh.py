@@ -26,19 +26,47 @@ Ambiguities in the description and the choices made here:
   predicts a residual added to the apex frame (a fresh network starts near "output = apex", which lets
   it train on a CPU in a minute). It works in the model's normalised input space. It is trained with
   MSE, not the paper's L1 (see :func:`fer_core.losses.micro.magnification_loss`).
-* the magnifier inside the classifier is trainable end to end by default (``freeze_magnifier=True``
-  freezes it after loading weights trained on pairs with :func:`fer_core.losses.micro.magnification_loss`).
+* pre-training: the ``magnifier`` network (:class:`MagnifierNet`, the same :class:`LearnedMagnifier`)
+  is trained on magnified pairs (``magnifier`` task, :mod:`fer_core.training.tasks.magnifier`); its
+  weights are copied into the classifier by :func:`load_magnifier_weights` (the micro task does this
+  when ``data.magnifier_weights`` names a checkpoint), then frozen (``freeze_magnifier=True``) or
+  fine-tuned end to end -- a recipe choice.
+* the method writes ``I_mag,i = f(I_onset + (1 + α_i)|I_apex − I_onset|)``, i.e. ``f`` applied to a
+  linearly amplified frame; we keep Oh et al.'s interface ``f(I_onset, I_apex, 1 + α_i)`` (the network
+  the method cites), whose manipulator multiplies the motion representation by the same factor
+  ``1 + α_i``: the amplification is the same, learned in feature space instead of on pixels (where the
+  absolute value would also drop the motion's sign).
 * the linear baseline ``I_onset + factor (I_apex - I_onset)`` is not clipped to the valid range.
 * LSH: one set of hyperplanes (a seeded, non-trainable buffer) hashes both queries and keys; a zero
-  projection counts as the "negative" side. ``d`` in ``sqrt(d)`` is the query/key width. A query whose
-  bucket holds no key gets a zero output. Q, K, V projections have no bias and there is no output
-  projection (none is described). Separate W_Q and W_K (as described) make the attention often empty
-  at initialisation (see :class:`LSHSelfAttention`); ``shared_qk=True`` (Reformer-style W_K = W_Q) is
-  offered as the remedy but is not the default.
+  projection counts as the "negative" side. ``d`` in ``sqrt(d)`` is the query/key width, 1024 by
+  default (the method's Q/K size 1 x 1024; ``attn_dim``). A query whose bucket holds no key gets a
+  zero output. Q, K, V projections have no bias and there is no output projection (none is
+  described). W_Q and W_K are separate, as described; ``n_rounds`` (hyperplanes, 2**n_rounds
+  buckets) must be > 2, as the method says.
+* Empty buckets: with separate W_Q/W_K, queries and keys of one sequence are hashed independently,
+  and because all frames of a clip are alike (the magnified frames differ by small motions), all
+  queries of a sequence share one sign pattern and all keys another: whole sequences end with no
+  query/key pair in a common bucket, the attention outputs zeros and W_Q/W_K/W_V get no gradient
+  (the earlier code worked round it with a Reformer-style W_K = W_Q, outside the method). The fix
+  kept inside the method's letter is a *normalisation before hashing* (``hash_norm="frames"``,
+  default): each query/key coordinate is standardised over the frames of its sequence before the
+  sign test, so hashing sees how a frame differs from the clip rather than the clip's common
+  direction; scores and values still use the raw Q, K, V. Identical frames standardise to 0, land in
+  one bucket and get dense attention. ``hash_norm="none"`` is the plain form. Normalisation alone
+  only brings the pairs to independent random hashing (a query of T frames still misses all T keys
+  with probability ~(1 − 2^−n_rounds)^T), so it is combined with *more rounds* in Reformer's sense:
+  ``n_hashes`` (default 4) independent hashings, a query/key pair attending when it shares a bucket
+  in any of them. We keep the earlier reading of the description's ``n_rounds`` as the hyperplanes
+  of one hashing (2**n_rounds buckets) and give the multi-round union its own name. Measured share
+  of queries with an empty bucket at initialisation (quick model, generated CASME II, 16 magnified
+  frames): plain hashing 100 % at every n_hashes; normalised 52 % (1 hashing), 2.5 % (4), 0.2 % (8);
+  with 4 frames 69 % / 7 % / 2 %. :meth:`LSHSelfAttention.empty_bucket_share` measures it
+  (``bench/fidelity.py`` before/after training). ``shared_qk=True`` stays as an option, no profile uses it.
 * "spatial features" are the per-frame ResNet features averaged over the magnified frames; "motion
   features" are the attention outputs averaged over the frames. The hidden FC has ``head_hidden`` units
   with a ReLU; the model outputs logits and their softmax.
-* defaults: 3x112x112 frames, ResNet-18 with the ImageNet stem at width 64 (d = 512), 3 hashing rounds.
+* defaults: 3x112x112 frames, ResNet-18 with the ImageNet stem at width 64 (d = 512), Q/K/V width
+  1024, 3 hashing rounds.
 """
 
 from __future__ import annotations
@@ -57,6 +85,10 @@ from fer_core.training.recipe import Recipe
 from fer_core.models.resnet import ResNetTrunk
 
 FRAME_ROLES = ("onset", "apex")
+MIN_ROUNDS = 3  # the method: more than 2 hashing rounds
+HASH_NORMS = ("frames", "none")
+DEFAULT_ATTN_DIM = 1024  # the method's Q/K size, 1 x 1024
+DEFAULT_HASHES = 4  # independent hashings (Reformer's multi-round LSH) against empty buckets
 
 
 def alpha_schedule(num_frames: int = 32, alpha_min: float = 1.0, alpha_max: float = 13.0) -> torch.Tensor:
@@ -180,25 +212,33 @@ class LSHSelfAttention(nn.Module):
     ``w_r`` drawn from ``torch.Generator().manual_seed(seed)``. Everything is tensor arithmetic (no
     data-dependent Python control flow), so it traces to ONNX as is.
 
-    With separate W_Q and W_K (the description) a query and the keys are hashed independently, and
-    at initialisation, when all frames' features are alike, a whole sequence often has no query/key
-    pair in a common bucket: the attention then outputs zeros and W_Q/W_K/W_V get no gradient.
-    ``shared_qk=True`` ties W_K = W_Q as the Reformer does, so every query has at least itself.
+    With separate W_Q and W_K (the description) a query and the keys are hashed independently;
+    ``hash_norm="frames"`` standardises Q and K over the frames of each sequence before hashing so
+    that sequences of alike frames do not end with every bucket empty (module docstring).
+    ``shared_qk=True`` ties W_K = W_Q as the Reformer does (an option outside the method).
     """
 
     def __init__(
-        self, dim: int, attn_dim: int | None = None, n_rounds: int = 3, seed: int = 0, shared_qk: bool = False
+        self, dim: int, attn_dim: int | None = None, n_rounds: int = 3, seed: int = 0, shared_qk: bool = False,
+        hash_norm: str = "frames", n_hashes: int = 1,
     ) -> None:
         super().__init__()
-        if n_rounds < 1 or n_rounds > 30:
-            raise ValueError(f"n_rounds must be in [1, 30], got {n_rounds}")
+        if n_rounds < MIN_ROUNDS or n_rounds > 30:
+            raise ValueError(f"n_rounds must be in [{MIN_ROUNDS}, 30] (the method needs more than 2), got {n_rounds}")
+        if n_hashes < 1:
+            raise ValueError(f"n_hashes must be >= 1, got {n_hashes}")
+        if hash_norm not in HASH_NORMS:
+            raise ValueError(f"hash_norm must be one of {HASH_NORMS}, got {hash_norm!r}")
         attn_dim = attn_dim or dim
-        self.attn_dim, self.n_rounds, self.seed = attn_dim, n_rounds, seed
+        self.attn_dim, self.n_rounds, self.seed, self.hash_norm = attn_dim, n_rounds, seed, hash_norm
         self.q_proj = nn.Linear(dim, attn_dim, bias=False)
         self.k_proj = None if shared_qk else nn.Linear(dim, attn_dim, bias=False)
         self.v_proj = nn.Linear(dim, attn_dim, bias=False)
         generator = torch.Generator().manual_seed(seed)
+        self.n_hashes = n_hashes
         self.register_buffer("hyperplanes", torch.randn(attn_dim, n_rounds, generator=generator))
+        # Further independent hashings (Reformer's multi-round LSH), drawn after the first from the same seed.
+        self.register_buffer("extra_hyperplanes", torch.randn(n_hashes - 1, attn_dim, n_rounds, generator=generator))
         self.register_buffer("bit_values", 2 ** torch.arange(n_rounds, dtype=torch.int64), persistent=False)
 
     @property
@@ -210,11 +250,38 @@ class LSHSelfAttention(nn.Module):
         bits = (x @ self.hyperplanes > 0).to(torch.int64)
         return (bits * self.bit_values).sum(-1)
 
+    def _hash_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, attn_dim) -> what is hashed: x itself, or x standardised over the T frames."""
+        if self.hash_norm == "none":
+            return x
+        centred = x - x.mean(dim=1, keepdim=True)
+        return centred / (centred.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-6)
+
+    def same_bucket(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) -> bool (B, T, T): query t and key u share a bucket."""
+        q = self.q_proj(features)
+        k = q if self.k_proj is None else self.k_proj(features)
+        return self._same_bucket(q, k)
+
+    def _same_bucket(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        hq, hk = self._hash_input(q), self._hash_input(k)
+        same = self.bucket_codes(hq).unsqueeze(-1) == self.bucket_codes(hk).unsqueeze(-2)
+        for planes in self.extra_hyperplanes:  # a pair attends if it shares a bucket in any hashing
+            q_codes = ((hq @ planes > 0).to(torch.int64) * self.bit_values).sum(-1)
+            k_codes = ((hk @ planes > 0).to(torch.int64) * self.bit_values).sum(-1)
+            same = same | (q_codes.unsqueeze(-1) == k_codes.unsqueeze(-2))
+        return same
+
+    @torch.no_grad()
+    def empty_bucket_share(self, features: torch.Tensor) -> float:
+        """Share of the queries in ``features`` (B, T, dim) whose bucket holds no key (output zero)."""
+        return float((~self.same_bucket(features).any(-1)).float().mean())
+
     def forward(self, features: torch.Tensor, return_weights: bool = False):
         """features (B, T, dim) -> (B, T, attn_dim) [, attention weights (B, T, T)]."""
         q, v = self.q_proj(features), self.v_proj(features)
         k = q if self.k_proj is None else self.k_proj(features)
-        same_bucket = self.bucket_codes(q).unsqueeze(-1) == self.bucket_codes(k).unsqueeze(-2)  # (B, T, T)
+        same_bucket = self._same_bucket(q, k)  # (B, T, T)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.attn_dim)
         # Masked softmax written out so a row without any partner gives exactly zero (not NaN).
         scores = scores.masked_fill(~same_bucket, torch.finfo(scores.dtype).min)
@@ -257,7 +324,9 @@ class MicroLSH(FERModel):
         n_rounds: int = 3,
         lsh_seed: int = 0,
         shared_qk: bool = False,
-        attn_dim: int | None = None,
+        attn_dim: int | None = DEFAULT_ATTN_DIM,
+        hash_norm: str = "frames",
+        n_hashes: int = DEFAULT_HASHES,
         head_hidden: int = 256,
         drop_rate: float = 0.0,
         name: str = "micro_lsh",
@@ -279,7 +348,8 @@ class MicroLSH(FERModel):
         self.register_buffer("factors", 1.0 + alphas, persistent=False)
         self.trunk = ResNetTrunk([2, 2, 2, 2], in_chans, width, stem)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.attention = LSHSelfAttention(self.trunk.num_features, attn_dim, n_rounds, lsh_seed, shared_qk)
+        self.attention = LSHSelfAttention(self.trunk.num_features, attn_dim, n_rounds, lsh_seed, shared_qk, hash_norm,
+                                          n_hashes)
         self.head_fc = nn.Linear(self.num_features, head_hidden)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(head_hidden, num_classes)
@@ -300,7 +370,7 @@ class MicroLSH(FERModel):
                 "alphas": tuple(round(float(a), 6) for a in alphas),
                 "magnification_factors": tuple(round(float(f), 6) for f in self.factors),
                 "lsh_rounds": n_rounds, "lsh_buckets": 2**n_rounds, "lsh_seed": lsh_seed,
-                "lsh_shared_qk": shared_qk,
+                "lsh_shared_qk": shared_qk, "lsh_hash_norm": hash_norm, "lsh_hashes": n_hashes, "attn_dim": self.attention.attn_dim,
             },
         )
 
@@ -341,6 +411,81 @@ class MicroLSH(FERModel):
         self.fc = nn.Linear(self.fc.in_features, num_classes)
         outputs = tuple(dataclasses.replace(s, shape=(num_classes,), labels=labels) for s in self.metadata.outputs)
         self.metadata = dataclasses.replace(self.metadata, outputs=outputs, label_names=labels)
+
+
+MAGNIFIER_ROLES = ("onset", "apex", "factor")
+
+
+class MagnifierNet(FERModel):
+    """The learned magnifier ``f`` as a network of its own, for pre-training on magnified pairs.
+
+    Input ``frames`` (B, 3, C, H, W), normalised like :class:`MicroLSH`'s frames: onset, apex, and a
+    constant *factor plane* whose mean is the magnification factor ``1 + α`` (one tensor input keeps
+    the platform's single-input trainer, export and serving path). Output ``magnified`` (B, C, H, W)
+    in the same normalised space. The weights live under ``magnifier.`` exactly as in
+    :class:`MicroLSH`, so :func:`load_magnifier_weights` moves them across.
+    """
+
+    def __init__(self, in_chans: int = 3, img_size: int = 112, magnifier_width: int = 16,
+                 magnifier_res_blocks: int = 1, name: str = "magnifier") -> None:
+        super().__init__()
+        if img_size % 4:
+            raise ValueError(f"img_size must be divisible by 4 (the magnifier halves it twice), got {img_size}")
+        self.magnifier = LearnedMagnifier(in_chans, magnifier_width, magnifier_res_blocks)
+        self.metadata = ModelMetadata(
+            name=name, task="micro",
+            inputs=(TensorSpec("frames", (3, in_chans, img_size, img_size), kind="frames", labels=MAGNIFIER_ROLES,
+                               description="onset, apex, and a plane filled with the factor 1 + alpha"),),
+            outputs=(TensorSpec("magnified", (in_chans, img_size, img_size), kind="regression",
+                                description="the apex frame with its motion magnified, normalised"),),
+            mean=(0.5,) * in_chans, std=(0.5,) * in_chans, primary_output="magnified",
+            extra={"frame_roles": MAGNIFIER_ROLES, "magnifier_width": magnifier_width,
+                   "magnifier_res_blocks": magnifier_res_blocks},
+        )
+
+    @property
+    def num_features(self) -> int:
+        return self.metadata.inputs[0].shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and (x.dim() != 5 or x.shape[1] != 3):
+            raise ValueError(f"expected frames of shape (B, 3, C, H, W), got {tuple(x.shape)}")
+        factors = x[:, 2].mean(dim=(1, 2, 3))
+        return self.magnifier.magnify(x[:, 0], x[:, 1], factors)
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        x = super().example_input(batch_size)
+        x[:, 2] = 1.0 + 12.0 * torch.rand(batch_size)[:, None, None, None]
+        return x
+
+
+def magnifier_input(onset: torch.Tensor, apex: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) onset/apex and (B,) factors -> the (B, 3, C, H, W) input of :class:`MagnifierNet`."""
+    plane = factors.to(onset.dtype)[:, None, None, None].expand_as(onset)
+    return torch.stack([onset, apex, plane], dim=1)
+
+
+def load_magnifier_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy the ``magnifier.*`` weights of a :class:`MagnifierNet` state dict into ``model.magnifier``.
+
+    Raises ValueError when ``model`` has no learned magnifier or the widths differ."""
+    if not isinstance(getattr(model, "magnifier", None), LearnedMagnifier):
+        raise ValueError("pre-trained magnifier weights need a model with the learned magnifier (magnifier='learned')")
+    weights = {k.removeprefix("magnifier."): v for k, v in state_dict.items() if k.startswith("magnifier.")}
+    if not weights:
+        raise ValueError("the checkpoint holds no magnifier.* weights (is it a 'magnifier' network?)")
+    try:
+        model.magnifier.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"the pre-trained magnifier does not fit this model's magnifier "
+                         f"(magnifier_width / magnifier_res_blocks must match): {first}") from None
+
+
+@register_model
+def magnifier(**kwargs) -> MagnifierNet:
+    """The learned motion magnifier alone (pre-training on magnified pairs; weights feed micro_lsh)."""
+    return MagnifierNet(**kwargs)
 
 
 @register_model
@@ -391,4 +536,31 @@ register_network(NetworkSpec(
     profiles=_profiles, data_format="casme2", dataset="casme2", primary_metric="uf1", demo_size=320,
     description="micro-expressions: onset/apex magnification + per-frame ResNet-18 + LSH self-attention",
     reference="micro-expression recognition with magnification and LSH attention (CASME II, SMIC, SAMM)",
+))
+
+
+def _magnifier_profiles() -> dict[str, Recipe]:
+    paper = Recipe(
+        network="magnifier", profile="paper",
+        model_kwargs={"img_size": 112, "magnifier_width": 16, "magnifier_res_blocks": 1},
+        loss_kwargs={"kind": "mse"}, data={"val_fraction": 0.2, "test_fraction": 0.2},
+        optimizer="adam", lr=1e-4, weight_decay=0.0, scheduler="cosine", epochs=12, batch_size=16,
+        eval_batch_size=32, early_stopping_patience=0, monitor="val/loss", monitor_mode="min", num_workers=4,
+        augment={"hflip": True, "rotation_deg": 0.0, "crop_area": [1.0, 1.0], "gamma_max": 1.0,
+                 "noise_var": 0.0, "erase_prob": 0.0},
+    )
+    quick = paper.with_overrides({
+        "profile": "quick", "model_kwargs": {"img_size": 32, "magnifier_width": 8, "magnifier_res_blocks": 1},
+        "lr": 2e-3, "epochs": 12, "batch_size": 16, "num_workers": 0, "max_steps_per_epoch": 30,
+    })
+    return {"paper": paper, "quick": quick}
+
+
+# Pre-training stage of micro_lsh, not a classifier of its own: kept out of retrain_all and the demo.
+register_network(NetworkSpec(
+    name="magnifier", factory=magnifier, task="magnifier", model_class=MagnifierNet,
+    profiles=_magnifier_profiles, data_format="magnified_pairs", dataset="magnified_pairs",
+    primary_metric="gain_vs_linear", demo_size=64, default=False,
+    description="learned motion magnifier pre-trained on (onset, apex, magnified) pairs; weights feed micro_lsh",
+    reference="micro-expression recognition with magnification and LSH attention (magnifier pre-training)",
 ))

@@ -8,14 +8,19 @@ Description followed (no single paper; the platform's design brief):
   Each stack predicts one heatmap per landmark (68, iBUG scheme); heatmap targets are Gaussians of
   radius sigma around each landmark, and every stack is supervised (FAN's intermediate supervision).
   The heatmaps are the keypoint feature.
-* A 3-level feature pyramid: bottom-up down-sampling; at each level the features go through a
-  transformer encoder (pre-norm: LayerNorm -> multi-head self-attention with Q/K/V projections and
-  scaled dot-product -> residual -> LayerNorm -> MLP -> residual; tokens are spatial positions with
-  learned positional embeddings), then a top-down path up-samples and fuses the levels; the three
-  levels feed an MLP head.
+* A 3-level feature pyramid (FPN) on the heatmap keypoint features: a bottom-up path of
+  down-samplings, and on each level's *lateral link* into the top-down path one transformer encoder
+  (pre-norm: LayerNorm -> multi-head self-attention with Q/K/V projections and scaled dot-product ->
+  residual -> LayerNorm -> MLP -> residual; tokens are spatial positions with learned positional
+  embeddings); the top-down path up-samples and fuses the encoded levels; the three levels feed an
+  MLP head for the expression.
 * Outputs (``metadata.outputs`` order): expression ``logits`` (7), ``valence_arousal`` in [-1, 1]
   (tanh), ``heatmaps`` (68, h, w) of the last stack, and decoded ``landmarks`` (68, 2) in input
   pixels (arg-max + windowed-centroid sub-pixel refinement, ONNX-exportable) so serving can return them.
+  **Valence/arousal is an extra head outside the method** (the method has landmarks and expression):
+  one linear layer ``va_fc`` beside the expression classifier on the same hidden vector, named
+  ``valence_arousal`` everywhere and weighted by its own loss term; it does not change the method's
+  two branches' structure.
 
 Where the description is ambiguous, the choices made here:
 
@@ -28,12 +33,15 @@ Where the description is ambiguous, the choices made here:
 * Stacks: FAN's 4 stacks of width 256 by default; ``num_stacks``/``width``/``hourglass_depth``
   shrink it. ``hourglass_depth`` is the order (4 = four down-samplings; heatmap side must divide
   by 2^order). Hourglass down-sampling is average pooling and up-sampling nearest, as FAN.
-* What enters the pyramid: the last stack's features concatenated with its heatmaps (so the
-  expression branch sees both appearance and the keypoint feature), projected by a 1x1 conv to
-  ``pyramid_dim``. Level 1 is at heatmap resolution, levels 2 and 3 are stride-2 conv3x3
-  down-samplings of the previous level's *transformer output* (so attention at one scale informs
-  the next); the pyramid's strides are 1, 2, 4 relative to the heatmaps.
-* Top-down fusion (FPN-like): P3 = T3; P_l = conv3x3-BN-ReLU(T_l + nearest-up(P_{l+1})).
+* What enters the pyramid (``pyramid_input``): "heatmaps" (default, the method's keypoint features:
+  the last stack's heatmaps), or "heatmaps+features" (also the last stack's appearance features,
+  concatenated; the earlier default, kept as an option -- ``bench/fidelity.py`` measures whether it
+  helps), projected by a 1x1 conv to ``pyramid_dim``. Bottom-up: C1 at heatmap resolution, C2, C3
+  stride-2 conv3x3 down-samplings of the previous C (strides 1, 2, 4 relative to the heatmaps).
+* Encoders (``encoder_placement``): "lateral" (default, the method): T_l = encoder_l(C_l) on the
+  lateral link, P3 = T3, P_l = conv3x3-BN-ReLU(T_l + nearest-up(P_{l+1})). "bottom_up" (the earlier
+  layout, kept for the before/after bench): the encoders in series on the bottom-up path
+  (C_{l+1} = down(T_l)), same top-down fusion.
 * MLP head: the global average of each of P1..P3, concatenated (``num_features`` = 3 x
   pyramid_dim) -> Linear -> GELU -> dropout -> two linear outputs (expression, valence/arousal).
   The transformer has ``encoder_depth`` blocks per level (default 1), ``num_heads`` 4, MLP ratio 4,
@@ -174,19 +182,27 @@ def conv_bn_relu(in_planes: int, out_planes: int, kernel: int, stride: int = 1) 
     )
 
 
-class TransformerPyramid(nn.Module):
-    """Bottom-up levels (stride 1, 2, 4, ...) each refined by a transformer encoder, fused top-down.
+ENCODER_PLACEMENTS = ("lateral", "bottom_up")
+PYRAMID_INPUTS = ("heatmaps", "heatmaps+features")
 
-    Returns the fused maps finest first: [P1, P2, P3].
+
+class TransformerPyramid(nn.Module):
+    """FPN over levels of stride 1, 2, 4, ... with one transformer encoder per level, fused top-down.
+
+    ``placement="lateral"``: the encoders sit on the lateral links (bottom-up path plain convs);
+    ``"bottom_up"``: in series on the bottom-up path. Returns the fused maps finest first: [P1, P2, P3].
     """
 
     def __init__(
         self, in_planes: int, dim: int, grid: tuple[int, int], num_levels: int = 3,
-        depth: int = 1, num_heads: int = 4, mlp_ratio: float = 4.0,
+        depth: int = 1, num_heads: int = 4, mlp_ratio: float = 4.0, placement: str = "lateral",
     ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+        if placement not in ENCODER_PLACEMENTS:
+            raise ValueError(f"encoder_placement must be one of {ENCODER_PLACEMENTS}, got {placement!r}")
+        self.placement = placement
         scale = 2 ** (num_levels - 1)
         if grid[0] % scale or grid[1] % scale:
             raise ValueError(f"a {num_levels}-level pyramid needs a heatmap grid divisible by {scale}, got {grid}")
@@ -199,9 +215,15 @@ class TransformerPyramid(nn.Module):
         self.smooth = nn.ModuleList([conv_bn_relu(dim, dim, 3) for _ in range(num_levels - 1)])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = [self.encoders[0](self.input_proj(x))]
-        for down, encoder in zip(self.downs, self.encoders[1:]):
-            levels.append(encoder(down(levels[-1])))
+        if self.placement == "lateral":
+            bottom_up = [self.input_proj(x)]
+            for down in self.downs:
+                bottom_up.append(down(bottom_up[-1]))
+            levels = [encoder(c) for encoder, c in zip(self.encoders, bottom_up)]
+        else:
+            levels = [self.encoders[0](self.input_proj(x))]
+            for down, encoder in zip(self.downs, self.encoders[1:]):
+                levels.append(encoder(down(levels[-1])))
         fused = [levels[-1]]
         for level, smooth in zip(reversed(levels[:-1]), reversed(self.smooth)):
             fused.insert(0, smooth(level + F.interpolate(fused[0], scale_factor=2.0, mode="nearest")))
@@ -231,9 +253,14 @@ class MultitaskFER(FERModel):
         drop_rate: float = 0.0,
         decode_radius: int = 2,
         label_names: Sequence[str] = EXPRESSIONS,
+        pyramid_input: str = "heatmaps",
+        encoder_placement: str = "lateral",
         name: str = "multitask_fer",
     ) -> None:
         super().__init__()
+        if pyramid_input not in PYRAMID_INPUTS:
+            raise ValueError(f"pyramid_input must be one of {PYRAMID_INPUTS}, got {pyramid_input!r}")
+        self.pyramid_input = pyramid_input
         if heatmap_stride not in (1, 2, 4):
             raise ValueError(f"heatmap_stride must be 1, 2 or 4, got {heatmap_stride}")
         if width % 8:
@@ -270,9 +297,10 @@ class MultitaskFER(FERModel):
         self.feature_remaps = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(num_stacks - 1))
         self.heatmap_remaps = nn.ModuleList(nn.Conv2d(num_landmarks, width, 1) for _ in range(num_stacks - 1))
 
+        pyramid_in = num_landmarks + (width if pyramid_input == "heatmaps+features" else 0)
         self.pyramid = TransformerPyramid(
-            width + num_landmarks, pyramid_dim, (heatmap_side, heatmap_side), pyramid_levels,
-            encoder_depth, num_heads, mlp_ratio,
+            pyramid_in, pyramid_dim, (heatmap_side, heatmap_side), pyramid_levels,
+            encoder_depth, num_heads, mlp_ratio, encoder_placement,
         )
         self._num_features = pyramid_levels * pyramid_dim
         self.head_mlp = nn.Sequential(nn.Linear(self._num_features, head_hidden), nn.GELU(), nn.Dropout(drop_rate))
@@ -302,6 +330,8 @@ class MultitaskFER(FERModel):
                 "num_landmarks": num_landmarks, "landmark_scheme": "ibug68" if num_landmarks == 68 else "custom",
                 "nme_normaliser": list(IBUG_OUTER_EYE_CORNERS), "decode_radius": decode_radius,
                 "affect_dimensions": list(AFFECT_DIMENSIONS), "valence_arousal_range": [-1.0, 1.0],
+                "valence_arousal_head": "extra head outside the method",
+                "pyramid_input": pyramid_input, "encoder_placement": encoder_placement,
             },
         )
 
@@ -335,7 +365,8 @@ class MultitaskFER(FERModel):
         return features, stack_heatmaps
 
     def _pyramid_descriptor(self, features: torch.Tensor, heatmaps: torch.Tensor) -> torch.Tensor:
-        levels = self.pyramid(torch.cat([features, heatmaps], dim=1))
+        keypoints = heatmaps if self.pyramid_input == "heatmaps" else torch.cat([features, heatmaps], dim=1)
+        levels = self.pyramid(keypoints)
         return torch.cat([level.mean(dim=(2, 3)) for level in levels], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,16 @@ Round 0 trains the network to convergence on the dataset as given (one
    ``aus`` of the noisy rows; the files are hard-linked, copied where links are impossible) and
    hands it to ``hooks.publish`` (which may version it and move it; the returned folder is trained on);
 4. retrains, starting from the previous round's weights, for ``round_epochs`` epochs:
-   ``retrain="noisy_heads"`` (default) trains only the two noisy heads -- the trunks are frozen and
-   held in eval mode so their BatchNorm statistics do not drift, the clean heads are frozen too --
-   and, since the clean heads then cannot change, picks the epoch by ``val/loss`` (min);
-   ``retrain="full"`` trains the whole network with the recipe's monitor (``val/mean_f1``, max);
+   ``retrain="full"`` (default) trains the whole network with the recipe's monitor (``val/mean_f1``,
+   max): the refined labels enter through the noisy term ``BCE(sigmoid(f_clean + f_noisy), y_k)``,
+   whose gradient reaches the clean heads and the shared trunks, i.e. the path the served model
+   (the clean heads) uses -- only then can a round change what is served.
+   ``retrain="noisy_heads"`` trains only the two noisy heads -- the trunks are frozen and held in
+   eval mode so their BatchNorm statistics do not drift, the clean heads are frozen too -- and,
+   since the clean heads then cannot change (the served output stays the same by construction),
+   picks the epoch by ``val/loss`` (min);
+   an equal-epochs *control* is the same rounds with ``gamma = 1`` (labels never change, so only the
+   extra epochs act): ``bench/au_rounds.py`` runs it beside the refining rounds;
 5. evaluates: the Trainer's final split metrics (test, else val) of the round's best weights, plus
    how the round's label table compares with the previous one and, where the manifest keeps the
    truth (``true_aus``), the agreement of the noisy rows' labels with it.
@@ -187,7 +193,7 @@ def run_au_rounds(
     rounds: int = 2,
     *,
     gamma: float = 0.3,
-    retrain: str = "noisy_heads",
+    retrain: str = "full",
     round_epochs: int | None = None,
     round_overrides: Mapping[str, Any] | None = None,
     hooks: RoundHooks | None = None,

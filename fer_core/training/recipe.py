@@ -30,7 +30,7 @@ import yaml
 from fer_core.errors import UsageError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "step", "none")
+SCHEDULERS = ("cosine", "step", "hold_decay_cosine", "none")
 PROFILES = ("quick", "paper")
 
 

@@ -144,6 +144,11 @@ class Trainer:
             main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_epochs)
         elif r.scheduler == "step":
             main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=r.step_size, gamma=r.gamma)
+        elif r.scheduler == "hold_decay_cosine":
+            def factor(epoch: int) -> float:
+                return hold_decay_cosine_factor(epoch, r.step_size, r.gamma, main_epochs)
+
+            main = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         else:
             main = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         if r.warmup_epochs <= 0:
@@ -324,6 +329,21 @@ class Trainer:
                              epochs_run=len(history), stopped_early=stopped_early, extra=extra)
         self._call("on_fit_end", result)
         return result
+
+
+def hold_decay_cosine_factor(epoch: int, hold: int, decay: float, total: int) -> float:
+    """The CA-ResNet method's learning-rate factor: held at 1 for ``hold`` epochs, then ×``decay`` per
+    epoch combined (multiplied) with a cosine annealing over the remaining epochs.
+
+    ``factor(e) = 1`` for ``e < hold``, else ``decay^(e − hold) · ½(1 + cos(π (e − hold) / (total − hold)))``.
+    The method says "held, then ×0.9 after epoch 50, with cosine annealing" without the way the two
+    decays combine; a product that starts at 1 on the first decaying epoch is our reading (scheduler
+    "hold_decay_cosine"; ``recipe.step_size`` = hold epochs, ``recipe.gamma`` = the per-epoch decay).
+    """
+    if epoch < hold:
+        return 1.0
+    span = max(total - hold, 1)
+    return decay ** (epoch - hold) * 0.5 * (1.0 + math.cos(math.pi * min(epoch - hold, span) / span))
 
 
 def load_model_from_checkpoint(path: Path, map_location: str = "cpu") -> tuple[FERModel, dict[str, Any]]:

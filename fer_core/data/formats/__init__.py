@@ -41,6 +41,7 @@ _FORMAT_MODULES = (
     "fer_core.data.formats.dfew",
     "fer_core.data.formats.au_table",
     "fer_core.data.formats.affectnet",
+    "fer_core.data.formats.magnified_pairs",
 )
 
 

@@ -27,7 +27,9 @@ clips are dropped (``other_emotions="drop"``, the usual 5-class protocol) or mer
 SAMM defaults to ``classes="composite"``, the MEGC 2019 composite 3 classes
 (:data:`labels.SMIC_CLASSES`: positive = happiness, negative = anger, contempt, disgust, fear,
 repression, sadness, surprise = surprise; ``Other`` dropped), because several of its 8 estimated
-emotions hold under ten clips; ``classes="samm"`` keeps all 8 (:data:`SAMM_CLASSES`). CASME II also
+emotions hold under ten clips; ``classes="samm5"`` is the 5-class option (:data:`SAMM5_CLASSES`: the
+emotions with at least 10 clips, as the micro-expression method's rule drops the rest);
+``classes="samm"`` keeps all 8 (:data:`SAMM_CLASSES`). CASME II also
 accepts ``classes="composite"``. SMIC's
 classes are its folder names. An emotion name outside these lists raises ``ValueError``.
 
@@ -57,6 +59,9 @@ from fer_core.data.samples import frame_files, read_clip
 SAMM_CLASSES: tuple[str, ...] = (
     "anger", "contempt", "disgust", "fear", "happiness", "other", "sadness", "surprise",
 )
+# SAMM's 5-class protocol: the estimated emotions with at least 10 clips in SAMM (anger 57,
+# contempt 12, happiness 26, other 26, surprise 15); disgust (9), fear (8) and sadness (6) are dropped.
+SAMM5_CLASSES: tuple[str, ...] = ("anger", "contempt", "happiness", "other", "surprise")
 COMPOSITE: dict[str, str] = {
     "happiness": "positive",
     "anger": "negative", "contempt": "negative", "disgust": "negative", "fear": "negative",
@@ -262,8 +267,10 @@ def _label_scheme(dataset: str, classes: str, other_emotions: str) -> tuple[tupl
         mapping = {c: c for c in CASME2_CLASSES}
         mapping.update({e: (None if other_emotions == "drop" else "others") for e in CASME2_EXTRA_EMOTIONS})
         return CASME2_CLASSES, mapping
+    if classes == "samm5":
+        return SAMM5_CLASSES, {c: (c if c in SAMM5_CLASSES else None) for c in SAMM_CLASSES}
     if classes != "samm":
-        raise ValueError(f"SAMM classes must be 'samm' or 'composite', got {classes!r}")
+        raise ValueError(f"SAMM classes must be 'samm', 'samm5' or 'composite', got {classes!r}")
     return SAMM_CLASSES, {c: c for c in SAMM_CLASSES}
 
 
@@ -389,7 +396,8 @@ def adapt_samm(
 ) -> DatasetCard:
     """SAMM: ``SAMM/NNN/<Filename>/NNN_FFFFF.jpg`` + ``SAMM_Micro_FACS_Codes*.xlsx``.
 
-    ``classes``: "composite" (3, default) or "samm" (8 estimated emotions); ``test_subjects``:
+    ``classes``: "composite" (3, default), "samm5" (5: the emotions with >= 10 clips) or "samm" (8
+    estimated emotions); ``test_subjects``:
     e.g. ``["006"]`` or ``[6]``.
     """
     return _adapt_sheet_dataset(

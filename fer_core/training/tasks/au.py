@@ -22,8 +22,11 @@ have seen.
 
 Splits: the manifest's ``val``/``test`` rows when it has them; otherwise ``data.val_fraction`` of the
 clean rows and of the noisy rows (drawn separately with ``recipe.seed``) form val, and unlabelled
-rows all stay in train. Label frequencies of the class-balanced BCE come from the training rows
+rows all stay in train. Label frequencies of the per-AU weighted BCE come from the training rows
 (``loss_kwargs.label_frequencies: train``, add-one smoothed per AU) or from each batch (``batch``).
+``loss_kwargs.bce`` ("au_weighted", the method's α^k on the whole term, default | "pos_weight") and
+``loss_kwargs.orthogonality`` ("signed", the method's, default | "abs") pick the loss forms
+(:mod:`fer_core.losses.au_cotrain`).
 
 Metrics on labelled evaluation rows, clean-head inference (mean of the two clean logits, sigmoid >=
 the model's threshold):
@@ -64,7 +67,8 @@ from fer_core.training.tasks.static import SplitOptions
 
 LABEL_SET_CODES = {"clean": 0, "noisy": 1, "unlabelled": 2}
 LOSS_WEIGHT_KEYS = ("clean_weight", "noisy_weight", "pseudo_weight", "orthogonality_weight", "consistency_weight")
-LOSS_OPTION_KEYS = ("semi_supervised", "pseudo_threshold", "pseudo_start_epoch", "label_frequencies")
+LOSS_OPTION_KEYS = ("semi_supervised", "pseudo_threshold", "pseudo_start_epoch", "label_frequencies", "bce",
+                    "orthogonality")
 
 
 def au_row(value: Any, num_aus: int) -> np.ndarray:
@@ -105,6 +109,8 @@ class AUCoTrainOptions:
     pseudo_threshold: float = 0.9
     pseudo_start_epoch: int = 1
     label_frequencies: str = "train"  # "train" (whole train split) or "batch"
+    bce: str = "au_weighted"  # the BCE form of AUCoTrainLoss
+    orthogonality: str = "signed"  # the orthogonality form of AUCoTrainLoss
 
 
 class AUDataset(ManifestDataset):
@@ -168,6 +174,7 @@ class AUCoTrainTask:
         opts = AUCoTrainOptions(**recipe.loss_kwargs)  # keys and types were checked by the recipe
         options = {"semi_supervised": opts.semi_supervised, "pseudo_threshold": opts.pseudo_threshold,
                    "pseudo_start_epoch": opts.pseudo_start_epoch, "label_frequencies": opts.label_frequencies,
+                   "forms": {"bce": opts.bce, "orthogonality": opts.orthogonality},
                    "weights": {k: getattr(opts, k) for k in LOSS_WEIGHT_KEYS if getattr(opts, k) is not None}}
         if options["label_frequencies"] not in ("train", "batch"):
             raise ValueError(f"loss_kwargs.label_frequencies must be 'train' or 'batch', got {options['label_frequencies']!r}")
@@ -259,7 +266,7 @@ class AUCoTrainTask:
                 freq = smoothed_frequencies(au_matrix(rows["aus"], len(self.au_names)))
                 if freq is not None:
                     frequencies[f"{key}_label_frequencies"] = freq.tolist()
-        criterion = AUCoTrainLoss(**self.options["weights"], **frequencies).to(next(model.parameters()).device)
+        criterion = AUCoTrainLoss(**self.options["weights"], **self.options["forms"], **frequencies).to(next(model.parameters()).device)
 
         def loss(outputs, targets):
             parts = criterion.loss_parts(outputs, targets)

@@ -9,20 +9,24 @@ held-out part of train (``data.val_fraction``, stratified, :func:`~fer_core.trai
 Decoding (once per clip, cached as uint8 (T, C, H, W)):
 
 1. :func:`~fer_core.data.samples.read_clip` (frame folder, video or packed array);
-2. with ``data.align_faces`` (default off: DFEW's ``clip_224x224`` frames are already face crops, and
-   re-detecting in them only adds jitter and Haar misses), each frame goes through
+2. with ``data.align_faces`` ("auto" by default: on for raw videos, i.e. a card whose
+   ``provenance.clips`` is "video" (DFEW's ``Clip/original``), off for DFEW's ``clip_224x224`` frames,
+   which are already face crops where re-detecting only adds jitter and Haar misses; true/false force
+   it), each frame goes through
    :class:`~fer_core.data.preprocess.HaarFaceDetector` + :func:`~fer_core.data.preprocess.detect_and_align`
    and frames without a detected face are dropped; a clip in which no frame has a face keeps its raw
    frames rather than vanishing from its split;
 3. :func:`~fer_core.data.preprocess.resample_clip` to the model's fixed length (``data.resample``:
-   "interpolate" by default, DFEW's time interpolation; "uniform" or "keyframes");
+   "keyframes+interpolate" is the method's combination (key frames of a longer clip, time interpolation
+   of a shorter one); "interpolate", "uniform" or "keyframes" alone stay selectable);
 4. :func:`~fer_core.data.preprocess.to_model_input` per frame at the model's input spec.
 
 Augmentation: :func:`~fer_core.data.transforms.augment` on the whole (T, C, H, W) clip, which draws
 one flip/rotation/crop/gamma for all frames, so the motion between frames is untouched.
 
 Loss: ``CE + λ·EC-STFL`` on fc7 features (:class:`~fer_core.losses.ecstfl.EcStflLoss`; ``loss_kwargs``
-``lambda_weight``, ``reduction``, ``label_smoothing``), logged as parts ``ce`` and ``ec_stfl`` (before λ).
+``lambda_weight`` (default :data:`~fer_core.losses.ecstfl.DEFAULT_LAMBDA`, the one λ of the class and
+the task), ``reduction``, ``label_smoothing``), logged as parts ``ce`` and ``ec_stfl`` (before λ).
 Metrics: UAR (the primary one, as DFEW reports it next to WAR), WAR = accuracy, UF1, per-class
 recall/F1; report: confusion matrix and per-class precision/recall/F1.
 """
@@ -40,7 +44,7 @@ from fer_core.data.manifest import read_card, read_manifest
 from fer_core.data.pipeline import InputPipeline, make_detector, prepare_pixels
 from fer_core.data.preprocess import RESAMPLE_METHODS, HaarFaceDetector
 from fer_core.data.samples import read_clip
-from fer_core.losses.ecstfl import EcStflLoss
+from fer_core.losses.ecstfl import DEFAULT_LAMBDA, EcStflLoss
 from fer_core.models import create_model
 from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import TaskKind, register_task_kind
@@ -48,6 +52,15 @@ from fer_core.data.transforms import AugmentConfig
 from fer_core.training.tasks.static import SingleLabelClassificationTask
 
 NUM_FOLDS = 5
+
+
+def resolve_align_faces(value: Any, provenance: dict[str, Any]) -> bool:
+    """``data.align_faces``: True/False as given; "auto" = on exactly when the clips are raw videos."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return provenance.get("clips") == "video"
+    raise ValueError(f"data.align_faces must be true, false or 'auto', got {value!r}")
 
 
 def select_fold(manifest: pd.DataFrame, fold: int) -> pd.DataFrame:
@@ -68,14 +81,14 @@ class DynamicData:
     val_fraction: float = 0.15  # held out of train when the manifest has no "val" split
     fold: int | None = None  # DFEW-style 5-fold split: train/val/test of fold N
     resample: str = "interpolate"  # how a clip is brought to the model's frame count (RESAMPLE_METHODS)
-    align_faces: bool = False  # detect and eye-align each frame first
+    align_faces: bool | str = False  # detect and eye-align each frame first; "auto" = when clips are raw videos
 
 
 @dataclass(frozen=True)
 class EcStflOptions:
     """``loss_kwargs.*`` of the dynamic kind: CE + λ·EC-STFL."""
 
-    lambda_weight: float = 0.1
+    lambda_weight: float = DEFAULT_LAMBDA
     reduction: str = "sum"
     label_smoothing: float = 0.0
 
@@ -100,7 +113,7 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
         self.resample = data.resample
         if self.resample not in RESAMPLE_METHODS:
             raise ValueError(f"data.resample must be one of {RESAMPLE_METHODS}, got {self.resample!r}")
-        self.align_faces = data.align_faces
+        self.align_faces = resolve_align_faces(data.align_faces, card.provenance)
         self._detector: HaarFaceDetector | None = None  # built on first use (Haar cascades load slowly)
         probe = create_model(recipe.network, **{**recipe.model_kwargs, **self.model_overrides()})
         self.meta = probe.metadata
@@ -112,7 +125,8 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         frames = read_clip(root, row["path"])
         # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
-        pipeline = InputPipeline.for_model(self.meta, self.recipe.data)
+        # "auto" is resolved against the dataset card here, so the pipeline sees a plain bool.
+        pipeline = InputPipeline.for_model(self.meta, {**self.recipe.data, "align_faces": self.align_faces})
         if pipeline.face == "haar" and self._detector is None:
             self._detector = make_detector(pipeline)
         return prepare_pixels(list(frames), pipeline, self._detector).pixels  # (T, C, H, W)

@@ -9,6 +9,24 @@ frame, unknown offset = last frame). Augmentation is drawn once per pair, so ons
 same flip/rotation and the motion between them is untouched. Loss: cross-entropy. Metrics: accuracy
 (= WAR), UAR, UF1 and per-class recall/F1; report: confusion matrix and per-class table.
 
+Method preprocessing (``recipe.data``):
+
+* ``face_crop`` (default true): face registration and face-region crop of each clip before
+  magnification (:func:`~fer_core.data.preprocess.register_clip_faces`): the face is detected on the
+  onset frame (the apex if none) and *one* eye-alignment transform crops both frames, so the motion
+  between them is untouched; a clip without a detected face keeps its whole frames (counted in
+  ``faces_missed``). The method does not name its registration; one shared transform rather than a
+  per-frame one is our choice, since per-frame detection jitter would be magnified with the motion.
+* ``min_class_clips``: classes with fewer clips than this (all splits together) are dropped and the
+  labels re-indexed (:func:`drop_rare_classes`); the method says 10. On CASME II (255 clips:
+  others 99, disgust 63, happiness 32, repression 27, surprise 25, sadness 7, fear 2) the rule drops
+  exactly fear and sadness, i.e. it yields CASME II's 5 listed classes, which the adapter's
+  ``other_emotions="drop"`` already produces; on SAMM it gives the 5-class set
+  (``classes="samm5"`` in the adapter: anger, contempt, happiness, other, surprise).
+* ``magnifier_weights``: a ``magnifier`` checkpoint (or, through ``fer train``, a registry URI such as
+  ``models:/fer-magnifier@champion`` / ``models:/fer-magnifier/3``) whose weights initialise the
+  learned magnifier; ``model_kwargs.freeze_magnifier`` then freezes or fine-tunes it.
+
 Splits of a single run (``fer train micro_lsh``). Micro-expression data is evaluated subject
 independently, so every hold-out is by whole subjects:
 
@@ -26,15 +44,16 @@ pooled), the predictions of every fold's test subject are concatenated and accur
 computed once over the concatenation (the composite protocol, see
 :mod:`fer_core.metrics.classification`); per-fold metrics are returned too.
 
-Profiles. ``shared_qk=True`` in both: with separate W_Q/W_K (the description) the LSH attention was
-measured by the model's author to end training with no query/key pair in a common bucket, so the
-attention outputs zeros and W_Q/W_K/W_V stop learning; tying W_K = W_Q as the Reformer does gives
-every query at least itself as a partner, which keeps the motion branch alive. ``paper`` keeps the
-model defaults (112 px, ResNet-18 at width 64, 32 magnified frames, learned magnifier) with Adam;
-the description gives no optimiser settings, so lr 1e-4, batch 32 and 60 epochs with early
-stopping are our choices. ``quick`` is a CPU-sized version (32 px, width 8, 4 magnified frames).
-The learned magnifier is trained end to end with the classifier; it is not pre-trained on
-magnified pairs (``model_kwargs.freeze_magnifier`` exists for weights trained elsewhere).
+Profiles. Both still set ``shared_qk=True`` (Reformer-style W_K = W_Q, outside the method): it was
+the earlier remedy for LSH queries that found no key in their bucket. The model now keeps separate
+W_Q/W_K and solves that inside the method (hashing standardised over the frames plus 4 independent
+hashings; :mod:`fer_core.models.micro_lsh`, measured in ``bench/fidelity.py``), so the profiles are to
+drop ``shared_qk`` and the paper profile to load the pre-trained magnifier
+(``data.magnifier_weights: models:/fer-magnifier@champion``, ``model_kwargs.freeze_magnifier``) once
+the per-network spec files land (the profile values move there). ``paper`` keeps the model defaults
+(112 px, ResNet-18 at width 64, 32 magnified frames, learned magnifier) with Adam; the description
+gives no optimiser settings, so lr 1e-4, batch 32 and 60 epochs with early stopping are our choices.
+``quick`` is a CPU-sized version (32 px, width 8, 4 magnified frames, linear magnifier).
 """
 
 from __future__ import annotations
@@ -49,7 +68,7 @@ import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.data.pipeline import InputPipeline, prepare_pixels
-from fer_core.data.preprocess import estimate_apex, onset_apex_pair
+from fer_core.data.preprocess import HaarFaceDetector, estimate_apex, onset_apex_pair, register_clip_faces
 from fer_core.data.samples import read_clip
 from fer_core.losses.micro import micro_classification_loss
 from fer_core.metrics.classification import classification_metrics
@@ -75,6 +94,44 @@ def clip_key_frames(frames: np.ndarray, onset: int, apex: int, offset: int) -> t
     if apex < 0:
         apex = estimate_apex(frames, onset, offset)
     return onset, int(apex)
+
+
+def drop_rare_classes(
+    manifest: pd.DataFrame, label_names: Sequence[str], min_clips: int
+) -> tuple[pd.DataFrame, tuple[str, ...], dict[str, int]]:
+    """Drop the classes with fewer than ``min_clips`` labelled clips (all splits counted together).
+
+    Returns the remaining rows with labels re-indexed into the kept classes (in their card order),
+    the kept class names and ``{dropped class: clip count}``. ``min_clips`` 0 keeps everything."""
+    counts = manifest["label"].value_counts().to_dict()
+    kept = [i for i in range(len(label_names)) if counts.get(i, 0) >= min_clips]
+    dropped = {label_names[i]: int(counts.get(i, 0)) for i in range(len(label_names)) if i not in kept}
+    if not dropped:
+        return manifest, tuple(label_names), {}
+    if len(kept) < 2:
+        raise ValueError(f"data.min_class_clips={min_clips} leaves {len(kept)} class(es); counts: "
+                         f"{ {label_names[i]: int(counts.get(i, 0)) for i in range(len(label_names))} }")
+    remap = {old: new for new, old in enumerate(kept)}
+    rows = manifest[manifest["label"].isin(kept)].copy()
+    rows["label"] = rows["label"].map(remap).astype("int64")
+    return rows.reset_index(drop=True), tuple(label_names[i] for i in kept), dropped
+
+
+def load_pretrained_magnifier(model, weights: str) -> None:
+    """Copy a trained ``magnifier`` network's weights (a checkpoint file) into ``model.magnifier``.
+
+    ``weights`` must be a local checkpoint path; a ``models:/fer-magnifier/<version>`` (or ``@alias``)
+    URI is resolved to one by the registry layer before training (fer_core has no MLflow)."""
+    from fer_core.models.micro_lsh import load_magnifier_weights
+    from fer_core.training.checkpoint import load_checkpoint
+
+    if weights.startswith("models:/"):
+        raise ValueError(f"data.magnifier_weights {weights!r} is a registry URI: train through `fer train` "
+                         "(which resolves it) or give a checkpoint path")
+    state = load_checkpoint(Path(weights))
+    if state.get("network") != "magnifier":
+        raise ValueError(f"{weights} is a {state.get('network')!r} checkpoint, not a 'magnifier' one")
+    load_magnifier_weights(model, state["model_state"])
 
 
 def subject_splits(
@@ -124,6 +181,9 @@ class MicroData:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     fold: str | None = None  # a subject id: leave that subject out as the test split
+    min_class_clips: int = 0  # classes with fewer clips are dropped (0 = keep all)
+    face_crop: bool = True  # register both frames on the onset's detected face
+    magnifier_weights: str | None = None  # a magnifier checkpoint (or registry URI via `fer train`)
 
 
 @dataclass(frozen=True)
@@ -142,9 +202,14 @@ class MicroExpressionTask(SingleLabelClassificationTask):
         self.label_names = tuple(card.classes)
         manifest = read_manifest(root)
         # Rows a data gate would reject (no label, no frames) cannot be trained on.
-        self.manifest = manifest[(manifest["label"] >= 0) & (manifest["num_frames"] > 0)].reset_index(drop=True)
+        manifest = manifest[(manifest["label"] >= 0) & (manifest["num_frames"] > 0)].reset_index(drop=True)
+        self.manifest, self.label_names, self.dropped_classes = drop_rare_classes(
+            manifest, self.label_names, MicroData(**recipe.data).min_class_clips)
         if self.manifest.empty:
             raise ValueError(f"{root} holds no labelled clips with frames")
+        self.face_crop = MicroData(**recipe.data).face_crop
+        self._detector = None  # built on first use (Haar cascades load slowly)
+        self.faces_found = self.faces_missed = 0
         probe = create_model(recipe.network, **{**recipe.model_kwargs, **self.model_overrides()})
         self.meta = probe.metadata
 
@@ -155,6 +220,16 @@ class MicroExpressionTask(SingleLabelClassificationTask):
         frames = read_clip(root, row["path"])
         onset, apex = clip_key_frames(frames, int(row["onset"]), int(row["apex"]), int(row["offset"]))
         pair = onset_apex_pair(frames, onset, apex)
+        if self.face_crop:
+            if self._detector is None:
+                self._detector = HaarFaceDetector()
+            # one transform from the onset's face (the apex's if none), applied to both frames
+            registered = register_clip_faces(pair, self._detector, self.meta.input_size, reference=0, fallback=1)
+            if registered is None:
+                self.faces_missed += 1  # no face found: the whole frames are resized, as before
+            else:
+                self.faces_found += 1
+                pair = registered
         # (2, C, H, W) through the package's input-pipeline spec (onset/apex given as two frames).
         return prepare_pixels(list(pair), InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
@@ -166,6 +241,9 @@ class MicroExpressionTask(SingleLabelClassificationTask):
     def build_loss(self, recipe: Recipe, model):
         if recipe.loss_kwargs:
             raise ValueError(f"micro_lsh's cross-entropy takes no loss_kwargs, got {dict(recipe.loss_kwargs)}")
+        weights = MicroData(**recipe.data).magnifier_weights
+        if weights:
+            load_pretrained_magnifier(model, str(weights))
 
         def loss(outputs, targets):
             value = micro_classification_loss(outputs, targets)

@@ -1,7 +1,10 @@
 """Static (single-image) expression classification: ``ca_resnet`` and the ResNet baselines.
 
 Data: any ``static`` prepared dataset (FER2013 CSV, FER+ majority labels, class-per-folder trees).
-Loss: multi-class focal loss (γ = 0 and α off is cross-entropy). Metrics: accuracy (= WAR), UAR,
+Loss: focal loss. ``ca_resnet`` uses the method's two-sided form
+(:func:`~fer_core.losses.focal.method_focal_loss`, ``loss_kwargs`` ``gamma``, ``alpha``,
+``label_smoothing``, ``reduction``); the ResNet baselines the target-class form (γ = 0 and α off is
+cross-entropy). ``loss_kwargs.form`` ("method" | "target") overrides either. Metrics: accuracy (= WAR), UAR,
 UF1, per-class recall/F1; report: confusion matrix and per-class precision/recall/F1.
 """
 
@@ -41,6 +44,8 @@ class FocalOptions:
     gamma: float = 0.0
     alpha: float | Sequence[float] | None = None
     label_smoothing: float = 0.0
+    form: str | None = None  # "method" | "target"; None = the network's own (method for ca_resnet)
+    reduction: str | None = None  # None = the form's default (method: sum, target: mean)
 
 
 class SingleLabelClassificationTask:
@@ -108,7 +113,10 @@ class StaticClassificationTask(SingleLabelClassificationTask):
         return prepare_pixels([image], InputPipeline.for_model(self.meta, self.recipe.data)).pixels
 
     def build_loss(self, recipe: Recipe, model):
-        focal = FocalLoss(**asdict(FocalOptions(**recipe.loss_kwargs)))
+        options = FocalOptions(**recipe.loss_kwargs)
+        # ca_resnet's method specifies its own focal form; the ResNet baselines keep the target-class form.
+        form = options.form or ("method" if self.name == "ca_resnet" else "target")
+        focal = FocalLoss(**{**asdict(options), "form": form})
 
         def loss(outputs, targets):
             value = focal.to(outputs["logits"].device)(outputs, targets)
