@@ -29,7 +29,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -74,6 +74,9 @@ class HeldOut:
     primary_metric: str
     raw: tuple[tuple[np.ndarray, ...], ...] = ()
     targets: tuple[dict, ...] = ()
+    # The input-pipeline spec training decoded these samples with (the task's, with choices such as
+    # data.align_faces "auto" resolved against the dataset); None: derive it from the recipe.
+    pipeline: Any = None
 
 
 def raw_sample(root: Path, row, metadata) -> tuple[np.ndarray, ...]:
@@ -116,7 +119,8 @@ def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX
     items = [dataset[i] for i in range(count)]
     raw = tuple(raw_sample(dataset.root, dataset.rows.iloc[i], task.meta) for i in range(count))
     inputs = np.stack([x.numpy() for x, _ in items]).astype(np.float32)
-    return HeldOut(inputs, split, task.primary_metric, raw, tuple(t for _, t in items))
+    pipeline = task.input_pipeline() if hasattr(task, "input_pipeline") else None
+    return HeldOut(inputs, split, task.primary_metric, raw, tuple(t for _, t in items), pipeline)
 
 
 def held_out_inputs(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT,
@@ -168,7 +172,10 @@ def _export_and_check(checkpoint: Path, held: HeldOut, out_dir: Path, atol: floa
     report = check_parity(model, onnx_path, inputs=held.inputs, atol=atol)
     parity = ParitySummary(max_abs_diff=report.max_abs_diff, label_agreement=report.label_agreement,
                            passed=report.passed, num_samples=report.num_samples, split=held.split)
-    pipeline = InputPipeline.for_model(model.metadata, recipe.data, face=face)
+    if held.pipeline is not None:
+        pipeline = held.pipeline.with_face(face) if face else held.pipeline
+    else:
+        pipeline = InputPipeline.for_model(model.metadata, recipe.data, face=face)
     package = write_package(out_dir / "package", onnx_path, model.metadata, pipeline, held.raw[:SMOKE_SAMPLES],
                             info={**info, "split": held.split})
     # The package's pipeline must rebuild training's inputs from the raw bytes it stores (face

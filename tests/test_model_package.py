@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from fer_core.data.formats import adapt, get_format
-from fer_core.data.pipeline import InputPipeline
 from fer_core.models import create_model
 from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import create_task, get_recipe
@@ -58,7 +57,7 @@ def _build(network: str, root: Path):
     raw = [raw_sample(dataset.root, dataset.rows.iloc[i], task.meta) for i in range(count)]
     inputs = np.stack([dataset[i][0].numpy() for i in range(count)]).astype(np.float32)
     onnx_path = export_onnx(model, root / "export" / "model.onnx")
-    pipeline = InputPipeline.for_model(model.metadata, recipe.data)
+    pipeline = task.input_pipeline()  # as registry.export does: choices like align_faces 'auto' resolved
     package = write_package(root / "package", onnx_path, model.metadata, pipeline, raw,
                             info={"network": network, "recipe": recipe.to_dict()})
     return SimpleNamespace(network=network, task=task, recipe=recipe, model=model, raw=raw, inputs=inputs,

@@ -7,12 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
+from fer_core.errors import UsageError
+
 from fer_core.data.formats import adapt, get_format
 from fer_core.data.manifest import read_manifest
 from fer_core.data.preprocess import estimate_apex, onset_apex_pair, to_model_input
 from fer_core.data.samples import read_clip
 from fer_core.metrics.classification import classification_metrics
 from fer_core.data.preprocess import HaarFaceDetector, align_face
+from fer_core.models import create_model
 from fer_core.training.tasks import create_task, get_recipe
 from fer_core.training.tasks.micro import clip_key_frames, drop_rare_classes
 from fer_core.training.tasks.micro import run_loso, subject_splits
@@ -63,7 +66,7 @@ def test_input_is_the_onset_apex_pair_and_unknown_apexes_are_estimated(casme2_ro
 
 
 def test_face_registration_crops_onset_and_apex_with_one_transform(casme2_root):
-    task = create_task("micro_lsh", casme2_root, _shrunk(augment={}))  # face_crop is on by default
+    task = create_task("micro_lsh", casme2_root, _shrunk(augment={}, **{"data.face_crop": True}))  # the paper profile's choice
     assert task.face_crop
     detector = HaarFaceDetector()
     for i in range(4):
@@ -144,11 +147,23 @@ def test_loso_folds_partition_subjects_and_pool_predictions(smic_root, tmp_path)
         run_loso(recipe, smic_root, tmp_path / "bad", subjects=["s99"])
 
 
-def test_profiles_share_qk_and_paper_keeps_model_defaults():
+def test_profiles_follow_the_method_and_paper_loads_the_pretrained_magnifier(tmp_path):
     paper, quick = get_recipe("micro_lsh", "paper"), get_recipe("micro_lsh", "quick")
-    assert paper.model_kwargs["shared_qk"] is True and quick.model_kwargs["shared_qk"] is True
-    assert set(paper.model_kwargs) == {"shared_qk"}  # 112 px, width 64, 32 magnified frames
+    assert "shared_qk" not in paper.model_kwargs and "shared_qk" not in quick.model_kwargs  # separate W_Q, W_K
+    assert set(paper.model_kwargs) == {"freeze_magnifier"}  # 112 px, width 64, 32 magnified frames, Q/K 1024
+    assert paper.data["magnifier_weights"] == "models:/fer-magnifier@champion"
+    assert paper.data["face_crop"] is True and paper.data["min_class_clips"] == 10
+    assert quick.data["face_crop"] is False and quick.model_kwargs["magnifier"] == "linear"
     assert paper.optimizer == "adam" and quick.model_kwargs["img_size"] <= 32
+    model = create_model("micro_lsh", **paper.model_kwargs)
+    assert model.attention.attn_dim == 1024 and model.attention.k_proj is not None and model.attention.n_rounds > 2
+
+
+def test_freezing_an_untrained_learned_magnifier_is_refused(smic_root):
+    recipe = _shrunk(**{"model_kwargs.magnifier": "learned", "model_kwargs.freeze_magnifier": True})
+    task = create_task("micro_lsh", smic_root, recipe)
+    with pytest.raises(UsageError, match="magnifier_weights"):
+        task.build_loss(recipe, create_model("micro_lsh", **{**recipe.model_kwargs, **task.model_overrides()}))
 
 
 def test_bad_recipe_options_raise_value_error(smic_root):

@@ -71,3 +71,30 @@ def test_rotation_range_draws_a_magnitude_between_its_ends():
     assert all(28.0 <= a <= 92.0 for a in angles), angles
     with pytest.raises(ValueError):
         AugmentConfig.from_mapping({"rotation_span": [1, 2]})
+
+
+def test_random_greyscale_is_bt601_luma_in_every_channel_and_skips_grey_inputs():
+    x = torch.rand(3, 6, 6)
+    luma = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]  # hand computation
+    seen = set()
+    for seed in range(20):
+        out = augment(x, torch.Generator().manual_seed(seed), _only(greyscale_prob=0.5))
+        grey = all(torch.allclose(out[c], luma, atol=1e-6) for c in range(3))
+        assert grey or torch.allclose(out, x)
+        seen.add(grey)
+    assert seen == {True, False}
+    one = torch.rand(1, 6, 6)  # a grey model input is left alone
+    assert torch.allclose(augment(one, torch.Generator().manual_seed(0), _only(greyscale_prob=1.0)), one)
+
+
+def test_square_crop_of_fixed_area_is_the_method_s_224_of_256():
+    # crop_area (224/256)^2 with ratio (1, 1): every crop keeps 224/256 of each side, at a random offset
+    x = torch.zeros(1, 256, 256)
+    x[0, :, 128:] = 1.0
+    cfg = _only(crop_area=((224 / 256) ** 2, (224 / 256) ** 2), crop_ratio=(1.0, 1.0))
+    for seed in range(5):
+        out = augment(x, torch.Generator().manual_seed(seed), cfg)
+        edge = int((out[0, 128] > 0.5).float().argmax())  # where the step lands after the zoom
+        # the step at column 128 of the source moves by at most the crop's slack, scaled by 256/224
+        assert abs(edge - 128) <= (256 - 224) / 2 * 256 / 224 + 2, edge
+    assert AugmentConfig.from_mapping({"crop_ratio": [1, 1]}).crop_ratio == (1, 1)

@@ -38,17 +38,19 @@ class AugmentConfig:
     rotation_range: tuple[float, float] = (0.0, 0.0)  # |angle| range in degrees (used when its end > 0)
     rotation_prob: float = 1.0
     crop_area: tuple[float, float] = (0.5, 1.0)  # fraction of the image area kept by the random crop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range of the crop ((1, 1): square)
     gamma_max: float = 2.0  # gamma drawn log-uniformly from [1/gamma_max, gamma_max]
     gamma: float = 0.0  # a fixed gamma applied with gamma_prob (0 = off)
     gamma_prob: float = 0.5
     noise_var: float = 0.001
     erase_prob: float = 0.5
     erase_area: tuple[float, float] = (0.02, 0.15)
+    greyscale_prob: float = 0.0  # RGB only: replace the image by its luminance in all channels
 
     @classmethod
     def from_mapping(cls, raw) -> "AugmentConfig":
         raw = dict(raw or {})
-        for key in ("crop_area", "erase_area", "rotation_range"):
+        for key in ("crop_area", "crop_ratio", "erase_area", "rotation_range"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         unknown = set(raw) - set(cls.__dataclass_fields__)
@@ -81,7 +83,7 @@ def augment(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Te
     if cfg.vflip and float(torch.rand((), generator=g)) < 0.5:
         x = x.flip(-2)
     # Rotation and the random crop are one affine warp: the crop keeps `area` of the image (with
-    # a random aspect ratio in [3/4, 4/3]) and is resized back to the full size.
+    # a random aspect ratio in ``crop_ratio``) and is resized back to the full size.
     if cfg.rotation_range[1] > 0:
         angle = 0.0
         if float(torch.rand((), generator=g)) < cfg.rotation_prob:
@@ -91,12 +93,16 @@ def augment(x: torch.Tensor, g: torch.Generator, cfg: AugmentConfig) -> torch.Te
         angle = math.radians(_uniform(g, -cfg.rotation_deg, cfg.rotation_deg)) if cfg.rotation_deg else 0.0
     area = _uniform(g, *cfg.crop_area)
     if angle or area < 1.0:
-        ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+        ratio = math.exp(_uniform(g, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])))
         sx, sy = min(math.sqrt(area * ratio), 1.0), min(math.sqrt(area / ratio), 1.0)
         tx, ty = _uniform(g, -(1 - sx), 1 - sx), _uniform(g, -(1 - sy), 1 - sy)
         cos, sin = math.cos(angle), math.sin(angle)
         theta = torch.tensor([[sx * cos, -sy * sin, tx], [sx * sin, sy * cos, ty]], dtype=x.dtype)
         x = _affine(x, theta)
+    if cfg.greyscale_prob > 0 and x.shape[-3] == 3 and float(torch.rand((), generator=g)) < cfg.greyscale_prob:
+        # ITU-R BT.601 luma, as PIL's "L" conversion and torchvision's RandomGrayscale use.
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
+        x = (x * weights).sum(dim=-3, keepdim=True).expand_as(x).contiguous()
     if cfg.gamma > 0:
         if float(torch.rand((), generator=g)) < cfg.gamma_prob:
             x = x.clamp(0, 1) ** cfg.gamma

@@ -35,6 +35,7 @@ from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
 from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.losses.ecstfl import DEFAULT_LAMBDA
 from fer_core.training.recipe import Recipe
 
 # (output-channel multiplier of ``width``, convs at that width) per pooled block, as in C3D.
@@ -172,8 +173,10 @@ def _profiles() -> dict[str, Recipe]:
     paper = Recipe(
         network="c3d_ecstfl", profile="paper",
         model_kwargs={},  # C3D as published: 16 x 112 x 112 RGB, widths 64..512, fc 4096, dropout 0.5
-        loss_kwargs={"lambda_weight": 0.1, "reduction": "sum"},
-        data={"val_fraction": 0.1, "align_faces": False, "resample": "interpolate"},
+        loss_kwargs={"lambda_weight": DEFAULT_LAMBDA, "reduction": "sum"},
+        # Raw videos are face-aligned, DFEW's clip crops stay as they are ("auto"); fixed length by key
+        # frames of longer clips plus time interpolation of shorter ones, as the method says.
+        data={"val_fraction": 0.1, "align_faces": "auto", "resample": "keyframes+interpolate"},
         # C3D's recipe (Tran et al. 2015): SGD, lr 0.003 divided by 10 every 4 epochs, 16 epochs,
         # mini-batches of ~30 clips; random crops (C3D: 112 of 128x171, ~57 % of the area) and flips.
         optimizer="sgd", lr=0.003, momentum=0.9, weight_decay=5e-4, scheduler="step", step_size=4, gamma=0.1,
@@ -186,7 +189,7 @@ def _profiles() -> dict[str, Recipe]:
         "profile": "quick",
         # Narrow C3D on 8 frames of 32x32; dropout off because a 128-wide FC has little to spare.
         "model_kwargs": {"num_frames": 8, "img_size": 32, "width": 8, "fc_width": 128, "drop_rate": 0.0},
-        "data": {"val_fraction": 0.15, "align_faces": False, "resample": "interpolate"},
+        "data": {"val_fraction": 0.15, "align_faces": "auto", "resample": "keyframes+interpolate"},
         "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "scheduler": "cosine",
         # C3D sits on a plateau for ~100 steps before it starts to learn: enough epochs, patient stopping.
         "epochs": 15, "batch_size": 28, "eval_batch_size": 64, "early_stopping_patience": 6, "num_workers": 0,

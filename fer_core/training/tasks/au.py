@@ -63,9 +63,18 @@ from fer_core.models.au_cotrain import pseudo_labels
 from fer_core.training.datasets import ManifestDataset
 from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import TaskKind, register_task_kind
-from fer_core.training.tasks.static import SplitOptions
 
 LABEL_SET_CODES = {"clean": 0, "noisy": 1, "unlabelled": 2}
+
+
+@dataclass(frozen=True)
+class AUData:
+    """``data.*`` of the AU kind."""
+
+    val_fraction: float = 0.15  # of the clean and of the noisy rows, when the manifest has no "val" split
+    # Detect the face and align it on the eyes before resizing (training and serving alike: the
+    # model package's input pipeline). The method crops on 5 landmarks; Haar + eyes gives 2 of them.
+    align_faces: bool = False
 LOSS_WEIGHT_KEYS = ("clean_weight", "noisy_weight", "pseudo_weight", "orthogonality_weight", "consistency_weight")
 LOSS_OPTION_KEYS = ("semi_supervised", "pseudo_threshold", "pseudo_start_epoch", "label_frequencies", "bce",
                     "orthogonality")
@@ -189,7 +198,11 @@ class AUCoTrainTask:
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         image = read_image(root, row["path"])
         # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
-        return prepare_pixels([image], InputPipeline.for_model(self.meta, self.recipe.data)).pixels
+        return prepare_pixels([image], self.input_pipeline()).pixels
+
+    def input_pipeline(self) -> InputPipeline:
+        """The input-pipeline spec this task decodes with (the model package records it)."""
+        return InputPipeline.for_model(self.meta, self.recipe.data)
 
     def _targets(self, row: pd.Series) -> dict[str, Any]:
         num_aus = len(self.au_names)
@@ -208,7 +221,7 @@ class AUCoTrainTask:
         """Rows per split (module docstring); the same for the same recipe seed."""
         manifest = self.manifest
         out = {s: manifest[manifest["split"] == s] for s in ("train", "val", "test")}
-        val_fraction = SplitOptions(**recipe.data).val_fraction
+        val_fraction = AUData(**recipe.data).val_fraction
         if len(out["val"]) == 0 and val_fraction > 0:
             rng = np.random.default_rng(recipe.seed)
             train = out["train"]
@@ -315,5 +328,5 @@ class AUCoTrainTask:
 
 register_task_kind(TaskKind(
     name="au", data_task="au", build=AUCoTrainTask,
-    data_options=SplitOptions, loss_options=AUCoTrainOptions, augment_options=AugmentConfig,
+    data_options=AUData, loss_options=AUCoTrainOptions, augment_options=AugmentConfig,
 ))

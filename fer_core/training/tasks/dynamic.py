@@ -126,10 +126,14 @@ class DynamicClassificationTask(SingleLabelClassificationTask):
         frames = read_clip(root, row["path"])
         # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
         # "auto" is resolved against the dataset card here, so the pipeline sees a plain bool.
-        pipeline = InputPipeline.for_model(self.meta, {**self.recipe.data, "align_faces": self.align_faces})
+        pipeline = self.input_pipeline()
         if pipeline.face == "haar" and self._detector is None:
             self._detector = make_detector(pipeline)
         return prepare_pixels(list(frames), pipeline, self._detector).pixels  # (T, C, H, W)
+
+    def input_pipeline(self) -> InputPipeline:
+        """The input-pipeline spec this task decodes with (the model package records it)."""
+        return InputPipeline.for_model(self.meta, {**self.recipe.data, "align_faces": self.align_faces})
 
     def build_loss(self, recipe: Recipe, model):
         criterion = EcStflLoss(**asdict(EcStflOptions(**recipe.loss_kwargs)))

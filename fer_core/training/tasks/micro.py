@@ -12,7 +12,7 @@ same flip/rotation and the motion between them is untouched. Loss: cross-entropy
 Method preprocessing (``recipe.data``):
 
 * ``face_crop`` (default true): face registration and face-region crop of each clip before
-  magnification (:func:`~fer_core.data.preprocess.register_clip_faces`): the face is detected on the
+  magnification (the input pipeline's face handling, served alike): the face is detected on the
   onset frame (the apex if none) and *one* eye-alignment transform crops both frames, so the motion
   between them is untouched; a clip without a detected face keeps its whole frames (counted in
   ``faces_missed``). The method does not name its registration; one shared transform rather than a
@@ -44,16 +44,14 @@ pooled), the predictions of every fold's test subject are concatenated and accur
 computed once over the concatenation (the composite protocol, see
 :mod:`fer_core.metrics.classification`); per-fold metrics are returned too.
 
-Profiles. Both still set ``shared_qk=True`` (Reformer-style W_K = W_Q, outside the method): it was
-the earlier remedy for LSH queries that found no key in their bucket. The model now keeps separate
-W_Q/W_K and solves that inside the method (hashing standardised over the frames plus 4 independent
-hashings; :mod:`fer_core.models.micro_lsh`, measured in ``bench/fidelity.py``), so the profiles are to
-drop ``shared_qk`` and the paper profile to load the pre-trained magnifier
-(``data.magnifier_weights: models:/fer-magnifier@champion``, ``model_kwargs.freeze_magnifier``) once
-the per-network spec files land (the profile values move there). ``paper`` keeps the model defaults
-(112 px, ResNet-18 at width 64, 32 magnified frames, learned magnifier) with Adam; the description
-gives no optimiser settings, so lr 1e-4, batch 32 and 60 epochs with early stopping are our choices.
-``quick`` is a CPU-sized version (32 px, width 8, 4 magnified frames, linear magnifier).
+Profiles. ``paper`` is the method: separate W_Q/W_K (no ``shared_qk``; empty buckets are solved
+inside the method by hashing standardised over the frames plus 4 independent hashings,
+:mod:`fer_core.models.micro_lsh`, measured in ``bench/fidelity.py``), the pre-trained magnifier loaded
+by model version (``data.magnifier_weights: models:/fer-magnifier@champion``, frozen:
+``model_kwargs.freeze_magnifier``), face registration + crop and the 10-clip class rule. The model
+defaults (112 px, ResNet-18 at width 64, 32 magnified frames) with Adam; the description gives no
+optimiser settings, so lr 1e-4, batch 32 and 60 epochs with early stopping are our choices.
+``quick`` is a CPU-sized version (32 px, width 8, 4 magnified frames, linear magnifier, whole frames).
 """
 
 from __future__ import annotations
@@ -67,11 +65,12 @@ import numpy as np
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
-from fer_core.data.pipeline import InputPipeline, prepare_pixels
-from fer_core.data.preprocess import HaarFaceDetector, estimate_apex, onset_apex_pair, register_clip_faces
+from fer_core.data.pipeline import InputPipeline, make_detector, prepare_pixels
+from fer_core.data.preprocess import estimate_apex, onset_apex_pair
 from fer_core.data.samples import read_clip
 from fer_core.losses.micro import micro_classification_loss
 from fer_core.metrics.classification import classification_metrics
+from fer_core.errors import UsageError
 from fer_core.models import create_model
 from fer_core.training.callbacks import Callback
 from fer_core.training.recipe import Recipe
@@ -220,18 +219,23 @@ class MicroExpressionTask(SingleLabelClassificationTask):
         frames = read_clip(root, row["path"])
         onset, apex = clip_key_frames(frames, int(row["onset"]), int(row["apex"]), int(row["offset"]))
         pair = onset_apex_pair(frames, onset, apex)
-        if self.face_crop:
-            if self._detector is None:
-                self._detector = HaarFaceDetector()
-            # one transform from the onset's face (the apex's if none), applied to both frames
-            registered = register_clip_faces(pair, self._detector, self.meta.input_size, reference=0, fallback=1)
-            if registered is None:
-                self.faces_missed += 1  # no face found: the whole frames are resized, as before
-            else:
+        # (2, C, H, W) through the package's input-pipeline spec, the one source of this decode:
+        # with face_crop its face handling is on, and the pipeline detects the face on the first
+        # frame that has one (the onset, else the apex) and crops both with that one transform.
+        pipeline = self.input_pipeline()
+        if pipeline.face == "haar" and self._detector is None:
+            self._detector = make_detector(pipeline)
+        prepared = prepare_pixels(list(pair), pipeline, self._detector)
+        if pipeline.face == "haar":
+            if prepared.face_found:
                 self.faces_found += 1
-                pair = registered
-        # (2, C, H, W) through the package's input-pipeline spec (onset/apex given as two frames).
-        return prepare_pixels(list(pair), InputPipeline.for_model(self.meta, self.recipe.data)).pixels
+            else:
+                self.faces_missed += 1  # no face found: the whole frames are resized
+        return prepared.pixels
+
+    def input_pipeline(self) -> InputPipeline:
+        """The input-pipeline spec this task decodes with (the model package records it)."""
+        return InputPipeline.for_model(self.meta, {**self.recipe.data, "align_faces": self.face_crop})
 
     def splits(self, recipe: Recipe) -> dict[str, pd.DataFrame]:
         """The rows of each split for ``recipe`` (``data.val_fraction``, ``data.test_fraction``, ``data.fold``)."""
@@ -244,6 +248,10 @@ class MicroExpressionTask(SingleLabelClassificationTask):
         weights = MicroData(**recipe.data).magnifier_weights
         if weights:
             load_pretrained_magnifier(model, str(weights))
+        elif recipe.model_kwargs.get("freeze_magnifier") and recipe.model_kwargs.get("magnifier", "learned") == "learned":
+            # A frozen magnifier that was never trained would magnify with random weights for good.
+            raise UsageError("model_kwargs.freeze_magnifier freezes the learned magnifier, but no "
+                             "data.magnifier_weights names a trained one (a checkpoint or models:/fer-magnifier@...)")
 
         def loss(outputs, targets):
             value = micro_classification_loss(outputs, targets)

@@ -153,6 +153,13 @@ class MultitaskTask:
         if self.meta.extra.get("num_landmarks") != NUM_LANDMARKS:
             raise ValueError(f"{recipe.network} predicts {self.meta.extra.get('num_landmarks')} landmarks; the data has 68")
 
+    def input_pipeline(self) -> "InputPipeline":
+        """The input-pipeline spec of this task's decode (whole image resized, no face handling:
+        :func:`to_model_input` is that pipeline's resize; the model package test checks they agree)."""
+        from fer_core.data.pipeline import InputPipeline
+
+        return InputPipeline.for_model(self.meta, self.recipe.data)
+
     def model_overrides(self) -> dict[str, Any]:
         return {"num_classes": len(self.label_names), "label_names": list(self.label_names)}
 

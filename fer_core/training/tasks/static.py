@@ -110,7 +110,11 @@ class StaticClassificationTask(SingleLabelClassificationTask):
     def _decode(self, root: Path, row: pd.Series) -> np.ndarray:
         image = read_image(root, row["path"])
         # The package's input-pipeline spec is the one source of this decode (serving interprets it too).
-        return prepare_pixels([image], InputPipeline.for_model(self.meta, self.recipe.data)).pixels
+        return prepare_pixels([image], self.input_pipeline()).pixels
+
+    def input_pipeline(self) -> InputPipeline:
+        """The input-pipeline spec this task decodes with (the model package records it)."""
+        return InputPipeline.for_model(self.meta, self.recipe.data)
 
     def build_loss(self, recipe: Recipe, model):
         options = FocalOptions(**recipe.loss_kwargs)
