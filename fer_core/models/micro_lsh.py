@@ -512,7 +512,9 @@ def _profiles() -> dict[str, Recipe]:
         # the pre-trained ``magnifier`` network's champion, frozen (the method applies a trained f; it
         # does not fine-tune it: ``model_kwargs.freeze_magnifier: false`` is the option). Clips are
         # registered on the onset's face and cropped; classes under 10 clips are dropped (the method).
-        model_kwargs={"freeze_magnifier": True},
+        model_kwargs={"img_size": 112, "width": 64, "magnifier": "learned", "freeze_magnifier": True,
+                      "num_mag_frames": 32, "alpha_range": [1.0, 13.0], "shared_qk": False, "attn_dim": 1024,
+                      "n_rounds": 3, "hash_norm": "frames", "n_hashes": 4},
         data={"val_fraction": 0.2, "test_fraction": 0.2, "face_crop": True, "min_class_clips": 10,
               "magnifier_weights": "models:/fer-magnifier@champion"},
         optimizer="adam", lr=1e-4, weight_decay=1e-4, scheduler="cosine", epochs=60, batch_size=32,

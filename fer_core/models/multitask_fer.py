@@ -428,7 +428,8 @@ def _profiles() -> dict[str, Recipe]:
         network="multitask_fer", profile="paper",
         # The model's defaults are the design: FAN's 4 stacks x 256, order-4 hourglasses, 3-level
         # transformer pyramid of width 128, RGB 64x64.
-        model_kwargs={},
+        # The method's pyramid: heatmap keypoint features in, one encoder per level on the lateral link.
+        model_kwargs={"pyramid_input": "heatmaps", "encoder_placement": "lateral"},
         loss_kwargs={"expression_weight": 1.0, "va_weight": 1.0, "heatmap_weight": 1.0, "va_loss": "ccc"},
         # Validation outputs are kept whole for the metrics (every stack's heatmaps: ~0.35 MB a face),
         # so the held-out part of AffectNet's 287k training faces is kept small (~5.7k faces).
