@@ -389,7 +389,7 @@ def test_micro_lsh_learns_casme2_classes_on_held_out_subjects(trained_magnifier)
     )
     model = create_model(
         "micro_lsh", img_size=LEARN_SIZE, width=8, stem="imagenet", magnifier_width=8,
-        num_mag_frames=8, head_hidden=32,
+        num_mag_frames=8, head_hidden=32, attn_dim=64,  # Q/K/V scaled down with the widths (method: 1024)
     )
     model.magnifier.load_state_dict(trained_magnifier.state_dict())  # then fine-tuned end to end
     losses = fit(model, micro_classification_loss, epochs(x_train, {"label": y_train}, 32), steps=60, lr=3e-3)
