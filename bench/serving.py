@@ -7,8 +7,12 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
 1. **network**: one preprocessed face (FP32 ``[1, 48, 48]``) per request, through Triton (gRPC on
    loopback, dynamic batching, the Python-based ``onnxruntime`` backend), then the limits: ONNX
    Runtime in-process with the same number of threads each calling ``session.run`` on one sample
-   (one shared session, ORT's default threads), and one batched ``session.run`` of ``concurrency``
+   (one shared session with the ORT threads Triton's instances get), and one batched ``session.run`` of ``concurrency``
    samples (its throughput is ``concurrency / time``);
+   With ``--shm`` (default on) the network is also measured with system shared-memory inputs and
+   outputs (``tritonclient.utils.shared_memory``: one region per client thread, registered once
+   with the workspace's control key, since shared-memory registration is a restricted API here):
+   what a local client saves by not sending the tensor over gRPC;
 2. **ensemble**: one encoded PNG per request through ``ca_resnet_ensemble`` (pre-processing,
    network, post-processing inside Triton), then in-process the same decode + pre-process + ORT +
    post-processing per request on threads, and batched (all decodes, one ORT call, one
@@ -21,7 +25,10 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
 4. the issue's targets as ratios (network >= 0.9x in-process threads at 8 and 32, >= 0.6x the
    batched limit at 32; ensemble >= 0.8x in-process threads at 8; p99 at 8 no worse than
    in-process), each marked met or missed;
-5. ONNX Runtime vs PyTorch eager on whole batches (1 and 32).
+5. where NVIDIA's ``perf_analyzer`` is available (``bench/perf_tools.sh``, or ``$FER_PERF_ANALYZER``),
+   its figures for both models at the same levels against the same server (``bench/perf_analyzer.py``
+   does the input data and parsing; no validation here, that bench validates);
+6. ONNX Runtime vs PyTorch eager on whole batches (1 and 32).
 
 The repository is written with :class:`serving.tuning.ServingTuning` from the environment
 (``FER_TRITON_*``; defaults from this machine's cores); ``--untuned`` writes the configuration this
@@ -198,6 +205,81 @@ def _eager_vs_ort(model, onnx_path: Path, samples: np.ndarray, seconds: float) -
     return lines
 
 
+class _SharedMemoryWorkers:
+    """Client threads whose input and output tensors travel through system shared memory."""
+
+    def __init__(self, server, samples: np.ndarray, classes: int) -> None:
+        self.server, self.samples, self.classes = server, samples, classes
+        self.regions: list[tuple[object, str, object]] = []  # (handle, name, client)
+        self.lock = threading.Lock()
+
+    def make(self, i: int):
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        headers = self.server.endpoint().headers  # shared-memory registration needs the control key
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        x = np.ascontiguousarray(self.samples[i % len(self.samples)][None])
+        tag = f"fer-bench-{os.getpid()}-{i}-{len(self.regions)}"
+        out_shape, out_bytes = (1, self.classes), self.classes * 4  # FP32 logits
+        handle = shm.create_shared_memory_region(tag, f"/{tag}", x.nbytes + out_bytes)
+        shm.set_shared_memory_region(handle, [x])
+        client.register_system_shared_memory(tag, f"/{tag}", x.nbytes + out_bytes, headers=headers)
+        with self.lock:
+            self.regions.append((handle, tag, client))
+        tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+        tensor.set_shared_memory(tag, x.nbytes)
+        output = grpcclient.InferRequestedOutput("logits")
+        output.set_shared_memory(tag, out_bytes, offset=x.nbytes)
+
+        def call():
+            client.infer(NETWORK, [tensor], outputs=[output])
+            return shm.get_contents_as_numpy(handle, np.float32, out_shape, offset=x.nbytes)
+        return call
+
+    def __enter__(self) -> "_SharedMemoryWorkers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        headers = self.server.endpoint().headers
+        for handle, tag, client in self.regions:
+            client.unregister_system_shared_memory(tag, headers=headers)
+            shm.destroy_shared_memory_region(handle)
+
+
+def _perf_analyzer_levels(url: str, tmp: Path, samples: np.ndarray, pngs: list[bytes], args) -> list[str]:
+    """perf_analyzer's table for the network and the ensemble, or nothing when the tool is absent."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_perf_analyzer", Path(__file__).with_name("perf_analyzer.py"))
+    pa = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    path = list(sys.path)
+    sys.modules[spec.name] = pa  # its dataclasses look their module up there
+    spec.loader.exec_module(pa)
+    sys.path[:] = path
+    tool = pa.find_perf_analyzer()
+    if tool is None:
+        print("(perf_analyzer not installed: bench/perf_tools.sh installs it; its figures are left out)")
+        return []
+    requests = {NETWORK: [{"image": s.astype(np.float32)} for s in samples[:8]],
+                ENSEMBLE: [{"IMAGE": np.array([p], dtype=object)} for p in pngs[:8]]}
+    levels = []
+    for model in (NETWORK, ENSEMBLE):
+        plain, _ = pa.input_data(url, model, requests[model])
+        data_file = tmp / f"pa-{model}.json"
+        data_file.write_text(json.dumps(plain))
+        for concurrency in args.concurrency:
+            csv_file = tmp / f"pa-{model}-{concurrency}.csv"
+            command = pa.perf_analyzer_command(tool, url, model, data_file, concurrency, csv_file,
+                                               window_ms=int(args.seconds * 1000), stability=50, max_trials=6)
+            levels.append(pa.run_perf_analyzer(command, model, concurrency, csv_file, timeout_s=120))
+            print(pa.format_table(levels[-1:]).splitlines()[1], flush=True)
+    return [pa.format_table(levels)]
+
+
 def _tuning(args):
     from serving.tuning import ServingTuning
 
@@ -229,6 +311,10 @@ def main() -> None:
                         help="the configuration before serving.tuning (1 instance, ORT default threads, no delay)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
                         help="also time PyTorch eager vs ONNX Runtime on whole batches")
+    parser.add_argument("--shm", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the network with system shared-memory inputs/outputs")
+    parser.add_argument("--perf-analyzer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run NVIDIA's perf_analyzer when bench/perf_tools.sh has installed it")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
 
@@ -263,7 +349,12 @@ def main() -> None:
         detector = make_detector(pipeline)
         samples = np.stack([processing.prepare([p], metadata, detector, pipeline=pipeline).tensor for p in pngs])
         parity = check_parity(model, onnx_path, samples[:16])
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])  # ORT's own defaults
+        # The in-process limit runs ONNX Runtime with the threads Triton's instances get (ORT's own
+        # defaults under --untuned), so the ratios measure serving, not a thread setting.
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = tuning.intra_op_threads, tuning.inter_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if tuning.allow_spinning else "0")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         print(f"{NETWORK} ({args.profile}: {params / 1e6:.2f} M params, input {metadata.input.shape}); "
               f"ONNX parity on 16 faces: max |diff| {parity.max_abs_diff:.1e}; {os.cpu_count()} cores")
         print(f"tuning ({'--untuned' if args.untuned else 'ServingTuning.load()'}): {tuning}")
@@ -314,22 +405,36 @@ def main() -> None:
                         batch_pngs = [pngs[i % len(pngs)] for i in range(concurrency)]
                         batched_call = lambda: in_process_ensemble(batch_pngs)  # noqa: E731
                         triton_model = ENSEMBLE
+                    if concurrency == args.concurrency[0]:  # every instance's first run allocates: untimed
+                        _run_threads(8, triton_worker, 1.0, 400)
                     before = stats_client.get_inference_statistics("", as_json=True)
                     triton = _run_threads(concurrency, triton_worker, args.seconds, args.max_requests)
                     triton["load"] = os.getloadavg()[0]
                     after = stats_client.get_inference_statistics("", as_json=True)
                     splits[(workload, concurrency)] = statistics_delta(before, after)
+                    if workload == "network" and args.shm:
+                        with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
+                            shm = _run_threads(concurrency, shm_workers.make, args.seconds, args.max_requests)
+                        shm["load"] = os.getloadavg()[0]
+                        rows[(workload, "shm", concurrency)] = shm
                     threads = _run_threads(concurrency, thread_worker, args.seconds, args.max_requests)
                     threads["load"] = os.getloadavg()[0]
                     batched = _run_batched(batched_call, concurrency, args.seconds)
                     batched["load"] = os.getloadavg()[0]
-                    for path, r in (("triton", triton), ("threads", threads), ("batched", batched)):
-                        rows[(workload, path, concurrency)] = r
+                    rows.update({(workload, "triton", concurrency): triton, (workload, "threads", concurrency): threads,
+                                 (workload, "batched", concurrency): batched})
+                    for path in ("triton", "shm", "threads", "batched"):
+                        if (workload, path, concurrency) not in rows:
+                            continue
+                        r = rows[(workload, path, concurrency)]
                         label = {"triton": f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
+                                 "shm": "Triton gRPC + shm (net)",
                                  "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
                         p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
                         print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
                               f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['load']:5.2f}", flush=True)
+            perf_levels = _perf_analyzer_levels(server.grpc_url, Path(tmp), samples, pngs, args) \
+                if args.perf_analyzer else []
             # ORT's own time for the batch sizes Triton formed, to set beside its compute per execution.
             sizes = {max(1, round(s[NETWORK]["batch"])) for s in splits.values() if s.get(NETWORK, {}).get("executions")}
             for size in sorted(sizes):
@@ -356,6 +461,9 @@ def main() -> None:
         if value == value:  # not NaN: both sides measured
             verdict = "met" if value >= TARGETS[name] else "MISSED"
             print(f"  {name:38s} {value:5.2f}  (target >= {TARGETS[name]:.1f}: {verdict})")
+    if perf_levels:
+        print("\nNVIDIA perf_analyzer (gRPC, same server, same faces):")
+        print(perf_levels[0])
     if eager_lines:
         print()
         print("\n".join(eager_lines))
