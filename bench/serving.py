@@ -17,7 +17,9 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
    network, post-processing inside Triton), then in-process the same decode + pre-process + ORT +
    post-processing per request on threads, and batched (all decodes, one ORT call, one
    post-processing call);
-3. per level: throughput, p50/p99, the batches Triton formed (average samples per execution of
+3. per level: throughput, p50/p99, CPU milliseconds per request (this process, i.e. the clients
+   or the in-process work, plus the ``tritonserver`` process tree with its stubs, from psutil: on a
+   shared, loaded CPU throughput measures the neighbours too, the CPU cost per request much less), the batches Triton formed (average samples per execution of
    each model) and where the time went, from Triton's statistics extension: per request the queue
    wait and per execution the compute (input, infer, output) of each model; the network's compute
    per execution beside ONNX Runtime's own time for a batch of the same size in-process, so what
@@ -107,6 +109,37 @@ def _run_threads(concurrency: int, make_worker, seconds: float, max_requests: in
     wall = time.perf_counter() - start
     p50, p95, p99 = _percentiles(latencies)
     return {"requests": len(latencies), "throughput": len(latencies) / wall, "p50": p50, "p95": p95, "p99": p99}
+
+
+class _CpuMeter:
+    """CPU seconds (user + system) used by this process and, optionally, a server's process tree."""
+
+    def __init__(self, server_pid: int | None = None) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.server = psutil.Process(server_pid) if server_pid else None
+
+    def seconds(self) -> float:
+        import psutil
+
+        processes = [self.me] + ([self.server, *self.server.children(recursive=True)] if self.server else [])
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+
+def _measured(meter: _CpuMeter, run) -> dict[str, float]:
+    """``run()``'s figures plus ``cpu_ms``: CPU milliseconds per request (samples, when batched)."""
+    start = meter.seconds()
+    result = run()
+    result["cpu_ms"] = (meter.seconds() - start) * 1e3 / max(result["requests"], 1)
+    return result
 
 
 def _run_batched(call, batch: int, seconds: float, runs: int = 50) -> dict[str, float]:
@@ -368,9 +401,10 @@ def main() -> None:
 
         with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order()) as server:
             stats_client = grpcclient.InferenceServerClient(server.grpc_url)
+            served_meter, own_meter = _CpuMeter(server.process.pid), _CpuMeter()
             print(f"load average at start {os.getloadavg()[0]:.2f}\n")
             print(f"{'workload':9s} {'path':22s} {'conc':>4s} {'req':>6s} {'req/s':>8s} {'p50 ms':>8s} "
-                  f"{'p99 ms':>8s} {'load':>5s}")
+                  f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
             for workload in args.workloads:
                 for concurrency in args.concurrency:
                     if workload == "network":
@@ -408,18 +442,21 @@ def main() -> None:
                     if concurrency == args.concurrency[0]:  # every instance's first run allocates: untimed
                         _run_threads(8, triton_worker, 1.0, 400)
                     before = stats_client.get_inference_statistics("", as_json=True)
-                    triton = _run_threads(concurrency, triton_worker, args.seconds, args.max_requests)
+                    triton = _measured(served_meter, lambda: _run_threads(concurrency, triton_worker, args.seconds,
+                                                                         args.max_requests))
                     triton["load"] = os.getloadavg()[0]
                     after = stats_client.get_inference_statistics("", as_json=True)
                     splits[(workload, concurrency)] = statistics_delta(before, after)
                     if workload == "network" and args.shm:
                         with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
-                            shm = _run_threads(concurrency, shm_workers.make, args.seconds, args.max_requests)
+                            shm = _measured(served_meter, lambda: _run_threads(
+                                concurrency, shm_workers.make, args.seconds, args.max_requests))
                         shm["load"] = os.getloadavg()[0]
                         rows[(workload, "shm", concurrency)] = shm
-                    threads = _run_threads(concurrency, thread_worker, args.seconds, args.max_requests)
+                    threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
+                                                                        args.max_requests))
                     threads["load"] = os.getloadavg()[0]
-                    batched = _run_batched(batched_call, concurrency, args.seconds)
+                    batched = _measured(own_meter, lambda: _run_batched(batched_call, concurrency, args.seconds))
                     batched["load"] = os.getloadavg()[0]
                     rows.update({(workload, "triton", concurrency): triton, (workload, "threads", concurrency): threads,
                                  (workload, "batched", concurrency): batched})
@@ -432,7 +469,8 @@ def main() -> None:
                                  "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
                         p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
                         print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
-                              f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['load']:5.2f}", flush=True)
+                              f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
+                              flush=True)
             perf_levels = _perf_analyzer_levels(server.grpc_url, Path(tmp), samples, pngs, args) \
                 if args.perf_analyzer else []
             # ORT's own time for the batch sizes Triton formed, to set beside its compute per execution.
@@ -461,6 +499,12 @@ def main() -> None:
         if value == value:  # not NaN: both sides measured
             verdict = "met" if value >= TARGETS[name] else "MISSED"
             print(f"  {name:38s} {value:5.2f}  (target >= {TARGETS[name]:.1f}: {verdict})")
+    print("CPU cost per request, in-process threads / Triton (less load-sensitive than throughput):")
+    for (workload, path, concurrency), r in rows.items():
+        other = rows.get((workload, "threads", concurrency))
+        if path in ("triton", "shm") and other and r.get("cpu_ms"):
+            print(f"  {workload:8s} {path:6s} c={concurrency:<3d} {other['cpu_ms']:6.2f} / {r['cpu_ms']:6.2f} ms "
+                  f"= {other['cpu_ms'] / r['cpu_ms']:.2f}")
     if perf_levels:
         print("\nNVIDIA perf_analyzer (gRPC, same server, same faces):")
         print(perf_levels[0])
