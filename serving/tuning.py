@@ -40,6 +40,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from fer_core.errors import UsageError
+
 __all__ = ["ServingTuning", "queue_delay_from_latency", "measure_latency", "FALLBACK_QUEUE_DELAY_US", "ENV"]
 
 FALLBACK_QUEUE_DELAY_US = 500
@@ -75,9 +77,9 @@ def _int(env: Mapping[str, str], field: str, minimum: int) -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{ENV[field]} must be an integer >= {minimum}, got {raw!r}") from None
+        raise UsageError(f"{ENV[field]} must be an integer >= {minimum}, got {raw!r}") from None
     if value < minimum:
-        raise ValueError(f"{ENV[field]} must be an integer >= {minimum}, got {raw!r}")
+        raise UsageError(f"{ENV[field]} must be an integer >= {minimum}, got {raw!r}")
     return value
 
 
@@ -128,7 +130,8 @@ class ServingTuning:
              cpu_count: int | None = None) -> "ServingTuning":
         """The ``FER_TRITON_*`` variables of ``env`` (default ``os.environ``) over :meth:`defaults`.
 
-        A malformed value raises ``ValueError`` with one line naming the variable.
+        A malformed value raises :class:`fer_core.errors.UsageError` (a ``ValueError``; the CLI
+        prints it as one line, exit 2) naming the variable.
         """
         env = os.environ if env is None else env
         base = cls.defaults(instance_kind, cpu_count)
@@ -140,7 +143,7 @@ class ServingTuning:
         spinning = env.get(ENV["allow_spinning"], "").strip().lower()
         if spinning:
             if spinning not in ("0", "1", "true", "false", "yes", "no"):
-                raise ValueError(f"{ENV['allow_spinning']} must be 0 or 1, got {spinning!r}")
+                raise UsageError(f"{ENV['allow_spinning']} must be 0 or 1, got {spinning!r}")
             values["allow_spinning"] = spinning in ("1", "true", "yes")
         delay = env.get(ENV["max_queue_delay_us"], "").strip().lower()
         if delay and delay != "auto":
@@ -150,10 +153,10 @@ class ServingTuning:
             try:
                 sizes = tuple(int(p) for p in preferred.replace(" ", "").split(",") if p)
             except ValueError:
-                raise ValueError(f"{ENV['preferred_batch_sizes']} must be comma-separated integers, "
+                raise UsageError(f"{ENV['preferred_batch_sizes']} must be comma-separated integers, "
                                  f"got {preferred!r}") from None
             if any(s < 1 for s in sizes):
-                raise ValueError(f"{ENV['preferred_batch_sizes']} must hold sizes >= 1, got {preferred!r}")
+                raise UsageError(f"{ENV['preferred_batch_sizes']} must hold sizes >= 1, got {preferred!r}")
             values["preferred_batch_sizes"] = sizes
         values = {k: v for k, v in values.items() if v is not None}
         return cls(**{**base.__dict__, **values})  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from fer_core.errors import UsageError
 from fer_core.models import create_model
 from serving.export import export_onnx
 from serving.repository import ModelRepository, network_config
@@ -50,7 +51,7 @@ def test_environment_overrides_the_defaults():
     ("FER_TRITON_PREFERRED_BATCH", "0"), ("FER_TRITON_ALLOW_SPINNING", "maybe"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(variable, value):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:  # a ValueError: the CLI prints one line, exit 2
         ServingTuning.load(env={variable: value})
     message = str(info.value)
     assert variable in message and repr(value.strip()) in message and "\n" not in message
