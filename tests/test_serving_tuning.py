@@ -119,3 +119,43 @@ def test_repository_reads_the_environment_when_writing(tmp_path, ca_onnx, monkey
     with pytest.raises(ValueError, match="FER_TRITON_INSTANCES must be an integer"):
         repo.write_model("ca_resnet", 2, path)
     assert repo.versions("ca_resnet") == [1]  # the bad setting stopped before anything was installed
+
+
+@pytest.mark.integration  # starts the embedded tritonserver
+def test_tuned_configs_load_and_concurrent_requests_are_batched_per_step(tmp_path, ca_onnx):
+    """The real tritonserver loads what the tuning writes (session.* entry, 2 instances, preferred
+    sizes) and a burst of concurrent requests is batched by the network and the post-processing
+    step, each client still getting the answer it gets alone."""
+    pytest.importorskip("pytriton")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fer_core.data.synthfacs import SynthFACS
+    from serving.client import FERClient, encode_image
+    from serving.server import EmbeddedTriton
+
+    path, _ = ca_onnx
+    # A long queue delay on the network makes the burst one batch there, so its answers reach the
+    # post-processing step together (one instance: they cannot spread over two).
+    tuning = ServingTuning(instances=1, intra_op_threads=1, inter_op_threads=1, allow_spinning=False,
+                           max_queue_delay_us=200_000, preferred_batch_sizes=(16,), preprocess_instances=2,
+                           postprocess_instances=1)
+    repo = ModelRepository(tmp_path / "models", face_detection="off", tuning=tuning)
+    repo.install("ca_resnet", 1, path)  # max batch 32, like the ensemble's
+    pngs = [encode_image(f) for f in SynthFACS(0, image_size=96).expression_set(8).images]
+    with EmbeddedTriton(repo, tmp_path / "workspace", models=repo.load_order()) as server:
+        with FERClient(server.grpc_url) as client:
+            alone = [client.predict([p], network="ca_resnet")[0] for p in pngs]
+
+        def one(png: bytes):
+            with FERClient(server.grpc_url) as c:
+                return c.predict([png], network="ca_resnet")[0]
+
+        with ThreadPoolExecutor(len(pngs)) as pool:
+            together = list(pool.map(one, pngs))
+        stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("", as_json=True)
+    assert [p.label for p in together] == [p.label for p in alone]
+    for a, b in zip(alone, together):
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-5
+    sizes = {m["name"]: {int(b["batch_size"]) for b in m.get("batch_stats", [])} for m in stats["model_stats"]}
+    assert max(sizes["ca_resnet"]) > 1 and max(sizes["ca_resnet_postprocess"]) > 1
