@@ -1,21 +1,50 @@
-"""Benchmark: ca_resnet through the embedded Triton vs ONNX Runtime in-process vs PyTorch eager.
+"""Benchmark: ca_resnet and its ensemble through the embedded Triton vs the same work in-process.
 
-    .venv/bin/python bench/serving.py [--profile quick|paper] [--seconds 3] [--max-requests 2000]
+    .venv/bin/python bench/serving.py [--profile quick|paper] [--seconds 3] [--untuned] [--json out.json]
 
-1. Triton (gRPC on loopback, dynamic batching, the Python-based ``onnxruntime`` backend) at
-   concurrency 1, 8 and 32: each client thread sends one preprocessed face per request, as an
-   ensemble step would; throughput and p50/p95/p99 latency.
-2. ONNX Runtime in-process on the same requests: the same number of threads, each calling
-   ``session.run`` on the same single-sample inputs (one shared session).
-3. ONNX Runtime vs PyTorch eager on whole batches (1 and 32).
+One run reports, at concurrency 1, 8 and 32 (client threads, one sample per request):
 
-Each level is bounded by ``--seconds`` and ``--max-requests``. Numbers depend on the machine's
-load: on a shared CPU, say so when quoting them.
+1. **network**: one preprocessed face (FP32 ``[1, 48, 48]``) per request, through Triton (gRPC on
+   loopback, dynamic batching, the Python-based ``onnxruntime`` backend), then the limits: ONNX
+   Runtime in-process with the same number of threads each calling ``session.run`` on one sample
+   (one shared session with the ORT threads Triton's instances get), and one batched ``session.run`` of ``concurrency``
+   samples (its throughput is ``concurrency / time``);
+   With ``--shm`` (default on) the network is also measured with system shared-memory inputs and
+   outputs (``tritonclient.utils.shared_memory``: one region per client thread, registered once
+   with the workspace's control key, since shared-memory registration is a restricted API here):
+   what a local client saves by not sending the tensor over gRPC;
+2. **ensemble**: one encoded PNG per request through ``ca_resnet_ensemble`` (pre-processing,
+   network, post-processing inside Triton), then in-process the same decode + pre-process + ORT +
+   post-processing per request on threads, and batched (all decodes, one ORT call, one
+   post-processing call);
+3. per level: throughput, p50/p99, CPU milliseconds per request (this process, i.e. the clients
+   or the in-process work, plus the ``tritonserver`` process tree with its stubs, from psutil: on a
+   shared, loaded CPU throughput measures the neighbours too, the CPU cost per request much less), the batches Triton formed (average samples per execution of
+   each model) and where the time went, from Triton's statistics extension: per request the queue
+   wait and per execution the compute (input, infer, output) of each model; the network's compute
+   per execution beside ONNX Runtime's own time for a batch of the same size in-process, so what
+   the Python backend and its stub round trip add is a measured figure, not a guess;
+4. the issue's targets as ratios (network >= 0.9x in-process threads at 8 and 32, >= 0.6x the
+   batched limit at 32; ensemble >= 0.8x in-process threads at 8; p99 at 8 no worse than
+   in-process), each marked met or missed;
+5. where NVIDIA's ``perf_analyzer`` is available (``bench/perf_tools.sh``, or ``$FER_PERF_ANALYZER``),
+   its figures for both models at the same levels against the same server (``bench/perf_analyzer.py``
+   does the input data and parsing; no validation here, that bench validates);
+6. ONNX Runtime vs PyTorch eager on whole batches (1 and 32).
+
+The repository is written with :class:`serving.tuning.ServingTuning` from the environment
+(``FER_TRITON_*``; defaults from this machine's cores); ``--untuned`` writes the configuration this
+platform used before that existed (one instance per model, ORT's default threads, no queue delay),
+so before/after can be measured in one sitting. Each level is bounded by ``--seconds`` and
+``--max-requests``; the 1-minute load average is printed beside every level: on a shared CPU the
+figures measure the load too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,21 +57,23 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fer_core.data.preprocess import HaarFaceDetector  # noqa: E402
-from fer_core.data.synthfacs import SynthFACS  # noqa: E402
-from fer_core.models import create_model  # noqa: E402
-from serving.ensembles.processing import prepare_image  # noqa: E402
-from serving.export import check_parity, export_onnx  # noqa: E402
-from serving.repository import ModelRepository  # noqa: E402
-from serving.server import EmbeddedTriton  # noqa: E402
 
 PROFILES = {"quick": {"layers": [1, 1, 1, 1], "width": 16}, "paper": {"layers": [2, 2, 2, 2]}}
+NETWORK = "ca_resnet"
+ENSEMBLE = f"{NETWORK}_ensemble"
+STEPS = (f"{NETWORK}_preprocess", NETWORK, f"{NETWORK}_postprocess")
+# The issue's targets (ratio name -> minimum).
+TARGETS = {
+    "network / in-process threads, c=8": 0.9,
+    "network / in-process threads, c=32": 0.9,
+    "network / in-process batched, c=32": 0.6,
+    "ensemble / in-process threads, c=8": 0.8,
+    "in-process p99 / network p99, c=8": 1.0,
+}
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float, float]:
-    ms = np.array(latencies) * 1e3
+    ms = np.array(latencies or [0.0]) * 1e3
     return tuple(float(np.percentile(ms, q)) for q in (50, 95, 99))  # type: ignore[return-value]
 
 
@@ -80,6 +111,102 @@ def _run_threads(concurrency: int, make_worker, seconds: float, max_requests: in
     return {"requests": len(latencies), "throughput": len(latencies) / wall, "p50": p50, "p95": p95, "p99": p99}
 
 
+class _CpuMeter:
+    """CPU seconds (user + system) used by this process and, optionally, a server's process tree."""
+
+    def __init__(self, server_pid: int | None = None) -> None:
+        import psutil
+
+        self.me = psutil.Process()
+        self.server = psutil.Process(server_pid) if server_pid else None
+
+    def seconds(self) -> float:
+        import psutil
+
+        processes = [self.me] + ([self.server, *self.server.children(recursive=True)] if self.server else [])
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+
+def _measured(meter: _CpuMeter, run) -> dict[str, float]:
+    """``run()``'s figures plus ``cpu_ms``: CPU milliseconds per request (samples, when batched)."""
+    start = meter.seconds()
+    result = run()
+    result["cpu_ms"] = (meter.seconds() - start) * 1e3 / max(result["requests"], 1)
+    return result
+
+
+def _run_batched(call, batch: int, seconds: float, runs: int = 50) -> dict[str, float]:
+    """One call doing ``batch`` samples, repeated: throughput = batch / median time."""
+    call()  # warm-up
+    times, deadline = [], time.perf_counter() + seconds
+    while len(times) < runs and time.perf_counter() < deadline:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"requests": batch * len(times), "throughput": batch / median, "p50": median * 1e3, "p95": 0.0,
+            "p99": max(times) * 1e3}
+
+
+def statistics_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Per model, what happened between two ``get_inference_statistics(as_json=True)`` answers:
+    requests, executions, samples per execution, queue wait per request (µs) and compute per
+    execution (µs: input, infer, output, from the per-batch-size statistics)."""
+    def index(stats: dict) -> dict[str, dict]:
+        return {m["name"]: m for m in stats.get("model_stats", [])}
+
+    def ns(entry: dict, key: str) -> int:
+        return int(entry.get(key, {}).get("ns", 0))
+
+    old, out = index(before), {}
+    for name, model in index(after).items():
+        prior = old.get(name, {})
+        requests = int(model["inference_stats"].get("success", {}).get("count", 0)) - \
+            int(prior.get("inference_stats", {}).get("success", {}).get("count", 0)) if prior else \
+            int(model["inference_stats"].get("success", {}).get("count", 0))
+        queue = ns(model["inference_stats"], "queue") - ns(prior.get("inference_stats", {}), "queue")
+        batches = {int(b["batch_size"]): b for b in model.get("batch_stats", [])}
+        prior_batches = {int(b["batch_size"]): b for b in prior.get("batch_stats", [])}
+        executions = samples = 0
+        compute = {"compute_input": 0, "compute_infer": 0, "compute_output": 0}
+        for size, b in batches.items():
+            p = prior_batches.get(size, {})
+            count = int(b["compute_infer"]["count"]) - int(p.get("compute_infer", {}).get("count", 0))
+            executions += count
+            samples += size * count
+            for key in compute:
+                compute[key] += ns(b, key) - ns(p, key)
+        out[name] = {
+            "requests": requests, "executions": executions, "batch": samples / executions if executions else 0.0,
+            "queue_us": queue / requests / 1e3 if requests else 0.0,
+            **{f"{k}_us": v / executions / 1e3 if executions else 0.0 for k, v in compute.items()},
+        }
+    return out
+
+
+def ratios(rows: dict[tuple[str, str, int], dict[str, float]]) -> dict[str, float]:
+    """The issue's target ratios from the measured levels (keys: (workload, path, concurrency))."""
+    def tp(*key) -> float:
+        return rows[key]["throughput"] if key in rows else float("nan")
+
+    out = {
+        "network / in-process threads, c=8": tp("network", "triton", 8) / tp("network", "threads", 8),
+        "network / in-process threads, c=32": tp("network", "triton", 32) / tp("network", "threads", 32),
+        "network / in-process batched, c=32": tp("network", "triton", 32) / tp("network", "batched", 32),
+        "ensemble / in-process threads, c=8": tp("ensemble", "triton", 8) / tp("ensemble", "threads", 8),
+    }
+    if ("network", "triton", 8) in rows and ("network", "threads", 8) in rows:
+        out["in-process p99 / network p99, c=8"] = rows[("network", "threads", 8)]["p99"] / rows[("network", "triton", 8)]["p99"]
+    return out
+
+
 def _eager_vs_ort(model, onnx_path: Path, samples: np.ndarray, seconds: float) -> list[str]:
     """Median time of one batch through PyTorch eager and ONNX Runtime, one thread each.
 
@@ -87,6 +214,7 @@ def _eager_vs_ort(model, onnx_path: Path, samples: np.ndarray, seconds: float) -
     times swing by orders of magnitude (seen here), which would measure the load, not the runtimes.
     """
     import onnxruntime as ort
+    import torch
 
     torch.set_num_threads(1)
     options = ort.SessionOptions()
@@ -110,71 +238,286 @@ def _eager_vs_ort(model, onnx_path: Path, samples: np.ndarray, seconds: float) -
     return lines
 
 
+class _SharedMemoryWorkers:
+    """Client threads whose input and output tensors travel through system shared memory."""
+
+    def __init__(self, server, samples: np.ndarray, classes: int) -> None:
+        self.server, self.samples, self.classes = server, samples, classes
+        self.regions: list[tuple[object, str, object]] = []  # (handle, name, client)
+        self.lock = threading.Lock()
+
+    def make(self, i: int):
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        headers = self.server.endpoint().headers  # shared-memory registration needs the control key
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        x = np.ascontiguousarray(self.samples[i % len(self.samples)][None])
+        tag = f"fer-bench-{os.getpid()}-{i}-{len(self.regions)}"
+        out_shape, out_bytes = (1, self.classes), self.classes * 4  # FP32 logits
+        handle = shm.create_shared_memory_region(tag, f"/{tag}", x.nbytes + out_bytes)
+        shm.set_shared_memory_region(handle, [x])
+        client.register_system_shared_memory(tag, f"/{tag}", x.nbytes + out_bytes, headers=headers)
+        with self.lock:
+            self.regions.append((handle, tag, client))
+        tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+        tensor.set_shared_memory(tag, x.nbytes)
+        output = grpcclient.InferRequestedOutput("logits")
+        output.set_shared_memory(tag, out_bytes, offset=x.nbytes)
+
+        def call():
+            client.infer(NETWORK, [tensor], outputs=[output])
+            return shm.get_contents_as_numpy(handle, np.float32, out_shape, offset=x.nbytes)
+        return call
+
+    def __enter__(self) -> "_SharedMemoryWorkers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        headers = self.server.endpoint().headers
+        for handle, tag, client in self.regions:
+            client.unregister_system_shared_memory(tag, headers=headers)
+            shm.destroy_shared_memory_region(handle)
+
+
+def _perf_analyzer_levels(url: str, tmp: Path, samples: np.ndarray, pngs: list[bytes], args) -> list[str]:
+    """perf_analyzer's table for the network and the ensemble, or nothing when the tool is absent."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_perf_analyzer", Path(__file__).with_name("perf_analyzer.py"))
+    pa = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    path = list(sys.path)
+    sys.modules[spec.name] = pa  # its dataclasses look their module up there
+    spec.loader.exec_module(pa)
+    sys.path[:] = path
+    tool = pa.find_perf_analyzer()
+    if tool is None:
+        print("(perf_analyzer not installed: bench/perf_tools.sh installs it; its figures are left out)")
+        return []
+    requests = {NETWORK: [{"image": s.astype(np.float32)} for s in samples[:8]],
+                ENSEMBLE: [{"IMAGE": np.array([p], dtype=object)} for p in pngs[:8]]}
+    levels = []
+    for model in (NETWORK, ENSEMBLE):
+        plain, _ = pa.input_data(url, model, requests[model])
+        data_file = tmp / f"pa-{model}.json"
+        data_file.write_text(json.dumps(plain))
+        for concurrency in args.concurrency:
+            csv_file = tmp / f"pa-{model}-{concurrency}.csv"
+            command = pa.perf_analyzer_command(tool, url, model, data_file, concurrency, csv_file,
+                                               window_ms=int(args.seconds * 1000), stability=50, max_trials=6)
+            levels.append(pa.run_perf_analyzer(command, model, concurrency, csv_file, timeout_s=120))
+            print(pa.format_table(levels[-1:]).splitlines()[1], flush=True)
+    return [pa.format_table(levels)]
+
+
+def _tuning(args):
+    from serving.tuning import ServingTuning
+
+    if args.untuned:  # the configuration written before serving.tuning existed
+        return ServingTuning(instances=1, intra_op_threads=0, inter_op_threads=0, allow_spinning=True,
+                             max_queue_delay_us=0, preferred_batch_sizes=(), preprocess_instances=1,
+                             postprocess_instances=1)
+    return ServingTuning.load()
+
+
+def _config_summary(repo) -> str:
+    import re
+
+    text = (repo.root / NETWORK / "config.pbtxt").read_text()
+    parts = [m.group(0) for m in re.finditer(r"count: \d+|max_queue_delay_microseconds: \d+|preferred_batch_size: \[[^]]*\]", text)]
+    parts += [f"{k}={v}" for k, v in re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text)]
+    pre = re.search(r"count: \d+", (repo.root / STEPS[0] / "config.pbtxt").read_text())
+    return f"{NETWORK}: " + ", ".join(parts) + f"; preprocess instances {pre.group(0) if pre else '?'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per level")
-    parser.add_argument("--max-requests", type=int, default=2000, help="request budget per level")
+    parser.add_argument("--max-requests", type=int, default=4000, help="request budget per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-queue-delay-us", type=int, default=0)
+    parser.add_argument("--workloads", nargs="+", choices=["network", "ensemble"], default=["network", "ensemble"])
+    parser.add_argument("--untuned", action="store_true",
+                        help="the configuration before serving.tuning (1 instance, ORT default threads, no delay)")
+    parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time PyTorch eager vs ONNX Runtime on whole batches")
+    parser.add_argument("--shm", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the network with system shared-memory inputs/outputs")
+    parser.add_argument("--perf-analyzer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run NVIDIA's perf_analyzer when bench/perf_tools.sh has installed it")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
 
     import onnxruntime as ort
+    import torch
     import tritonclient.grpc as grpcclient
 
+    from fer_core.data.pipeline import make_detector
+    from fer_core.data.synthfacs import SynthFACS
+    from fer_core.models import create_model
+    from serving.client import encode_image
+    from serving.ensembles import processing
+    from serving.export import check_parity, export_onnx
+    from serving.repository import ModelRepository
+    from serving.server import EmbeddedTriton
+
     torch.manual_seed(0)
-    model = create_model("ca_resnet", **PROFILES[args.profile]).eval()
+    model = create_model(NETWORK, **PROFILES[args.profile]).eval()
+    metadata = model.metadata
     params = sum(p.numel() for p in model.parameters())
-    detector = HaarFaceDetector()
     faces = SynthFACS(0, image_size=96).expression_set(64).images
-    samples = np.stack([prepare_image(f, model.metadata, detector).tensor for f in faces])
+    pngs = [encode_image(f) for f in faces]
+    tuning = _tuning(args)
+    rows: dict[tuple[str, str, int], dict[str, float]] = {}
+    splits: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+    ort_batch_ms: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(model, Path(tmp) / "ca_resnet.onnx")
+        onnx_path = export_onnx(model, Path(tmp) / f"{NETWORK}.onnx")
+        repo = ModelRepository(Path(tmp) / "models", face_detection="off", tuning=tuning)
+        repo.install(NETWORK, 1, onnx_path, max_batch_size=64)
+        pipeline = repo.pipeline(NETWORK, 1).with_face("off")
+        detector = make_detector(pipeline)
+        samples = np.stack([processing.prepare([p], metadata, detector, pipeline=pipeline).tensor for p in pngs])
         parity = check_parity(model, onnx_path, samples[:16])
-        repo = ModelRepository(Path(tmp) / "models")
-        repo.write_model("ca_resnet", 1, onnx_path, max_batch_size=64, max_queue_delay_us=args.max_queue_delay_us)
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        print(f"ca_resnet ({args.profile}: {params / 1e6:.2f} M params, input {model.metadata.input.shape}); "
-              f"ONNX parity on {len(samples[:16])} faces: max |diff| {parity.max_abs_diff:.1e}")
-        eager_lines = _eager_vs_ort(model, onnx_path, samples, args.seconds)  # on a quiet process
-        rows = []
-        with EmbeddedTriton(repo, Path(tmp) / "workspace", models=["ca_resnet"]) as server:
-            for concurrency in args.concurrency:
-                def triton_worker(i: int):
-                    client = grpcclient.InferenceServerClient(server.grpc_url)
-                    x = samples[i % len(samples)][None]
-                    tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
-                    tensor.set_data_from_numpy(x)
-                    output = grpcclient.InferRequestedOutput("logits")
-                    return lambda: client.infer("ca_resnet", [tensor], outputs=[output])
+        # The in-process limit runs ONNX Runtime with the threads Triton's instances get (ORT's own
+        # defaults under --untuned), so the ratios measure serving, not a thread setting.
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = tuning.intra_op_threads, tuning.inter_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if tuning.allow_spinning else "0")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        print(f"{NETWORK} ({args.profile}: {params / 1e6:.2f} M params, input {metadata.input.shape}); "
+              f"ONNX parity on 16 faces: max |diff| {parity.max_abs_diff:.1e}; {os.cpu_count()} cores")
+        print(f"tuning ({'--untuned' if args.untuned else 'ServingTuning.load()'}): {tuning}")
+        print(_config_summary(repo))
+        eager_lines = _eager_vs_ort(model, onnx_path, samples, args.seconds) if args.eager else []
 
-                def ort_worker(i: int):
-                    x = samples[i % len(samples)][None]
-                    return lambda: session.run(["logits"], {"image": x})
+        def in_process_ensemble(encoded: list[bytes]):
+            prepared = [processing.prepare([e], metadata, detector, pipeline=pipeline) for e in encoded]
+            (logits,) = session.run(["logits"], {"image": np.stack([p.tensor for p in prepared])})
+            return processing.postprocess({"logits": logits}, metadata, np.stack([p.to_input for p in prepared]))
 
-                triton = _run_threads(concurrency, triton_worker, args.seconds, args.max_requests)
-                local = _run_threads(concurrency, ort_worker, args.seconds, args.max_requests)
-                rows.append((concurrency, triton, local))
-            stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("ca_resnet", as_json=True)
-        batches = stats["model_stats"][0].get("batch_stats", [])
-        executed = sum(int(b["compute_infer"]["count"]) for b in batches)
-        inferred = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in batches)
+        with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order()) as server:
+            stats_client = grpcclient.InferenceServerClient(server.grpc_url)
+            served_meter, own_meter = _CpuMeter(server.process.pid), _CpuMeter()
+            print(f"load average at start {os.getloadavg()[0]:.2f}\n")
+            print(f"{'workload':9s} {'path':22s} {'conc':>4s} {'req':>6s} {'req/s':>8s} {'p50 ms':>8s} "
+                  f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
+            for workload in args.workloads:
+                for concurrency in args.concurrency:
+                    if workload == "network":
+                        def triton_worker(i: int):
+                            client = grpcclient.InferenceServerClient(server.grpc_url)
+                            x = samples[i % len(samples)][None]
+                            tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+                            tensor.set_data_from_numpy(x)
+                            output = grpcclient.InferRequestedOutput("logits")
+                            return lambda: client.infer(NETWORK, [tensor], outputs=[output])
 
-    print(f"\n{'path':24s} {'conc':>4s} {'req':>6s} {'req/s':>9s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s}")
-    for concurrency, triton, local in rows:
-        for name, r in (("Triton gRPC (embedded)", triton), ("ORT in-process", local)):
-            print(f"{name:24s} {concurrency:4d} {r['requests']:6d} {r['throughput']:9.1f} "
-                  f"{r['p50']:8.2f} {r['p95']:8.2f} {r['p99']:8.2f}")
-    print(f"Triton formed batches of {inferred / max(executed, 1):.2f} samples on average ({executed} executions)")
-    print("\nratio Triton / in-process throughput:")
-    for concurrency, triton, local in rows:
-        ratio = triton["throughput"] / local["throughput"]
-        target = "  (target >= 0.8)" if concurrency == 8 else ""
-        print(f"  concurrency {concurrency:3d}: {ratio:.2f}{target}")
+                        def thread_worker(i: int):
+                            x = samples[i % len(samples)][None]
+                            return lambda: session.run(["logits"], {"image": x})
 
-    print()
-    print("\n".join(eager_lines))
-    print("\nmeasured on a shared machine unless stated otherwise")
+                        batch = np.ascontiguousarray(np.resize(samples, (concurrency, *samples.shape[1:])))
+                        batched_call = lambda: session.run(["logits"], {"image": batch})  # noqa: E731
+                        triton_model = NETWORK
+                    else:
+                        def triton_worker(i: int):
+                            client = grpcclient.InferenceServerClient(server.grpc_url)
+                            x = np.array([[pngs[i % len(pngs)]]], dtype=object)
+                            tensor = grpcclient.InferInput("IMAGE", list(x.shape), "BYTES")
+                            tensor.set_data_from_numpy(x)
+                            output = grpcclient.InferRequestedOutput("LABEL")
+                            return lambda: client.infer(ENSEMBLE, [tensor], outputs=[output])
+
+                        def thread_worker(i: int):
+                            encoded = [pngs[i % len(pngs)]]
+                            return lambda: in_process_ensemble(encoded)
+
+                        batch_pngs = [pngs[i % len(pngs)] for i in range(concurrency)]
+                        batched_call = lambda: in_process_ensemble(batch_pngs)  # noqa: E731
+                        triton_model = ENSEMBLE
+                    if concurrency == args.concurrency[0]:  # every instance's first run allocates: untimed
+                        _run_threads(8, triton_worker, 1.0, 400)
+                    before = stats_client.get_inference_statistics("", as_json=True)
+                    triton = _measured(served_meter, lambda: _run_threads(concurrency, triton_worker, args.seconds,
+                                                                         args.max_requests))
+                    triton["load"] = os.getloadavg()[0]
+                    after = stats_client.get_inference_statistics("", as_json=True)
+                    splits[(workload, concurrency)] = statistics_delta(before, after)
+                    if workload == "network" and args.shm:
+                        with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
+                            shm = _measured(served_meter, lambda: _run_threads(
+                                concurrency, shm_workers.make, args.seconds, args.max_requests))
+                        shm["load"] = os.getloadavg()[0]
+                        rows[(workload, "shm", concurrency)] = shm
+                    threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
+                                                                        args.max_requests))
+                    threads["load"] = os.getloadavg()[0]
+                    batched = _measured(own_meter, lambda: _run_batched(batched_call, concurrency, args.seconds))
+                    batched["load"] = os.getloadavg()[0]
+                    rows.update({(workload, "triton", concurrency): triton, (workload, "threads", concurrency): threads,
+                                 (workload, "batched", concurrency): batched})
+                    for path in ("triton", "shm", "threads", "batched"):
+                        if (workload, path, concurrency) not in rows:
+                            continue
+                        r = rows[(workload, path, concurrency)]
+                        label = {"triton": f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
+                                 "shm": "Triton gRPC + shm (net)",
+                                 "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
+                        p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
+                        print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
+                              f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
+                              flush=True)
+            perf_levels = _perf_analyzer_levels(server.grpc_url, Path(tmp), samples, pngs, args) \
+                if args.perf_analyzer else []
+            # ORT's own time for the batch sizes Triton formed, to set beside its compute per execution.
+            sizes = {max(1, round(s[NETWORK]["batch"])) for s in splits.values() if s.get(NETWORK, {}).get("executions")}
+            for size in sorted(sizes):
+                one = np.ascontiguousarray(np.resize(samples, (size, *samples.shape[1:])))
+                ort_batch_ms[size] = _run_batched(lambda: session.run(["logits"], {"image": one}), size, 1.0)["p50"]
+
+    print("\nwhere the time went (Triton statistics per level; queue per request, compute per execution, µs)")
+    print(f"{'workload':9s} {'conc':>4s} {'model':22s} {'execs':>6s} {'batch':>6s} {'queue':>8s} "
+          f"{'input':>7s} {'infer':>8s} {'output':>7s}   ORT alone on that batch")
+    for (workload, concurrency), split in splits.items():
+        for name in (STEPS if workload == "ensemble" else (NETWORK,)):
+            s = split.get(name)
+            if not s or not s["executions"]:
+                continue
+            alone = ort_batch_ms.get(max(1, round(s["batch"]))) if name == NETWORK else None
+            note = f"   {alone * 1e3:8.0f}" if alone else ""
+            print(f"{workload:9s} {concurrency:4d} {name:22s} {s['executions']:6d} {s['batch']:6.2f} "
+                  f"{s['queue_us']:8.0f} {s['compute_input_us']:7.0f} {s['compute_infer_us']:8.0f} "
+                  f"{s['compute_output_us']:7.0f}{note}")
+
+    print("\nthe issue's targets (ratios of this run):")
+    measured = ratios(rows)
+    for name, value in measured.items():
+        if value == value:  # not NaN: both sides measured
+            verdict = "met" if value >= TARGETS[name] else "MISSED"
+            print(f"  {name:38s} {value:5.2f}  (target >= {TARGETS[name]:.1f}: {verdict})")
+    print("CPU cost per request, in-process threads / Triton (less load-sensitive than throughput):")
+    for (workload, path, concurrency), r in rows.items():
+        other = rows.get((workload, "threads", concurrency))
+        if path in ("triton", "shm") and other and r.get("cpu_ms"):
+            print(f"  {workload:8s} {path:6s} c={concurrency:<3d} {other['cpu_ms']:6.2f} / {r['cpu_ms']:6.2f} ms "
+                  f"= {other['cpu_ms'] / r['cpu_ms']:.2f}")
+    if perf_levels:
+        print("\nNVIDIA perf_analyzer (gRPC, same server, same faces):")
+        print(perf_levels[0])
+    if eager_lines:
+        print()
+        print("\n".join(eager_lines))
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+          "(a shared machine: the figures measure the load too)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "levels": [{"workload": w, "path": p, "concurrency": c, **r} for (w, p, c), r in rows.items()],
+            "split": {f"{w}@{c}": s for (w, c), s in splits.items()}, "ratios": measured,
+            "tuning": {k: v for k, v in tuning.__dict__.items()}}, indent=1, default=list))
 
 
 if __name__ == "__main__":

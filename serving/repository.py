@@ -40,6 +40,7 @@ from serving.ensembles import processing
 from fer_core.data.pipeline import InputPipeline
 from fer_core.metadata import metadata_from_dict, metadata_to_json
 from serving.package import MANIFEST, ModelPackage, PackageError, read_onnx_metadata
+from serving.tuning import ServingTuning, measure_latency, queue_delay_from_latency
 
 if TYPE_CHECKING:
     from serving.server import TritonEndpoint
@@ -113,9 +114,16 @@ def _check_versions(versions: Iterable[int]) -> list[int]:
     return out
 
 
-def _common_tail(max_batch_size: int, instances: int, instance_kind: str, max_queue_delay_us: int) -> list[str]:
+def _common_tail(max_batch_size: int, instances: int, instance_kind: str, max_queue_delay_us: int,
+                 preferred_batch_sizes: Sequence[int] = ()) -> list[str]:
+    if int(max_queue_delay_us) < 0:
+        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    bad = [s for s in preferred_batch_sizes if not 1 <= int(s) <= max_batch_size]
+    if bad:
+        raise ValueError(f"preferred batch sizes must be within 1..max_batch_size ({max_batch_size}), got {bad}")
+    preferred = f"preferred_batch_size: {_dims(sorted(set(preferred_batch_sizes)))} " if preferred_batch_sizes else ""
     return [
-        f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}",
+        f"dynamic_batching {{ {preferred}max_queue_delay_microseconds: {int(max_queue_delay_us)} }}",
         f"instance_group [ {{ kind: {instance_kind} count: {int(instances)} }} ]",
     ]
 
@@ -146,8 +154,17 @@ def network_config(
     instance_kind: str = "KIND_CPU",
     max_queue_delay_us: int = 0,
     intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    allow_spinning: bool | None = None,
+    preferred_batch_sizes: Sequence[int] = (),
 ) -> str:
-    """``config.pbtxt`` of a network served from ONNX by the ``onnxruntime`` backend."""
+    """``config.pbtxt`` of a network served from ONNX by the ``onnxruntime`` backend.
+
+    Thread counts of 0 and ``allow_spinning=None`` leave ONNX Runtime's defaults; ``allow_spinning``
+    is written as the session config entry ``session.intra_op.allow_spinning`` (our backend passes
+    ``session.*`` parameters to ONNX Runtime). :class:`ModelRepository` fills these from
+    :class:`serving.tuning.ServingTuning`.
+    """
     _check_common(max_batch_size, instances, instance_kind)
     labels = label_files(metadata)
     lines = [
@@ -157,10 +174,15 @@ def network_config(
         f"version_policy: {{ specific: {{ versions: {_dims(_check_versions(versions))} }} }}",
         _block("input", [_tensor(s.name, s.dtype, s.shape) for s in metadata.inputs]),
         _block("output", [_tensor(s.name, s.dtype, s.shape, labels.get(s.name, "")) for s in metadata.outputs]),
-        *_common_tail(max_batch_size, instances, instance_kind, max_queue_delay_us),
+        *_common_tail(max_batch_size, instances, instance_kind, max_queue_delay_us, preferred_batch_sizes),
     ]
-    if intra_op_threads:
-        lines += _parameters({"intra_op_thread_count": str(int(intra_op_threads))})
+    if intra_op_threads < 0 or inter_op_threads < 0:
+        raise ValueError(f"thread counts must be >= 0, got intra {intra_op_threads}, inter {inter_op_threads}")
+    threads = {"intra_op_thread_count": intra_op_threads, "inter_op_thread_count": inter_op_threads}
+    values = {k: str(int(v)) for k, v in threads.items() if v}
+    if allow_spinning is not None:
+        values["session.intra_op.allow_spinning"] = "1" if allow_spinning else "0"
+    lines += _parameters(values)
     return "\n".join(lines) + "\n"
 
 
@@ -315,13 +337,17 @@ class ModelRepository:
 
     ``instance_kind`` is the default ``instance_group`` kind of the networks (``KIND_CPU`` here;
     NVIDIA's container can use ``KIND_GPU``). Pre/post-processing models always run on CPU.
+    ``tuning`` (instances, ONNX Runtime threads, dynamic batching) defaults to
+    :meth:`serving.tuning.ServingTuning.load` for the kind written, read when a config is written.
     """
 
-    def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU", face_detection: str | None = None) -> None:
+    def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU", face_detection: str | None = None,
+                 tuning: ServingTuning | None = None) -> None:
         if instance_kind not in INSTANCE_KINDS:
             raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
         self.root = Path(root).resolve()
         self.instance_kind = instance_kind
+        self._tuning = tuning
         # A deployment-wide face handling override (see the module docstring); None = each version's own.
         if face_detection is None:
             settings = Settings.load()
@@ -329,6 +355,26 @@ class ModelRepository:
         if face_detection is not None and face_detection not in FACE_DETECTION_MODES:
             raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
         self.face_detection = face_detection
+
+    def tuning(self, instance_kind: str | None = None) -> ServingTuning:
+        """The performance settings configs are written with (the environment's, unless given)."""
+        return self._tuning or ServingTuning.load(instance_kind or self.instance_kind)
+
+    def _queue_delay_us(self, tuning: ServingTuning, onnx_path: Path, metadata: ModelMetadata,
+                        instance_kind: str) -> int:
+        """The tuning's queue delay, or (``auto``) one derived from the network's measured latency.
+        Only a CPU instance is timed: on a GPU this CPU's time says nothing about the GPU's."""
+        if tuning.max_queue_delay_us is not None:
+            return tuning.max_queue_delay_us
+        if instance_kind == "KIND_GPU":
+            return queue_delay_from_latency(0.0)
+        specs = [(s.name, s.dtype, tuple(s.shape)) for s in metadata.inputs]
+        try:
+            latency = measure_latency(str(onnx_path), specs, intra_op_threads=tuning.intra_op_threads,
+                                      inter_op_threads=tuning.inter_op_threads)
+        except Exception:  # noqa: BLE001 -- the timing only tunes; a file ORT cannot run fails at Triton's load
+            latency = None
+        return queue_delay_from_latency(latency or 0.0)
 
     # -- paths and queries ----------------------------------------------------------------------
 
@@ -507,21 +553,25 @@ class ModelRepository:
         metadata: ModelMetadata | None = None,
         *,
         max_batch_size: int = 32,
-        instances: int = 1,
+        instances: int | None = None,
         instance_kind: str | None = None,
         keep_versions: Sequence[int] = (),
-        max_queue_delay_us: int = 0,
-        intra_op_threads: int = 0,
+        max_queue_delay_us: int | None = None,
+        intra_op_threads: int | None = None,
     ) -> Path:
         """Install ``onnx_path`` as ``<network>/<version>/model.onnx`` and rewrite the network's config.
 
         The config serves ``version`` plus ``keep_versions`` (e.g. the current champion during a
         promotion). ``metadata`` defaults to the one embedded by :func:`serving.export.export_onnx`.
-        Returns the version folder.
+        ``instances``, ``max_queue_delay_us`` and ``intra_op_threads`` default to :meth:`tuning`
+        (the queue delay derived from the installed version's measured latency, see
+        :mod:`serving.tuning`). Returns the version folder.
         """
         version = int(version)
         if version < 1:
             raise ValueError(f"version must be >= 1 (Triton versions are positive), got {version}")
+        kind = instance_kind or self.instance_kind
+        tuning = self.tuning(kind)  # a malformed setting stops here, before anything is installed
         onnx_path = Path(onnx_path)
         package = None
         if onnx_path.is_dir():  # a model package: verified, installed with its manifest
@@ -550,10 +600,15 @@ class ModelRepository:
         specs = {s.name: s for s in metadata.outputs}
         for output, filename in label_files(metadata).items():
             _atomic_write_text(folder / filename, "\n".join(specs[output].labels) + "\n")
+        if max_queue_delay_us is None:
+            max_queue_delay_us = self._queue_delay_us(tuning, target / MODEL_FILE, metadata, kind)
         config = network_config(
-            metadata, [version, *keep_versions], max_batch_size=max_batch_size, instances=instances,
-            instance_kind=instance_kind or self.instance_kind, max_queue_delay_us=max_queue_delay_us,
-            intra_op_threads=intra_op_threads,
+            metadata, [version, *keep_versions], max_batch_size=max_batch_size,
+            instances=tuning.instances if instances is None else instances,
+            instance_kind=kind, max_queue_delay_us=max_queue_delay_us,
+            intra_op_threads=tuning.intra_op_threads if intra_op_threads is None else intra_op_threads,
+            inter_op_threads=tuning.inter_op_threads, allow_spinning=tuning.allow_spinning,
+            preferred_batch_sizes=tuning.preferred_for(max_batch_size),
         )
         _atomic_write_text(folder / "config.pbtxt", config)
         return target
@@ -613,8 +668,8 @@ class ModelRepository:
         champion_version: int,
         *,
         max_batch_size: int = 32,
-        preprocess_instances: int = 1,
-        postprocess_instances: int = 1,
+        preprocess_instances: int | None = None,
+        postprocess_instances: int | None = None,
         max_image_bytes: int = processing.MAX_IMAGE_BYTES,
         max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
         stem: str | None = None,
@@ -629,6 +684,9 @@ class ModelRepository:
         promotion's candidate ensemble, :meth:`candidate_stem`); ``face`` forces the face handling.
         """
         stem = stem or network
+        tuning = self.tuning("KIND_CPU")  # pre/post-processing always run on CPU
+        preprocess_instances = tuning.preprocess_instances if preprocess_instances is None else preprocess_instances
+        postprocess_instances = tuning.postprocess_instances if postprocess_instances is None else postprocess_instances
         champion_version = int(champion_version)
         if champion_version not in self.versions(network):
             raise ValueError(f"{network} has no version {champion_version} on disk (has {self.versions(network)})")

@@ -8,7 +8,15 @@ native backend picks the same ``model.onnx`` up.
 
 It depends only on numpy and onnxruntime. All requests of a dynamic batch are concatenated and run
 as one ONNX Runtime call (that is what makes dynamic batching pay off), then split back. Honoured
-config parameters (the native backend's names): ``intra_op_thread_count``, ``inter_op_thread_count``.
+config parameters (the native backend's names): ``intra_op_thread_count``, ``inter_op_thread_count``;
+and every ``session.*`` parameter is an ONNX Runtime session config entry (e.g.
+``session.intra_op.allow_spinning`` = "0": pool threads that spin while waiting for work steal the
+CPU from the stub and Triton's own threads on a small machine).
+
+Marshalling, measured to matter here (``bench/serving.py`` prints the per-step split): the inputs
+are read with ``as_numpy()`` straight from the Python backend's shared memory (no copy); one
+request is fed to ONNX Runtime as is (no concatenation), several are concatenated once; each
+response's output is a view into the batched result when ONNX Runtime's output is contiguous.
 """
 
 import json
@@ -37,6 +45,9 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(_parameter(config, "intra_op_thread_count", "0"))
         options.inter_op_num_threads = int(_parameter(config, "inter_op_thread_count", "0"))
+        for key, value in config.get("parameters", {}).items():
+            if key.startswith("session."):
+                options.add_session_config_entry(key, value.get("string_value", ""))
         options.log_severity_level = 3
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]
@@ -45,30 +56,35 @@ class TritonPythonModel:
             i["name"]: pb_utils.triton_string_to_numpy(i["data_type"]) for i in config["input"]
         }
 
+    def _read(self, request):
+        """The request's inputs (views of shared memory), or the error message of a wrong dtype."""
+        arrays = {}
+        for name in self.input_names:
+            array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+            if array.dtype != self.input_dtypes[name]:
+                return None, f"input {name!r} must be {self.input_dtypes[name].__name__}, got {array.dtype}"
+            arrays[name] = array
+        return arrays, None
+
     def execute(self, requests):
-        batches, sizes, errors = {n: [] for n in self.input_names}, [], {}
-        for r, request in enumerate(requests):
-            arrays = {}
-            for name in self.input_names:
-                array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                if array.dtype != self.input_dtypes[name]:
-                    errors[r] = f"input {name!r} must be {self.input_dtypes[name].__name__}, got {array.dtype}"
-                arrays[name] = array
-            sizes.append(len(next(iter(arrays.values()))))
-            if r not in errors:
-                for name, array in arrays.items():
-                    batches[name].append(array)
+        read = [self._read(request) for request in requests]
+        valid = [arrays for arrays, error in read if error is None]
         outputs = {}
-        if batches[self.input_names[0]]:  # some request is valid
-            feed = {n: np.concatenate(b) for n, b in batches.items()}
-            results = self.session.run(self.output_names, feed)
-            outputs = dict(zip(self.output_names, results))
+        if len(valid) == 1:  # one request: fed as is, no concatenation
+            outputs = dict(zip(self.output_names, self.session.run(self.output_names, valid[0])))
+        elif valid:
+            feed = {n: np.concatenate([arrays[n] for arrays in valid]) for n in self.input_names}
+            outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         responses, offset = [], 0
-        for r, size in enumerate(sizes):
-            if r in errors:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[r], pb_utils.TritonError.INVALID_ARG)))
+        for arrays, error in read:
+            if error is not None:
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)))
                 continue
-            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(outputs[n][offset : offset + size]))
+            size = len(arrays[self.input_names[0]])
+            # A row slice of a C-contiguous array is contiguous: pb_utils.Tensor copies it into the
+            # response's shared memory once, with no intermediate copy.
+            tensors = [pb_utils.Tensor(n, np.ascontiguousarray(outputs[n][offset: offset + size]))
                        for n in self.output_names]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             offset += size

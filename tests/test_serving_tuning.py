@@ -1,0 +1,161 @@
+"""Serving performance settings (serving.tuning) and the configs the repository derives from them.
+No server here: test_serving_triton.py loads such configs into the real tritonserver."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from fer_core.errors import UsageError
+from fer_core.models import create_model
+from serving.export import export_onnx
+from serving.repository import ModelRepository, network_config
+from serving.tuning import (FALLBACK_QUEUE_DELAY_US, MAX_QUEUE_DELAY_US, MIN_QUEUE_DELAY_US, ServingTuning,
+                            measure_latency, queue_delay_from_latency)
+
+
+@pytest.fixture(scope="module")
+def ca_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("ca_resnet", width=4)
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "ca.onnx"), model.metadata
+
+
+def test_defaults_follow_the_cores_and_the_instance_kind():
+    cpu = ServingTuning.defaults("KIND_CPU", cpu_count=2)
+    assert (cpu.instances, cpu.intra_op_threads, cpu.allow_spinning) == (2, 1, False)
+    assert cpu.max_queue_delay_us is None and cpu.preferred_batch_sizes == () and cpu.preprocess_instances == 2
+    assert ServingTuning.defaults("KIND_CPU", cpu_count=1).instances == 1
+    assert ServingTuning.defaults("KIND_CPU", cpu_count=64).instances == 4  # capped: stubs cost memory
+    gpu = ServingTuning.defaults("KIND_GPU", cpu_count=64)
+    assert gpu.instances == 2 and gpu.preferred_batch_sizes == (8, 16, 32)
+    assert gpu.preferred_for(16) == (8, 16)
+
+
+def test_environment_overrides_the_defaults():
+    env = {"FER_TRITON_INSTANCES": "3", "FER_TRITON_INTRA_OP_THREADS": "0", "FER_TRITON_ALLOW_SPINNING": "1",
+           "FER_TRITON_QUEUE_DELAY_US": "250", "FER_TRITON_PREFERRED_BATCH": "16, 4",
+           "FER_TRITON_PREPROCESS_INSTANCES": "1"}
+    tuning = ServingTuning.load("KIND_CPU", env=env, cpu_count=2)
+    assert (tuning.instances, tuning.intra_op_threads, tuning.allow_spinning) == (3, 0, True)
+    assert tuning.max_queue_delay_us == 250 and tuning.preferred_batch_sizes == (16, 4)
+    assert tuning.preprocess_instances == 1 and tuning.postprocess_instances == 1
+    assert ServingTuning.load(env={"FER_TRITON_QUEUE_DELAY_US": "auto"}).max_queue_delay_us is None
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("FER_TRITON_INSTANCES", "0"), ("FER_TRITON_INSTANCES", "two"), ("FER_TRITON_INTRA_OP_THREADS", "-1"),
+    ("FER_TRITON_QUEUE_DELAY_US", "soon"), ("FER_TRITON_PREFERRED_BATCH", "8,x"),
+    ("FER_TRITON_PREFERRED_BATCH", "0"), ("FER_TRITON_ALLOW_SPINNING", "maybe"),
+])
+def test_a_bad_value_is_one_line_naming_the_variable(variable, value):
+    with pytest.raises(UsageError) as info:  # a ValueError: the CLI prints one line, exit 2
+        ServingTuning.load(env={variable: value})
+    message = str(info.value)
+    assert variable in message and repr(value.strip()) in message and "\n" not in message
+
+
+def test_queue_delay_is_about_one_execution_within_bounds():
+    assert queue_delay_from_latency(0.00035) == 350
+    assert queue_delay_from_latency(1e-6) == MIN_QUEUE_DELAY_US
+    assert queue_delay_from_latency(1.0) == MAX_QUEUE_DELAY_US
+    assert queue_delay_from_latency(0.0) == FALLBACK_QUEUE_DELAY_US
+
+
+def test_measured_latency_is_a_real_timing(ca_onnx):
+    path, meta = ca_onnx
+    specs = [(s.name, s.dtype, tuple(s.shape)) for s in meta.inputs]
+    latency = measure_latency(str(path), specs, runs=5)
+    assert latency is not None and 0 < latency < 1.0
+    assert measure_latency(str(path), [("image", "float32", (-1, 48, 48))]) is None  # dynamic: not timed
+
+
+def test_network_config_writes_threads_spinning_and_preferred_sizes(ca_onnx):
+    _, meta = ca_onnx
+    text = network_config(meta, [1], max_batch_size=32, instances=2, max_queue_delay_us=400, intra_op_threads=1,
+                          inter_op_threads=1, allow_spinning=False, preferred_batch_sizes=(16, 8))
+    assert "dynamic_batching { preferred_batch_size: [8, 16] max_queue_delay_microseconds: 400 }" in text
+    assert "count: 2" in text and 'key: "session.intra_op.allow_spinning" value: { string_value: "0" }' in text
+    assert 'key: "intra_op_thread_count" value: { string_value: "1" }' in text
+    plain = network_config(meta, [1])  # ORT's defaults: no thread parameters at all
+    assert "parameters" not in plain and "preferred_batch_size" not in plain
+    with pytest.raises(ValueError, match="within 1..max_batch_size"):
+        network_config(meta, [1], max_batch_size=8, preferred_batch_sizes=(16,))
+    with pytest.raises(ValueError, match="max_queue_delay_us"):
+        network_config(meta, [1], max_queue_delay_us=-1)
+
+
+def test_repository_derives_instances_and_batching_from_the_tuning(tmp_path, ca_onnx):
+    path, _ = ca_onnx
+    tuning = ServingTuning(instances=3, intra_op_threads=1, inter_op_threads=1, allow_spinning=False,
+                           max_queue_delay_us=None, preferred_batch_sizes=(4, 64), preprocess_instances=2,
+                           postprocess_instances=1)
+    repo = ModelRepository(tmp_path / "models", face_detection="off", tuning=tuning)
+    repo.install("ca_resnet", 1, path, max_batch_size=16)
+    config = (repo.root / "ca_resnet" / "config.pbtxt").read_text()
+    assert "instance_group [ { kind: KIND_CPU count: 3 } ]" in config
+    assert "preferred_batch_size: [4]" in config  # 64 > max_batch_size is left out
+    delay = int(re.search(r"max_queue_delay_microseconds: (\d+)", config).group(1))
+    assert MIN_QUEUE_DELAY_US <= delay <= MAX_QUEUE_DELAY_US  # measured on this machine at install
+    assert "count: 2" in (repo.root / "ca_resnet_preprocess" / "config.pbtxt").read_text()
+    assert "count: 1" in (repo.root / "ca_resnet_postprocess" / "config.pbtxt").read_text()
+    # Explicit arguments still win over the tuning.
+    repo.write_model("ca_resnet", 2, path, instances=1, max_queue_delay_us=0)
+    config = (repo.root / "ca_resnet" / "config.pbtxt").read_text()
+    assert "count: 1" in config and "max_queue_delay_microseconds: 0 " in config
+
+
+def test_repository_reads_the_environment_when_writing(tmp_path, ca_onnx, monkeypatch):
+    path, _ = ca_onnx
+    monkeypatch.setenv("FER_TRITON_QUEUE_DELAY_US", "123")
+    monkeypatch.setenv("FER_TRITON_INSTANCES", "1")
+    repo = ModelRepository(tmp_path / "models", face_detection="off")
+    repo.write_model("ca_resnet", 1, path)
+    config = (repo.root / "ca_resnet" / "config.pbtxt").read_text()
+    assert "max_queue_delay_microseconds: 123 " in config and "count: 1 " in config
+    monkeypatch.setenv("FER_TRITON_INSTANCES", "none")
+    with pytest.raises(ValueError, match="FER_TRITON_INSTANCES must be an integer"):
+        repo.write_model("ca_resnet", 2, path)
+    assert repo.versions("ca_resnet") == [1]  # the bad setting stopped before anything was installed
+
+
+@pytest.mark.integration  # starts the embedded tritonserver
+def test_tuned_configs_load_and_concurrent_requests_are_batched_per_step(tmp_path, ca_onnx):
+    """The real tritonserver loads what the tuning writes (session.* entry, 2 instances, preferred
+    sizes) and a burst of concurrent requests is batched by the network and the post-processing
+    step, each client still getting the answer it gets alone."""
+    pytest.importorskip("pytriton")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fer_core.data.synthfacs import SynthFACS
+    from serving.client import FERClient, encode_image
+    from serving.server import EmbeddedTriton
+
+    path, _ = ca_onnx
+    # A long queue delay on the network makes the burst one batch there, so its answers reach the
+    # post-processing step together (one instance: they cannot spread over two).
+    tuning = ServingTuning(instances=1, intra_op_threads=1, inter_op_threads=1, allow_spinning=False,
+                           max_queue_delay_us=200_000, preferred_batch_sizes=(16,), preprocess_instances=2,
+                           postprocess_instances=1)
+    repo = ModelRepository(tmp_path / "models", face_detection="off", tuning=tuning)
+    repo.install("ca_resnet", 1, path)  # max batch 32, like the ensemble's
+    pngs = [encode_image(f) for f in SynthFACS(0, image_size=96).expression_set(8).images]
+    with EmbeddedTriton(repo, tmp_path / "workspace", models=repo.load_order()) as server:
+        with FERClient(server.grpc_url) as client:
+            alone = [client.predict([p], network="ca_resnet")[0] for p in pngs]
+
+        def one(png: bytes):
+            with FERClient(server.grpc_url) as c:
+                return c.predict([png], network="ca_resnet")[0]
+
+        with ThreadPoolExecutor(len(pngs)) as pool:
+            together = list(pool.map(one, pngs))
+        stats = grpcclient.InferenceServerClient(server.grpc_url).get_inference_statistics("", as_json=True)
+    assert [p.label for p in together] == [p.label for p in alone]
+    for a, b in zip(alone, together):
+        assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-5
+    sizes = {m["name"]: {int(b["batch_size"]) for b in m.get("batch_stats", [])} for m in stats["model_stats"]}
+    assert max(sizes["ca_resnet"]) > 1 and max(sizes["ca_resnet_postprocess"]) > 1
