@@ -14,12 +14,11 @@ failed check stops the run with exit 1 (the stack is left up for inspection unle
  5. MLflow (PostgreSQL-backed) has the run, the registered version and the ``champion`` alias; the
     run's artifacts are in the S3 service; the dataset is in the DVC remote there; the champion is
     loaded in the Triton container; a face image is sent from the host through the ensemble with
-    ``fer infer --url``;
+    ``fer infer --url``; the process table: the Triton control key and this run's credentials are in
+    no process's command line (``/proc/<pid>/cmdline``, readable by every user of the host) and not
+    in ``docker inspect``; tritonserver carries the key placeholder, which Triton refuses as a key;
  6. ``down`` (volumes kept) and ``up`` again: runs, versions, aliases and the served champion are the
-    same, and inference still answers;
-    the process table: the Triton control key and this run's credentials are in no process's
-    command line (``/proc/<pid>/cmdline``, readable by every user of the host) and not in
-    ``docker inspect``; tritonserver carries the key placeholder, which Triton refuses as a key;
+    same, inference still answers, the process table is checked again;
  7. no secret in any image: ``docker history``, the image config and every layer are scanned for the
     credentials of this run and for the build host's CA certificates that the image does not ship.
 """
