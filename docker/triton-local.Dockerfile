@@ -14,6 +14,17 @@ ARG WHEELS_IMAGE=scratch
 
 FROM ${WHEELS_IMAGE} AS wheels
 
+# The argv scrubber preload (serving/backends/scrub_argv.c; docker/scripts/triton.sh starts
+# tritonserver with it so that the control key is never on its command line): compiled on the same
+# base as the server runs on, in a stage of its own (no compiler in the final image). The same
+# command as serving.server.build_argv_scrubber and docker/triton.Dockerfile.
+FROM ${BASE_IMAGE} AS scrubber
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY serving/backends/scrub_argv.c /src/scrub_argv.c
+RUN gcc -shared -fPIC -O2 -o /src/libferscrub.so /src/scrub_argv.c
+
 FROM ${BASE_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -38,6 +49,7 @@ RUN --mount=type=secret,id=ca,required=false --mount=type=bind,from=wheels,targe
 COPY fer_core/ fer_core/
 COPY serving/ serving/
 COPY docker/scripts/triton.sh /opt/fer/docker/scripts/triton.sh
+COPY --from=scrubber /src/libferscrub.so /opt/fer/lib/libferscrub.so
 # The server binary on PATH and the backends where NVIDIA's image has them, so docker/scripts/triton.sh
 # starts either image the same way.
 RUN pkg=$(/opt/venv/bin/python -c 'import importlib.util as u; print(u.find_spec("pytriton").submodule_search_locations[0])') \

@@ -5,6 +5,18 @@
 #
 #   docker build -f docker/triton.Dockerfile --build-arg TRITON_TAG=24.10 -t fer-triton .
 ARG TRITON_TAG=24.10
+
+# The argv scrubber preload (serving/backends/scrub_argv.c; docker/scripts/triton.sh starts
+# tritonserver with it so that the control key is never on its command line): compiled on the
+# server's own image, in a stage of its own (no compiler added to the final image). The same
+# command as serving.server.build_argv_scrubber and docker/triton-local.Dockerfile.
+FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3 AS scrubber
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY serving/backends/scrub_argv.c /src/scrub_argv.c
+RUN gcc -shared -fPIC -O2 -o /src/libferscrub.so /src/scrub_argv.c
+
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # torch here only supplies the model-metadata classes for pre/post-processing; inference does not
@@ -15,6 +27,7 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" -c /tmp/cons
         numpy opencv-python-headless pyyaml torch
 COPY fer_core/ /opt/fer/fer_core/
 COPY serving/ /opt/fer/serving/
+COPY --from=scrubber /src/libferscrub.so /opt/fer/lib/libferscrub.so
 # The Python-backend stub ignores PYTHONPATH; the repository's models read this instead.
 COPY docker/scripts/triton.sh /opt/fer/docker/scripts/triton.sh
 ENV FER_TRITON_PYTHONPATH=/opt/fer

@@ -22,11 +22,14 @@ APIs need the workspace's control key (:func:`control_key`, sent as a header by
 :class:`TritonEndpoint` when given ``key``); HTTP is off unless ``allow_http``, and then every HTTP
 API but health needs the key too (see ``RESTRICTED_APIS``); busy ports are refused and the server
 answering on the gRPC port must be the process started here (:meth:`EmbeddedTriton.owns_ports`).
-Triton takes the key on its command line, which every local user can read in
+Triton takes the key on its command line only, which every local user can read in
 ``/proc/<pid>/cmdline``; a preload compiled from ``serving/backends/scrub_argv.c``
-(:func:`build_argv_scrubber`) overwrites it there before ``main()`` runs. Without a C compiler the
-server runs without it and :attr:`EmbeddedTriton.key_hidden` is False (``fer serve`` warns); then
-mount ``/proc`` with ``hidepid=2`` or run the server as its own user.
+(:func:`build_argv_scrubber`) lets the command line carry a placeholder (``KEY_PLACEHOLDER``) and
+puts the key from the file named by ``FER_TRITON_KEY_FILE`` into the arguments ``main()`` parses,
+so the key never enters the process table (the Triton containers start the same way). Without a C
+compiler the server runs without it, with the key on its command line, and
+:attr:`EmbeddedTriton.key_hidden` is False (``fer serve`` warns); then mount ``/proc`` with
+``hidepid=2`` or run the server as its own user.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ CONTROL_HEADER = "fer-control-key"
 RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 HTTP_RESTRICTED_APIS = RESTRICTED_APIS + ("inference",)
 CONTROL_KEY_FILE = "control.key"
+# What the restricted-API options say instead of the key when the scrubber preload runs: it reads
+# the key from $FER_TRITON_KEY_FILE (serving/backends/scrub_argv.c; it refuses to start without).
+KEY_PLACEHOLDER = "@FER_TRITON_KEY_FILE"
 _GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -415,14 +421,16 @@ class EmbeddedTriton:
         env.setdefault("OMP_NUM_THREADS", "1")  # stubs share the CPU with each other and ORT
         if self._scrubber is not None:
             env["LD_PRELOAD"] = os.pathsep.join(filter(None, [str(self._scrubber), env.get("LD_PRELOAD")]))
+            env["FER_TRITON_KEY_FILE"] = str(self.repository.root.parent / CONTROL_KEY_FILE)
         return env
 
     def command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
+        key = KEY_PLACEHOLDER if self._scrubber is not None else self.key  # the preload fills it in
         args = [
             str(install.binary), f"--model-repository={self.repository.root}", f"--backend-directory={backend_dir}",
             "--model-control-mode=explicit", "--strict-model-config=true", "--exit-on-error=false",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{CONTROL_HEADER}={self.key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{CONTROL_HEADER}={key}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}", "--log-verbose=0",
             # Python-backend segments named after this workspace and launch (see _remove_stale_segments).
@@ -430,7 +438,7 @@ class EmbeddedTriton:
         ]
         if self.allow_http:
             args += [f"--http-address={self.host}", f"--http-port={self.http_port}",
-                     f"--http-restricted-api={','.join(HTTP_RESTRICTED_APIS)}:{CONTROL_HEADER}={self.key}"]
+                     f"--http-restricted-api={','.join(HTTP_RESTRICTED_APIS)}:{CONTROL_HEADER}={key}"]
         else:
             args += ["--allow-http=false"]
         return args + self.extra_args

@@ -211,10 +211,12 @@ def test_platform_dockerfile_targets_cpu_and_cuda_runs_fer_as_non_root_without_s
 
 def test_triton_runs_nvidias_container_with_explicit_model_control():
     instructions = _dockerfile_instructions(DOCKER / "triton.Dockerfile")
-    base = [rest for word, rest in instructions if word == "FROM"][0]
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-py3", base)
+    bases = [rest for word, rest in instructions if word == "FROM"]
+    # the argv scrubber's compiler stage and the server: both NVIDIA's image
+    assert bases[0] == "nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3 AS scrubber"
+    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-py3", bases[-1])
     for word, rest in instructions:
-        if word == "COPY":
+        if word == "COPY" and not rest.startswith("--from="):
             assert (ROOT / rest.split()[0]).exists()
     triton = _services()["triton"]
     assert _as_list(triton["entrypoint"])[-1] == "/opt/fer/docker/scripts/triton.sh"
@@ -227,6 +229,16 @@ def test_triton_runs_nvidias_container_with_explicit_model_control():
 
     assert f"HEADER={CONTROL_HEADER}" in script
     assert f'--grpc-restricted-protocol="{",".join(RESTRICTED_APIS)}:$HEADER=$key"' in script
+    # ... which never appears in argv: the preload fills the placeholder in from the key file
+    from serving.server import KEY_PLACEHOLDER
+
+    assert f"key={KEY_PLACEHOLDER}" in script and 'export FER_TRITON_KEY_FILE="$KEY_FILE"' in script
+    library = re.search(r'SCRUBBER="\$\{FER_TRITON_SCRUBBER:-([^}]+)\}"', script).group(1)
+    for dockerfile in ("triton.Dockerfile", "triton-local.Dockerfile"):
+        steps = [f"{word} {rest}" for word, rest in _dockerfile_instructions(DOCKER / dockerfile)]
+        assert "COPY serving/backends/scrub_argv.c /src/scrub_argv.c" in steps
+        assert "RUN gcc -shared -fPIC -O2 -o /src/libferscrub.so /src/scrub_argv.c" in steps
+        assert f"COPY --from=scrubber /src/libferscrub.so {library}" in steps
 
 
 def _compose_with_tags(path: Path) -> dict:

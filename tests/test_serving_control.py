@@ -45,7 +45,8 @@ from bench.promotion_under_load import test_images as face_images  # noqa: E402
 from serving.client import FERClient, ServingError  # noqa: E402
 from serving.live import find_live, reconcile  # noqa: E402
 from serving.repository import ModelRepository  # noqa: E402
-from serving.server import CONTROL_HEADER, EmbeddedTriton, ServingError as ServerError, TritonEndpoint  # noqa: E402
+from serving.server import (  # noqa: E402
+    CONTROL_HEADER, KEY_PLACEHOLDER, EmbeddedTriton, ServingError as ServerError, TritonEndpoint)
 
 pytestmark = pytest.mark.integration
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -192,8 +193,13 @@ def test_control_key_is_hidden_from_the_process_table(served):
     cmdline = Path(f"/proc/{served.live.triton_pid}/cmdline").read_bytes()
     assert b"--grpc-restricted-protocol=" in cmdline and b"--http-restricted-api=" in cmdline
     assert served.key.encode() not in cmdline
+    # the key never entered argv: the preload read it from the key file (serving/backends/scrub_argv.c)
+    assert cmdline.count(f"{CONTROL_HEADER}={KEY_PLACEHOLDER}\0".encode()) == 2
+    assert served.key.encode() not in Path(f"/proc/{served.live.triton_pid}/environ").read_bytes()
     _champion_answers_v1(served)  # Triton parsed the real arguments: the key still works ...
     assert served.live.endpoint().index()  # ... for the platform
+    status, text = _http(served, "POST", "/v2/repository/index", b"{}", {CONTROL_HEADER: KEY_PLACEHOLDER})
+    assert status in (400, 403) and "restricted" in text  # ... and the placeholder text is no key
 
 
 def test_control_key_is_private_and_never_logged(served):

@@ -14,9 +14,11 @@ failed check stops the run with exit 1 (the stack is left up for inspection unle
  5. MLflow (PostgreSQL-backed) has the run, the registered version and the ``champion`` alias; the
     run's artifacts are in the S3 service; the dataset is in the DVC remote there; the champion is
     loaded in the Triton container; a face image is sent from the host through the ensemble with
-    ``fer infer --url``;
+    ``fer infer --url``; the process table: the Triton control key and this run's credentials are in
+    no process's command line (``/proc/<pid>/cmdline``, readable by every user of the host) and not
+    in ``docker inspect``; tritonserver carries the key placeholder, which Triton refuses as a key;
  6. ``down`` (volumes kept) and ``up`` again: runs, versions, aliases and the served champion are the
-    same, and inference still answers;
+    same, inference still answers, the process table is checked again;
  7. no secret in any image: ``docker history``, the image config and every layer are scanned for the
     credentials of this run and for the build host's CA certificates that the image does not ship.
 """
@@ -39,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # this checkout's packages (serving.server), not an installed copy
 PROJECT = "fer-stack-test"
 COMPOSE = ["docker", "compose", "-p", PROJECT, "-f", str(ROOT / "docker/compose.yaml"),
            "-f", str(ROOT / "docker/compose.local.yaml")]
@@ -185,6 +188,54 @@ def infer(env: dict[str, str], image: Path) -> str:
     return proc.stdout.strip()
 
 
+def scan_process_table(creds: dict) -> None:
+    """The Triton control key and this run's credentials in no command line of any process of the
+    host (containers included: every local user can read ``/proc/<pid>/cmdline``) and not in
+    ``docker inspect`` of the containers; the key reaches tritonserver through its key file
+    (docker/scripts/triton.sh, serving/backends/scrub_argv.c), and its placeholder is no key."""
+    from serving.server import CONTROL_HEADER, KEY_PLACEHOLDER
+
+    key = compose(creds, "exec", "-T", "worker", "cat", "/srv/fer/triton/control.key", quiet=True).stdout.strip()
+    check(len(key) >= 32, f"the worker's control key read ({len(key)} characters)")
+    needles = {"Triton control key": key.encode()}
+    needles.update({f"credential {k}": v.encode() for k, v in creds.items() if not k.startswith("_") and len(v) > 8})
+    needles["credential Prefect password"] = creds["PREFECT_API_AUTH_STRING"].partition(":")[2].encode()
+    found, scanned, in_containers, tritons = [], 0, 0, []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            contained = b"docker" in (proc / "cgroup").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        scanned += 1
+        in_containers += contained
+        program = cmdline.split(b"\0")[0].decode(errors="replace")
+        if program.endswith("tritonserver") and contained:
+            tritons.append(cmdline)
+        found += [f"{name} in pid {proc.name} ({program})" for name, value in needles.items() if value in cmdline]
+    check(not found, f"no secret in the command line of any of {scanned} processes ({in_containers} in containers) "
+                     f"{found[:5] if found else ''}")
+    check(len(tritons) == 1 and tritons[0].count(f"{CONTROL_HEADER}={KEY_PLACEHOLDER}\0".encode()) == 2,
+          f"tritonserver's restricted-API options carry {KEY_PLACEHOLDER}, not the key")
+    ids = compose(creds, "ps", "-q", quiet=True).stdout.split()
+    inspect = run(["docker", "inspect", *ids], quiet=True).stdout
+    check(key not in inspect, f"the key in no `docker inspect` of the {len(ids)} containers")
+    index = f"http://127.0.0.1:{PORTS['triton_http']}/v2/repository/index"
+    for name, value, expected in (("no key", None, 403), ("the placeholder", KEY_PLACEHOLDER, 403),
+                                  ("the key", key, 200)):
+        request = urllib.request.Request(index, data=b"{}", method="POST")
+        if value is not None:
+            request.add_header(CONTROL_HEADER, value)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        check(status == expected, f"Triton's model index with {name}: {status}")
+
+
 def scan_images(creds: dict) -> None:
     """No credential of this run and no CA certificate of the build host (that the image does not
     ship itself) in `docker history`, the image config, or any file of any layer."""
@@ -329,6 +380,9 @@ print(json.dumps({{"id": str(run.id), "state": run.state.type.value, "message": 
         check('"label"' in answer or '"expression"' in answer or "probab" in answer,
               f"fer infer --url from the host answered for {image.name}")
 
+        step("no secret in the process table (the Triton control key, the credentials)")
+        scan_process_table(creds)
+
         step("down (volumes kept) and up again: everything is still there")
         start = time.monotonic()
         compose(creds, "down", quiet=True)
@@ -353,6 +407,7 @@ print(json.dumps({{"id": str(run.id), "state": run.state.type.value, "message": 
         check(second["ensemble_ready"] and second["served"] == first["served"],
               f"Triton serves v{second['served']} again")
         check(infer(env, image) == answer, "the same answer for the same image")
+        scan_process_table(creds)
 
         if not args.skip_scan:
             step("no secret in any image")

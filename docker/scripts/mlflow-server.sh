@@ -24,11 +24,15 @@ admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$conf_dir/basic_auth.ini"
+# The store URIs hold the database password: through the environment (mlflow server's own
+# variables for --backend-store-uri / --registry-store-uri), not argv, which every local user of
+# the host can read in /proc/<pid>/cmdline.
+MLFLOW_BACKEND_STORE_URI="$(db_uri "${MLFLOW_DB:-mlflow}")"
+MLFLOW_REGISTRY_STORE_URI="$MLFLOW_BACKEND_STORE_URI"
+export MLFLOW_BACKEND_STORE_URI MLFLOW_REGISTRY_STORE_URI
 
 exec mlflow server \
   --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" \
-  --backend-store-uri "$(db_uri "${MLFLOW_DB:-mlflow}")" \
-  --registry-store-uri "$(db_uri "${MLFLOW_DB:-mlflow}")" \
   --serve-artifacts --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-s3://mlflow/artifacts}" \
   --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-mlflow,mlflow:5000,localhost,localhost:5000,127.0.0.1,127.0.0.1:5000}" \
   --app-name basic-auth \
