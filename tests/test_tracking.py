@@ -51,7 +51,10 @@ def test_a_run_logs_params_metrics_artifacts_and_model(workspace, tmp_path):
     model = mlflow.pytorch.load_model(cb.model_info.model_uri)
     assert model(torch.randn(5, 1, 8, 8)).shape == (5, 3)
     info = mlflow.models.get_model_info(cb.model_info.model_uri)
-    assert info.metadata["fer_metadata"]["name"] == "toy_net" and info.flavors["pytorch"]["serialization_format"] == "pt2"
+    assert info.metadata["fer_metadata"]["name"] == "toy_net"
+    local = Path(mlflow.artifacts.download_artifacts(cb.model_info.model_uri, dst_path=str(tmp_path / "model")))
+    assert (local / info.flavors["pytorch"]["model_data"] / "model.pt2").is_file()
+    assert not list(local.rglob("*.pth"))  # no pickled module
     assert mlflow.pyfunc.load_model(cb.model_info.model_uri).predict(np.zeros((4, 1, 8, 8), np.float32)).shape == (4, 3)
 
 
