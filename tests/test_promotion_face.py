@@ -146,3 +146,18 @@ def test_promoting_v2_switches_the_served_preprocessing_and_rollback_restores_v1
     probabilities, found = _served(platform, photos)
     assert np.abs(probabilities - expected[1]["PROBABILITIES"]).max() <= 1e-4
     assert found == [False] * len(photos)
+
+
+def test_a_second_face_handling_for_a_registered_run_is_refused_and_keeps_its_package(platform, capsys):
+    """The package is an artefact of the run: registering v1's run again with other face handling
+    would overwrite the files v1's digest vouches for. It is refused with one line, nothing changes."""
+    from serving.package import ModelPackage
+
+    before = [v.version for v in reg.list_versions(NETWORK, platform.ws)]
+    run_id = platform.versions[1].run_id
+    assert main(["register", NETWORK, "--run", run_id, "--face-detection", "haar"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "registered already with another package" in err[0], err
+    assert [v.version for v in reg.list_versions(NETWORK, platform.ws)] == before
+    package = download_package(platform.versions[1], platform.packages[1].root.parent / "again", platform.ws)
+    assert isinstance(package, ModelPackage) and package.pipeline.face == "off" and package.digest == platform.packages[1].digest
