@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, metavar="RUN_ID", help="MLflow run id (printed by `fer train`)")
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance on every output (default 1e-4)")
     p.add_argument("--no-challenger", action="store_true", help="do not move the challenger alias to it")
+    p.add_argument("--face-detection", choices=("off", "haar"), default=None,
+                   help="the version's face handling for full photos, stored in its package (default: haar "
+                   "when the recipe aligned faces, else off; one choice per training run)")
     p.set_defaults(func=_register)
 
     p = sub.add_parser(
@@ -149,12 +152,13 @@ def _register(args: argparse.Namespace) -> int:
     from registry.export import register_run
 
     _quiet_downloads()
-    version = register_run(args.network, args.run, atol=args.atol, set_challenger=not args.no_challenger)
+    version = register_run(args.network, args.run, atol=args.atol, set_challenger=not args.no_challenger,
+                           face_detection=args.face_detection)
     tags = version.tags
     print(f"registered {args.network} v{version.version} from run {version.run_id}"
           f"{' (challenger)' if 'challenger' in version.aliases else ''}")
     for key in ("data_version", "data_gate", "parity_passed", "parity_max_abs_diff", "primary_metric",
-                "primary_metric_value", "recipe_fingerprint", "git_commit"):
+                "primary_metric_value", "recipe_fingerprint", "git_commit", "face_handling"):
         print(f"  {key:22s} {tags.get(key, '-')}")
     if tags.get("parity_passed") != "true":
         print("warning: ONNX parity failed; `fer promote` will refuse this version", file=sys.stderr)

@@ -206,6 +206,14 @@ def _register(network: str, run_id: str, model_uri: str, checkpoint: Path, data_
     with tempfile.TemporaryDirectory() as tmp:
         package, parity, pipeline_diff = _export_and_check(checkpoint, held, Path(tmp), atol, recipe=recipe,
                                                            face=face, info=info)
+        # The package is an artefact of the run: a second, different one would overwrite the files an
+        # earlier version's digest vouches for (and the digest param cannot change), so it is refused.
+        logged = client.get_run(run_id).data.params.get(PACKAGE_DIGEST_PARAM)
+        if logged and logged != package.digest:
+            from fer_core.errors import UsageError
+
+            raise UsageError(f"run {run_id} is registered already with another package (face handling or export "
+                             f"differs; its package_sha256 is {logged[:12]}...): train again to register another choice")
         client.log_artifacts(run_id, str(package.root), PACKAGE_ARTIFACT)
         client.log_param(run_id, PACKAGE_DIGEST_PARAM, package.digest)
         model_info = log_package_model(package, run_id)

@@ -13,7 +13,6 @@ experiment per network (``fer-<network>``).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import platform
@@ -116,33 +115,41 @@ def system_info(device: str) -> dict[str, str]:
 
 
 def model_signature(metadata: ModelMetadata) -> ModelSignature:
-    """MLflow tensor signature from the model's metadata (batch axis -1)."""
+    """MLflow tensor signature from the model's metadata (batch axis -1).
+
+    A single input or output is an *unnamed* spec: a named one makes MLflow's pyfunc hand the
+    PyTorch flavour a dict, which it refuses ("does not support List or Dict input types",
+    mlflow/mlflow#13931). Several outputs keep their names.
+    """
     def schema(specs) -> Schema:
-        return Schema([MlflowTensorSpec(np.dtype(s.dtype), (-1, *s.shape), s.name) for s in specs])
+        named = len(specs) > 1
+        return Schema([MlflowTensorSpec(np.dtype(s.dtype), (-1, *s.shape), s.name if named else None)
+                       for s in specs])
 
     return ModelSignature(inputs=schema(metadata.inputs), outputs=schema(metadata.outputs))
 
 
 def log_model(model: FERModel, name: str = "model") -> Any:
-    """Log the PyTorch model with its signature and an input example."""
-    example = model.example_input(1).numpy()
-    # MLflow warns about pickle (chosen on purpose, below) and fails to "validate" a tensor input
-    # example through its JSON serving path (it feeds lists to the PyTorch flavor); both are noise.
-    quiet = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)
-    try:
-        return mlflow.pytorch.log_model(
-            model.cpu().eval(), name=name, signature=model_signature(model.metadata), input_example=example,
-            pip_requirements=PIP_REQUIREMENTS,
-            # pickle keeps the FERModel class (and its metadata) on load; torch.export would return a
-            # bare GraphModule. The ONNX file is the portable serving artifact.
-            serialization_format="pickle",
-        )
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
+    """Log the trained PyTorch model in MLflow's safe ``pt2`` format (a ``torch.export`` graph, loaded
+    without fer_core and without unpickling code) with its signature, an input example and the
+    model's metadata (``fer_metadata`` in the MLflow model's metadata).
+
+    The example has 2 samples: ``torch.export`` fixes an axis whose example size is 1, and the
+    batch axis must stay dynamic. MLflow's PyTorch pyfunc returns a single tensor, so it can
+    serve (and validate the example of) single-output networks only; a network with several
+    outputs is served by its registered package model (:mod:`registry.pyfunc`), and MLflow is
+    told not to try serving this example.
+    """
+    from fer_core.metadata import metadata_to_dict
+
+    example = model.example_input(2).numpy()
+    single_output = len(model.metadata.outputs) == 1
+    return mlflow.pytorch.log_model(
+        model.cpu().eval(), name=name, signature=model_signature(model.metadata), input_example=example,
+        pip_requirements=PIP_REQUIREMENTS, serialization_format="pt2",
+        metadata={"fer_metadata": metadata_to_dict(model.metadata)},
+        **({} if single_output else {"validate_serving_input": False}),
+    )
 
 
 class MlflowCallback(Callback):

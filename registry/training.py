@@ -69,8 +69,18 @@ def resolve_weight_refs(recipe: Recipe, workspace: Workspace | None = None) -> R
 
 
 def run_dir_for(workspace: Workspace, network: str, data_version: str, recipe: Recipe) -> Path:
-    """Deterministic run folder: the same network, data version and recipe resume the same run."""
-    return workspace.runs / network / f"{data_version[:12]}-{recipe.fingerprint()}"
+    """Deterministic run folder: the same network, data version, recipe and code resume the same run.
+
+    The code fingerprint is part of it like it is of the retrain cache key: after a fix to the
+    network's code a resumed (finished) run would register a second, different package for one run.
+    """
+    from fer_core.training.fingerprint import code_fingerprint
+
+    try:
+        code = f"-{code_fingerprint(network)[:8]}"
+    except ValueError:  # a model without a training task has no code fingerprint
+        code = ""
+    return workspace.runs / network / f"{data_version[:12]}-{recipe.fingerprint()}{code}"
 
 
 # What each split is called in the source dataset, for an honest "measured on" (FER2013's CSV Usage).

@@ -1,10 +1,18 @@
 """ONNX export of platform models and a PyTorch-vs-ONNX-Runtime parity check.
 
-Export uses the TorchScript exporter (``dynamo=False``): with torch 2.13 the dynamo exporter needs
-``onnxscript`` (not installed) and mishandles a dynamic batch axis exported from a batch of 1. Every
-input and output gets a dynamic batch axis ``"batch"`` so Triton's dynamic batcher can stack requests.
-The model's :class:`~fer_core.models.registry.ModelMetadata` is stored in the ONNX file's
-``metadata_props`` (key ``fer_metadata``) so a repository can be rebuilt from the ONNX file alone.
+Export uses torch's supported exporter, ``torch.onnx.export(..., dynamo=True)`` (``torch.export``
+graph, translated by ``onnxscript``), opset 18, weights inside the file (``external_data=False``).
+The batch axis is a ``torch.export.Dim`` named ``"batch"`` on every input and output, so Triton's
+dynamic batcher can stack requests; an export whose graph came out with a fixed batch is refused.
+The example batch is 2: with a batch of 1, ``torch.export`` specialises the axis.
+
+A network whose graph ``torch.export`` cannot capture may be listed in :data:`TORCHSCRIPT_FALLBACK`
+with the reason; it is then exported by the TorchScript tracer (``dynamo=False``, ``dynamic_axes``).
+No network needs it today (``micro_lsh``'s ``chunk(2)`` of a ``2B`` batch raised a guard
+torch.export could not prove, ``(3B - 1) // B == 2``; the model splits by an explicit ``(2, B)``
+view instead). The exporter used is written into the file (``metadata_props`` key
+``fer_exporter``) beside the model's :class:`~fer_core.models.registry.ModelMetadata` (key
+``fer_metadata``), so a repository can be rebuilt from the ONNX file alone.
 """
 
 from __future__ import annotations
@@ -20,11 +28,20 @@ from fer_core.metadata import ModelMetadata, metadata_from_json, metadata_to_jso
 from fer_core.models.registry import FERModel
 
 METADATA_KEY = "fer_metadata"
+EXPORTER_KEY = "fer_exporter"
+EXPORTERS = ("dynamo", "torchscript")
+DYNAMO_OPSET = 18  # onnxscript's native opset: a lower one goes through the version converter
+# Networks torch.export cannot capture, exported by the TorchScript tracer instead, and why.
+TORCHSCRIPT_FALLBACK: dict[str, str] = {}
 # Output kinds whose arg-max is a class decision (label agreement is measured on these).
 _CLASSIFICATION_KINDS = ("logits", "probabilities")
 
 __all__ = [
     "ParityReport",
+    "EXPORTERS",
+    "TORCHSCRIPT_FALLBACK",
+    "exporter_for",
+    "read_onnx_exporter",
     "export_onnx",
     "check_parity",
     "export_checkpoint",
@@ -45,37 +62,78 @@ def read_onnx_metadata(onnx_path: str | Path) -> ModelMetadata:
     raise ValueError(f"{onnx_path} carries no {METADATA_KEY!r} metadata; export it with serving.export.export_onnx")
 
 
-def export_onnx(model: FERModel, path: str | Path, opset: int = 17, batch_size: int = 2) -> Path:
+def exporter_for(network: str) -> str:
+    """``"torchscript"`` for a network in :data:`TORCHSCRIPT_FALLBACK`, else ``"dynamo"``."""
+    return "torchscript" if network in TORCHSCRIPT_FALLBACK else "dynamo"
+
+
+def read_onnx_exporter(onnx_path: str | Path) -> str:
+    """The exporter :func:`export_onnx` recorded in an ONNX file (``""`` for older files)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == EXPORTER_KEY), "")
+
+
+def _export_dynamo(model: FERModel, example: torch.Tensor, path: Path, names_in: list[str],
+                   names_out: list[str], opset: int | None) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(
+        model, (example,), str(path), input_names=names_in, output_names=names_out,
+        dynamic_shapes=({0: batch},), opset_version=opset or DYNAMO_OPSET, dynamo=True,
+        external_data=False, optimize=True, verbose=False,
+    )
+
+
+def _export_torchscript(model: FERModel, example: torch.Tensor, path: Path, names_in: list[str],
+                        names_out: list[str], opset: int | None) -> None:
+    dynamic_axes = {name: {0: "batch"} for name in names_in + names_out}
+    torch.onnx.export(
+        model, (example,), str(path), input_names=names_in, output_names=names_out,
+        dynamic_axes=dynamic_axes, opset_version=opset or 17, dynamo=False,
+    )
+
+
+def export_onnx(model: FERModel, path: str | Path, opset: int | None = None, batch_size: int = 2,
+                exporter: str | None = None) -> Path:
     """Export ``model`` (in eval mode) to ``path`` with a dynamic batch axis and check the graph.
 
-    Names of inputs/outputs come from ``model.metadata``; the metadata itself is embedded.
+    ``exporter``: ``"dynamo"`` or ``"torchscript"`` (default: :func:`exporter_for` the model's
+    network); ``opset`` defaults to 18 (dynamo) / 17 (torchscript). Names of inputs/outputs come
+    from ``model.metadata``; the metadata and the exporter are embedded.
     """
     import onnx
 
     if not isinstance(model, FERModel):
         raise ValueError(f"expected a FERModel, got {type(model).__name__}")
     if batch_size < 2:
-        # A batch of 1 lets the tracer constant-fold the batch axis in some reshapes.
+        # A batch of 1 lets the tracer constant-fold the batch axis (torch.export specialises it).
         raise ValueError(f"batch_size must be >= 2 for a traceable dynamic batch axis, got {batch_size}")
     meta = model.metadata
+    exporter = exporter or exporter_for(meta.name)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     names_in = [s.name for s in meta.inputs]
     names_out = list(meta.output_names)
-    dynamic_axes = {name: {0: "batch"} for name in names_in + names_out}
+    export = _export_dynamo if exporter == "dynamo" else _export_torchscript
     try:
         with torch.no_grad():
-            torch.onnx.export(
-                model, (model.example_input(batch_size),), str(path), input_names=names_in,
-                output_names=names_out, dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
-            )
+            export(model, model.example_input(batch_size), path, names_in, names_out, opset)
     finally:
         model.train(was_training)
     onnx_model = onnx.load(str(path))
-    entry = onnx_model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, metadata_to_json(meta)
+    fixed = [v.name for v in [*onnx_model.graph.input, *onnx_model.graph.output]
+             if not v.type.tensor_type.shape.dim or not v.type.tensor_type.shape.dim[0].dim_param]
+    if fixed:
+        raise ValueError(f"{meta.name}: the {exporter} export fixed the batch axis of {fixed}; "
+                         "Triton could not batch it")
+    for key, value in ((METADATA_KEY, metadata_to_json(meta)), (EXPORTER_KEY, exporter)):
+        entry = onnx_model.metadata_props.add()
+        entry.key, entry.value = key, value
     onnx.checker.check_model(onnx_model)
     onnx.save(onnx_model, str(path))
     return path
@@ -157,7 +215,7 @@ def check_parity(
                         passed=bool(within and agree.all()), num_samples=len(inputs), per_output=per_output)
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, opset: int = 17, atol: float = 1e-4,
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, opset: int | None = None, atol: float = 1e-4,
                       output_atol: Mapping[str, float] | None = None) -> Path:
     """Rebuild the model of a training checkpoint, export it to ``out`` and check parity.
 

@@ -115,8 +115,11 @@ def test_mlflow_artifacts_and_model_go_to_s3(workspace, s3_env, tmp_path, monkey
     prefix = f"artifacts/toy_net/{callback.run_id}/artifacts/"
     assert prefix + "checkpoint/best.pt" in keys and prefix + "plots/learning_curves.png" in keys
     assert not (workspace.mlflow_artifacts).exists() or not any(workspace.mlflow_artifacts.rglob("*.pt"))
+    import torch
+
     model = mlflow.pytorch.load_model(callback.model_info.model_uri)  # downloaded back from S3
-    assert model.metadata.name == "toy_net"
+    assert mlflow.models.get_model_info(callback.model_info.model_uri).metadata["fer_metadata"]["name"] == "toy_net"
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
 def test_dvc_remote_on_s3_round_trips_a_dataset(workspace, s3_env, tmp_path, monkeypatch):

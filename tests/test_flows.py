@@ -184,3 +184,27 @@ def test_ingest_flow_versions_a_source(env):
     version = ingest("fer-again", fmt, path)
     assert version.ref.startswith("fer-again@") and version.num_samples > 0
     assert os.path.isdir(version_path := env["workspace"].dvc_repo / "datasets" / "fer-again"), version_path
+
+
+def test_a_model_file_change_retrains_that_network_only(env, monkeypatch):
+    """Issue 13: the code fingerprint is part of the cache key. A change to ca_resnet's model file
+    (its source, as the fingerprint reads it, with a line appended) makes ``retrain_all`` retrain and
+    register ca_resnet, and only ca_resnet; au_cotrain stays unchanged."""
+    from fer_core.training import fingerprint
+    from registry import models as reg
+
+    before = {n: len(reg.list_versions(n)) for n in NETWORKS}
+    trains_before = len(_flow_runs("train"))
+    real = fingerprint._read_source
+    monkeypatch.setattr(fingerprint, "_read_source",
+                        lambda name: real(name) + (b"\n# a fix\n" if name == "fer_core.models.ca_resnet" else b""))
+    state = _run(env)
+    assert state.is_completed(), state.message
+    decisions = {r["network"]: r["decision"] for r in state.result()}
+    assert decisions["au_cotrain"] == "unchanged", decisions
+    assert decisions["ca_resnet"] != "unchanged" and not decisions["ca_resnet"].startswith("failed"), decisions
+    after = {n: len(reg.list_versions(n)) for n in NETWORKS}
+    assert after == {**before, "ca_resnet": before["ca_resnet"] + 1}
+    assert len(_flow_runs("train")) == trains_before + 1
+    newest = reg.get_version("ca_resnet", after["ca_resnet"])
+    assert newest.tags["code_fingerprint"] == fingerprint.code_fingerprint("ca_resnet")

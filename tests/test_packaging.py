@@ -85,18 +85,26 @@ def test_every_installer_uses_the_lock_and_the_makefile_names_the_torch_index():
     assert "--index-url https://mirror.example/whl/cpu" in mirror.stdout
 
 
+@pytest.fixture(scope="module")
+def clean_venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv with ``pip install -c lock <checkout>`` (the core) in it, shared by this
+    file's clean-environment tests (the core test runs first, the platform test adds the extra)."""
+    venv = tmp_path_factory.mktemp("clean") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(LOCK), str(ROOT)],
+                             capture_output=True, text=True, timeout=1800)
+    assert install.returncode == 0, install.stderr[-3000:]
+    return venv
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_pip_install_of_the_checkout_in_a_clean_venv_gives_a_working_fer(tmp_path):
+def test_pip_install_of_the_checkout_in_a_clean_venv_gives_a_working_fer(clean_venv, tmp_path):
     """``python -m venv`` + ``pip install -c lock <checkout>``, then the venv's own ``fer``; and pip's
     resolver on ``.[all]`` (a dry run with a report) picks the locked versions and no CUDA extras.
     Uses pip's configured indexes (here: local wheel folders; the CPU torch wheel among them)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    venv = clean_venv
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
-    install = subprocess.run([*pip, "install", "-q", "-c", str(LOCK), str(ROOT)], capture_output=True,
-                             text=True, timeout=1800)
-    assert install.returncode == 0, install.stderr[-3000:]
     clean_env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "FER_HOME": str(tmp_path / "home")}
     helped = subprocess.run([str(venv / "bin" / "fer"), "--help"], capture_output=True, text=True, timeout=300,
                             env=clean_env, cwd=tmp_path)
@@ -126,3 +134,111 @@ def test_pip_install_of_the_checkout_in_a_clean_venv_gives_a_working_fer(tmp_pat
         installed = resolved.get(_canonical(package)) or metadata.version(package)
         assert installed.split("+", 1)[0] == pins[_canonical(package)], package
     assert not set(map(_canonical, NOT_WANTED)) & set(resolved), sorted(set(map(_canonical, NOT_WANTED)) & set(resolved))
+
+
+# Run in the clean venv: the registered champion through MLflow's own pyfunc loader, on PNG files.
+_PYFUNC_PREDICT = """
+import json, sys
+import mlflow, pandas as pd
+import fer_core
+model = mlflow.pyfunc.load_model("models:/fer-ca_resnet@champion")
+images = [open(path, "rb").read() for path in sys.argv[1:]]
+answer = model.predict(pd.DataFrame({"image": images}))
+print(json.dumps({"where": fer_core.__file__, "labels": list(answer["label"]),
+                  "probabilities": answer["probabilities"].tolist(), "face_found": list(map(bool, answer["face_found"]))}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_registered_champion_predicts_and_serves_in_a_clean_venv_with_the_platform(clean_venv, tmp_path,
+                                                                                       monkeypatch):
+    """Issue 13's first "done means": with only ``pip install -c lock <checkout>[platform]`` in a fresh
+    venv, ``mlflow.pyfunc.load_model("models:/fer-ca_resnet@champion")`` predicts on real PNG bytes,
+    and ``mlflow models serve --env-manager local`` answers ``/invocations`` with an encoded image,
+    both like the version's package. The champion comes from a real training + registration here
+    (SQLite MLflow store in a workspace); the venv gets only its tracking URI."""
+    import base64
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    import numpy as np
+    import torch
+
+    from fer_core.data.formats import adapt, get_format
+    from fer_core.workspace import Workspace
+    from registry import models as reg
+    from registry.datasets import DatasetStore
+    from registry.export import export_and_register
+    from registry.promotion import download_package
+    from registry.training import resolve_recipe, train_tracked
+    from serving.server import free_port
+
+    torch.set_num_threads(1)
+    home = tmp_path / "home"
+    monkeypatch.setenv("FER_HOME", str(home))
+    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "FER_CONFIG", "FER_DVC_REMOTE", "FER_ARTIFACT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    ws = Workspace(home).ensure()
+    source = get_format("fer2013").write_synthetic(tmp_path / "src", size=80)
+    adapt("fer2013", source, tmp_path / "prepared", name="fer")
+    data = DatasetStore(ws).add("fer", tmp_path / "prepared")
+    recipe = resolve_recipe("ca_resnet", "quick", None, {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16,
+                                                         "model_kwargs.width": 8})
+    version = export_and_register(train_tracked("ca_resnet", data.ref, recipe, progress=False, workspace=ws),
+                                  workspace=ws)
+    reg.set_alias("ca_resnet", "champion", version.version, ws)
+    package = download_package(version, tmp_path / "package", ws)
+    images = [s[0] for s in package.smoke_samples()[:3]]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"face{i}.png")
+        paths[-1].write_bytes(image)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    expected = package.expected()["PROBABILITIES"][:3]
+    labels = package.metadata.label_names
+
+    venv = clean_venv
+    start = time.perf_counter()
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(LOCK),
+                              f"{ROOT}[platform]"], capture_output=True, text=True, timeout=1800)
+    assert install.returncode == 0, install.stderr[-3000:]
+    print(f"\nclean venv: pip install [platform] {time.perf_counter() - start:.0f} s")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{ws.mlflow_db}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", _PYFUNC_PREDICT, *map(str, paths)], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    assert str(venv) in answer["where"]  # the platform came from the venv, not from this checkout
+    assert np.abs(np.array(answer["probabilities"]) - expected).max() <= 1e-6
+    assert answer["labels"] == [labels[i] for i in expected.argmax(1)]
+
+    port = free_port("127.0.0.1")
+    server = subprocess.Popen([str(venv / "bin" / "mlflow"), "models", "serve", "-m", "models:/fer-ca_resnet@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow models serve did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[base64.b64encode(b).decode()] for b in images]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = json.loads(response.read())["predictions"]
+        assert np.abs(np.array([row["probabilities"] for row in served]) - expected).max() <= 1e-6
+        assert [row["label"] for row in served] == answer["labels"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)

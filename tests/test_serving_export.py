@@ -8,11 +8,16 @@ import pytest
 import torch
 
 from fer_core.models import create_model
-from serving.export import check_parity, export_checkpoint, export_onnx, metadata_to_json, read_onnx_metadata
+from fer_core.models.registry import list_networks
+from serving.export import (
+    TORCHSCRIPT_FALLBACK, check_parity, export_checkpoint, export_onnx, exporter_for, metadata_to_json,
+    read_onnx_exporter, read_onnx_metadata,
+)
 
 TINY = {
     "ca_resnet": dict(width=8, img_size=24),
     "resnet18": dict(width=4),
+    "resnet34": dict(width=4),
     "multitask_fer": dict(img_size=32, width=16, num_stacks=1, hourglass_depth=2, pyramid_dim=16, num_heads=2,
                           head_hidden=32),
     "micro_lsh": dict(img_size=16, width=4, stem="small", magnifier_width=4, num_mag_frames=8, head_hidden=16),
@@ -21,11 +26,24 @@ TINY = {
 }
 
 
+def test_every_registered_network_has_a_tiny_export_configuration():
+    assert sorted(TINY) == list_networks()
+
+
+def test_which_exporter_each_network_uses():
+    """Every network goes through torch's dynamo exporter; a fallback to the TorchScript tracer
+    would be listed by name with its reason (none is needed today)."""
+    assert TORCHSCRIPT_FALLBACK == {}
+    assert {name: exporter_for(name) for name in list_networks()} == {name: "dynamo" for name in list_networks()}
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_export_dynamic_batch_and_parity(name, tmp_path):
     torch.set_num_threads(1)
     model = create_model(name, **TINY[name]).eval()
     path = export_onnx(model, tmp_path / f"{name}.onnx")
+    assert read_onnx_exporter(path) == exporter_for(name)
+    assert not list(tmp_path.glob("*.data")), "weights must sit inside the ONNX file (one file per version)"
     graph = onnx.load(str(path)).graph
     meta = model.metadata
     assert [i.name for i in graph.input] == [s.name for s in meta.inputs]
@@ -42,6 +60,16 @@ def test_export_dynamic_batch_and_parity(name, tmp_path):
     assert all(d <= 1e-4 for name, d in report.per_output.items() if name != "landmarks"), report
     assert report.num_samples == 3 and report.label_agreement == 1.0
     assert set(report.per_output) == set(meta.output_names)
+
+
+def test_the_torchscript_fallback_exports_with_parity_too(tmp_path):
+    torch.set_num_threads(1)
+    model = create_model("ca_resnet", **TINY["ca_resnet"]).eval()
+    path = export_onnx(model, tmp_path / "ts.onnx", exporter="torchscript")
+    assert read_onnx_exporter(path) == "torchscript"
+    assert check_parity(model, path, num_samples=3).passed
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(model, tmp_path / "x.onnx", exporter="tflite")
 
 
 def test_parity_detects_a_different_model(tmp_path):

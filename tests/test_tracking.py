@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from fer_core.training.trainer import Trainer
@@ -44,8 +46,41 @@ def test_a_run_logs_params_metrics_artifacts_and_model(workspace, tmp_path):
     assert {a.path for a in client.list_artifacts(cb.run_id, "checkpoint")} == {"checkpoint/best.pt", "checkpoint/best.pt.sha256"}
     assert run.inputs.dataset_inputs[0].dataset.name == "toy"
     assert str(workspace.root) in run.info.artifact_uri
+    # The safe pt2 format: a torch.export graph with a dynamic batch axis, the metadata beside it,
+    # and MLflow's own pyfunc serves it on an ndarray (unnamed tensor signature).
     model = mlflow.pytorch.load_model(cb.model_info.model_uri)
-    assert model.metadata.name == "toy_net"
+    assert model(torch.randn(5, 1, 8, 8)).shape == (5, 3)
+    info = mlflow.models.get_model_info(cb.model_info.model_uri)
+    assert info.metadata["fer_metadata"]["name"] == "toy_net"
+    local = Path(mlflow.artifacts.download_artifacts(cb.model_info.model_uri, dst_path=str(tmp_path / "model")))
+    assert (local / info.flavors["pytorch"]["model_data"] / "model.pt2").is_file()
+    assert not list(local.rglob("*.pth"))  # no pickled module
+    assert mlflow.pyfunc.load_model(cb.model_info.model_uri).predict(np.zeros((4, 1, 8, 8), np.float32)).shape == (4, 3)
+
+
+def test_logging_the_model_raises_no_mlflow_warning(workspace, tmp_path, recwarn):
+    """No pickle warning and no failed input-example validation (both had been silenced before).
+    MLflow's logger does not propagate to the root logger (pytest's caplog), so the test listens on it."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(f"{record.name}: {record.getMessage()[:200]}")
+
+    collect, mlflow_logger = Collect(), logging.getLogger("mlflow")
+    mlflow_logger.addHandler(collect)
+    try:
+        cb = MlflowCallback("toy_net", tmp_path / "run")
+        Trainer(toy_recipe(epochs=1), ToyTask(), tmp_path / "run", callbacks=[cb]).fit()
+    finally:
+        mlflow_logger.removeHandler(collect)
+    assert cb.model_info is not None
+    assert collect.messages == []
+    assert not [str(w.message)[:200] for w in recwarn if "mlflow" in w.filename]
 
 
 def test_a_killed_and_resumed_training_is_one_run(workspace, tmp_path):

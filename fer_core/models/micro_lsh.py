@@ -190,8 +190,10 @@ class LearnedMagnifier(nn.Module):
         batch, steps = factors.shape
         # One encoder pass over onset and apex together; only the apex frame's texture is rendered.
         encoded = self.encoder(torch.cat([onset, apex], dim=0))
-        shape_onset, shape_apex = self.shape_head(encoded).chunk(2, dim=0)
-        texture = self.texture_head(encoded.chunk(2, dim=0)[1])
+        # Halves by an explicit (2, B) split, not ``chunk(2)``: chunk's count ceil(2B / B) is a guard
+        # torch.export cannot prove for a symbolic batch, so the dynamo exporter would fix B.
+        shape_onset, shape_apex = self.shape_head(encoded).unflatten(0, (2, batch)).unbind(0)
+        texture = self.texture_head(encoded[batch:])
         motion = self.motion_g(shape_apex - shape_onset)  # (B, c, h, w)
         scaled = factors[:, :, None, None, None] * motion.unsqueeze(1)  # (B, T, c, h, w)
         shape_mag = shape_onset.unsqueeze(1) + self.motion_h(scaled.flatten(0, 1)).unflatten(0, (batch, steps))
