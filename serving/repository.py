@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from fer_core.metadata import ModelMetadata
-from fer_core.settings import FACE_DETECTION_MODES, Settings
+from fer_platform.settings import FACE_DETECTION_MODES
 from serving.ensembles import processing
 from fer_core.data.pipeline import InputPipeline
 from fer_core.metadata import metadata_from_dict, metadata_to_json
@@ -323,9 +323,7 @@ class ModelRepository:
         self.root = Path(root).resolve()
         self.instance_kind = instance_kind
         # A deployment-wide face handling override (see the module docstring); None = each version's own.
-        if face_detection is None:
-            settings = Settings.load()
-            face_detection = settings.face_detection if settings.is_set("face_detection") else None
+        # Entry points pass the settings' explicit FER_FACE_DETECTION (Workspace.face_detection_override).
         if face_detection is not None and face_detection not in FACE_DETECTION_MODES:
             raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
         self.face_detection = face_detection

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_core.settings import Settings, env_var, redact_uri, setting_names
+from fer_platform.settings import Settings, env_var, redact_uri, setting_names
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -30,8 +30,8 @@ def test_nothing_set_gives_the_embedded_default(tmp_path, monkeypatch):
     assert s.embedded and not s.explicit and s.required_credentials() == ()
 
 
-def test_defaults_follow_the_workspace_like_fer_core_workspace(tmp_path):
-    from fer_core.workspace import Workspace
+def test_defaults_follow_the_workspace(tmp_path):
+    from fer_platform.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     s = Settings.load(env={"FER_HOME": str(ws.root)})
@@ -153,6 +153,7 @@ def test_redact_uri_masks_only_passwords():
 
 def test_the_library_reads_its_configuration_from_the_settings_file(tmp_path, monkeypatch):
     """registry.tracking and registry.datasets follow $FER_CONFIG, not only FER_* variables."""
+    from fer_platform.workspace import Workspace
     from registry.datasets import DatasetStore
     from registry.tracking import tracking_uri
 
@@ -160,8 +161,9 @@ def test_the_library_reads_its_configuration_from_the_settings_file(tmp_path, mo
         monkeypatch.delenv(env_var(name), raising=False)
     config = _write(tmp_path / "fer.yaml", {"home": "ws", "dvc_remote": "s3://bucket/dvc"})
     monkeypatch.setenv("FER_CONFIG", str(config))
-    assert tracking_uri() == f"sqlite:///{(tmp_path / 'ws' / 'mlflow' / 'mlflow.db').resolve()}"
-    store = DatasetStore()
+    workspace = Workspace.load()  # what an entry point builds
+    assert tracking_uri(workspace) == f"sqlite:///{(tmp_path / 'ws' / 'mlflow' / 'mlflow.db').resolve()}"
+    store = DatasetStore(workspace)
     assert store.workspace.root == (tmp_path / "ws").resolve() and store.remote_url == "s3://bucket/dvc"
 
 
