@@ -125,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     print("[2/4] starting the embedded Triton server", flush=True)
     t = time.perf_counter()
-    repository = ModelRepository(workspace.triton_repository, face_detection=workspace.face_detection_override)
+    repository = ModelRepository.of_workspace(workspace)
     triton = EmbeddedTriton(repository, workspace.root / "triton", models=repository.load_order()).start(strict=False)
     timings["triton start"] = time.perf_counter() - t
     url = f"grpc://{triton.grpc_url}"

@@ -100,8 +100,9 @@ def _repository(args: argparse.Namespace):
         workspace = Workspace.load().ensure()  # this command's platform context
     except ValueError as exc:  # a malformed value in the environment or the file
         raise CommandError(f"settings: {exc}", EXIT_USAGE) from None
-    return workspace, ModelRepository(args.repository or workspace.triton_repository,
-                                      face_detection=workspace.face_detection_override)
+    repository = ModelRepository.of_workspace(workspace) if not args.repository else \
+        ModelRepository(args.repository, face_detection=workspace.face_detection_override)
+    return workspace, repository
 
 
 def _configured_triton_url(workspace) -> str | None:

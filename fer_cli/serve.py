@@ -75,8 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.server import EmbeddedTriton, ServingError, supervise
 
     workspace = Workspace.load().ensure()  # this command's platform context
-    repository = ModelRepository(args.repository or workspace.triton_repository,
-                                 face_detection=workspace.face_detection_override)
+    repository = ModelRepository.of_workspace(workspace) if not args.repository else \
+        ModelRepository(args.repository, face_detection=workspace.face_detection_override)
     if args.url:
         return _check_external(args.url, repository)
     repository.root.mkdir(parents=True, exist_ok=True)

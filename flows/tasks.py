@@ -123,7 +123,7 @@ def model_version(network: str, version: int, workspace: Workspace) -> reg.Model
 @task(name="start-triton", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def start_triton(workspace: Workspace) -> EmbeddedTriton:
     """Start the embedded Triton over the workspace's repository, loading every model already in it."""
-    repo = ModelRepository(workspace.triton_repository, face_detection=workspace.face_detection_override)
+    repo = ModelRepository.of_workspace(workspace)
     return EmbeddedTriton(repo, workspace.root / "triton", models=repo.load_order()).start(strict=False)
 
 

@@ -257,8 +257,7 @@ def replay_journal(network: str, *, workspace: Workspace, repository: ModelRepos
     """
     import json
 
-    repository = repository or ModelRepository(workspace.triton_repository,
-                                                face_detection=workspace.face_detection_override)
+    repository = repository or ModelRepository.of_workspace(workspace)
     path = _journal_path(network, workspace)
     if not path.is_file():
         return ""
@@ -575,6 +574,8 @@ def _endpoint(triton: TritonEndpoint | str, repository: ModelRepository) -> Trit
     """The endpoint to act on; a URL gets the repository's control key (model control is keyed)."""
     endpoint = triton if isinstance(triton, TritonEndpoint) else \
         TritonEndpoint(triton, key=control_key(repository.root.parent))
+    if endpoint.before_load is None:  # an s3:// repository is published before each load
+        endpoint.before_load = repository.publish
     if not endpoint.server_live():
         raise ServingError(f"Triton at {endpoint.url} is unreachable")
     return endpoint
@@ -662,8 +663,7 @@ def promote(
     :class:`PromotionBusy` when another promotion of the network runs, ``ValueError`` for bad input
     and :class:`ServingError` when Triton cannot be reached.
     """
-    repository = repository or ModelRepository(workspace.triton_repository,
-                                                face_detection=workspace.face_detection_override)
+    repository = repository or ModelRepository.of_workspace(workspace)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
         if _journal_path(network, workspace).is_file():
@@ -731,8 +731,7 @@ def rollback(
 ) -> RollbackResult:
     """Make ``previous`` the champion again, in the registry and in Triton; the demoted version
     becomes ``previous``. ``ValueError`` when there is no previous version."""
-    repository = repository or ModelRepository(workspace.triton_repository,
-                                                face_detection=workspace.face_detection_override)
+    repository = repository or ModelRepository.of_workspace(workspace)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
         if _journal_path(network, workspace).is_file():
@@ -776,8 +775,7 @@ def models(
 ) -> list[NetworkStatus]:
     """Every network in the registry or the repository: versions with aliases and tags, the
     repository's versions/served/champion and, with ``triton``, the versions Triton has loaded."""
-    repository = repository or ModelRepository(workspace.triton_repository,
-                                                face_detection=workspace.face_detection_override)
+    repository = repository or ModelRepository.of_workspace(workspace)
     endpoint = _endpoint(triton, repository) if triton is not None else None
     described = repository.describe()
     out = []
