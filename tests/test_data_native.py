@@ -21,6 +21,7 @@ import pytest
 
 from fer_cli.main import main
 from fer_core.data.formats import get_format
+from fer_platform.workspace import Workspace
 from registry.datasets import DatasetStore
 
 ROOT = Path(__file__).resolve().parents[1]
