@@ -173,7 +173,7 @@ def _build(home: Path):
 def run(minutes: float, rate_hz: float, promote_every_s: float, kill_every_s: float) -> dict[str, object]:
     import torch
 
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from registry.promotion import promotion_lock
     from serving.live import find_live
 

@@ -71,6 +71,7 @@ def overhead(network: str, steps: int, repeats: int) -> None:
             raise SystemExit(f"{network}: {len(train_ds)} training samples make no batch of {batch}")
         recipe = recipe.with_overrides({"max_steps_per_epoch": steps})
         bare, platform = [], []
+        from fer_platform.workspace import Workspace
         from registry.tracking import MlflowCallback
 
         for r in range(repeats):
@@ -78,7 +79,8 @@ def overhead(network: str, steps: int, repeats: int) -> None:
             model = create_model(recipe.network, **probe.recipe.model_kwargs)
             bare.append(bare_loop(model, train_ds, task.build_loss(recipe, model), batch, steps, recipe.lr))
             trainer = Trainer(recipe, task, tmp / f"run{r}",
-                              callbacks=[MlflowCallback(network, tmp / f"run{r}", log_model=False)])
+                              callbacks=[MlflowCallback(network, tmp / f"run{r}", log_model=False,
+                                                        workspace=Workspace(tmp / "home"))])
             trainer.datasets = probe.datasets  # same warmed data pipeline
             result = trainer.fit()
             platform.append(result.history[-1]["throughput/samples_per_s"])
@@ -90,6 +92,7 @@ def overhead(network: str, steps: int, repeats: int) -> None:
 
 
 def quick_profiles(networks: list[str]) -> None:
+    from fer_platform.workspace import Workspace
     from registry.datasets import DatasetStore
     from registry.training import resolve_recipe, train_tracked
 
@@ -97,15 +100,16 @@ def quick_profiles(networks: list[str]) -> None:
     for network in networks:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            os.environ["FER_HOME"] = str(tmp / "home")
+            workspace = Workspace(tmp / "home").ensure()  # a fresh embedded default per network
             spec = get_network(network)
             source = get_format(spec.data_format).write_synthetic(tmp / "src", seed=0, size=spec.demo_size)
             adapt(spec.data_format, source, tmp / "prepared", name="bench")
-            version = DatasetStore().add("bench", tmp / "prepared")
+            version = DatasetStore(workspace).add("bench", tmp / "prepared")
             start = time.perf_counter()
-            outcome = train_tracked(network, version.ref, resolve_recipe(network, "quick"), progress=False)
+            outcome = train_tracked(network, version.ref, resolve_recipe(network, "quick"), progress=False,
+                                   workspace=workspace)
             wall = time.perf_counter() - start
-            task = create_task(network, DatasetStore().path("bench"), outcome.recipe)
+            task = create_task(network, DatasetStore(workspace).path("bench"), outcome.recipe)
             key = next((k for k in outcome.result.test_metrics if k.endswith("/" + task.primary_metric)), None)
             metric = f"{key}={outcome.result.test_metrics[key]:.3f}" if key else ""
             print(f"  {network:14s} {wall:7.1f} s  epochs {outcome.result.epochs_run}  {metric}")

@@ -76,13 +76,14 @@ def build_recognizer(args: argparse.Namespace):
             return TritonRecognizer(args.url, args.network, batch_size=args.batch_size)
         except ServingError as exc:
             raise CommandError(str(exc), EXIT_ERROR) from None
-    from fer_core.settings import Settings
+    from fer_platform.workspace import Workspace
     from serving.recognizers import OnnxRecognizer
 
     from registry.local_model import resolve_local_model  # imports MLflow only to fetch from the registry
 
-    path = resolve_local_model(args.model, args.network, args.alias)
-    return OnnxRecognizer(path, face_detection=args.face_detection or Settings.load().face_detection)
+    workspace = Workspace.load()  # this command's platform context
+    path = resolve_local_model(args.model, args.network, args.alias, workspace=workspace)
+    return OnnxRecognizer(path, face_detection=args.face_detection or workspace.settings.face_detection)
 
 
 def pipeline_config(args: argparse.Namespace, in_flight: int = 2):

@@ -269,7 +269,10 @@ def run_app(args: argparse.Namespace, recognizer: Recognizer, config: PipelineCo
 
         raise CommandError("fer app needs a display (DISPLAY is not set); on a server use `fer annotate`", EXIT_USAGE)
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    window = FERWindow(recognizer, config, source=args.source, photos=args.photos)
+    from fer_platform.workspace import Workspace
+
+    photos = args.photos or Workspace.load().root / "app" / "photos"  # FER_HOME or the settings file's home
+    window = FERWindow(recognizer, config, source=args.source, photos=photos)
     window.show()
     if args.open:
         window.open_camera()

@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _au_rounds(args: argparse.Namespace) -> int:
     from fer_core.training.recipe import parse_set_options
     from fer_core.training.tasks import get_recipe
+    from fer_platform.workspace import Workspace
     from registry.au_rounds import run_tracked_au_rounds
 
     if args.rounds < 0:
@@ -47,7 +48,8 @@ def _au_rounds(args: argparse.Namespace) -> int:
         recipe = recipe.with_yaml(args.config)
     recipe = recipe.with_overrides(parse_set_options(args.overrides))
     tracked = run_tracked_au_rounds(args.data, recipe, args.rounds, gamma=args.gamma, retrain=args.retrain,
-                                    round_epochs=args.round_epochs, log_models=not args.no_model_logging)
+                                    round_epochs=args.round_epochs, log_models=not args.no_model_logging,
+                                    workspace=Workspace.load())
     print_round_table(tracked.result.table(), tracked.parent_run_id)
     return 0
 

@@ -142,14 +142,14 @@ def _adapt_into(staging_root: Path, format_name: str, source: Path, name: str, o
 
 def _add(args: argparse.Namespace) -> int:
     from data_checks import GateFailed
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from registry.datasets import DataVersionError, DatasetStore, check_dataset_name, content_version
 
     name = check_dataset_name(args.name)
     options = _parse_options(args.option)
     if args.drop_cross_split_duplicates:
         options["drop_cross_split_duplicates"] = True
-    workspace = Workspace.from_env().ensure()
+    workspace = Workspace.load().ensure()
     store = DatasetStore(workspace)
     start = time.perf_counter()
     try:
@@ -193,9 +193,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
 
-    workspace = Workspace.from_env().ensure()
+    workspace = Workspace.load().ensure()
     with tempfile.TemporaryDirectory() as tmp:
         prepared = args.source
         if args.format_name:
@@ -211,9 +211,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from fer_platform.workspace import Workspace
     from registry.datasets import DatasetStore
 
-    store = DatasetStore()
+    store = DatasetStore(Workspace.load())
     versions = store.list(args.name)
     if not versions:
         print("no dataset versions yet: add one with `fer data add NAME SOURCE --format FORMAT`")
@@ -227,6 +228,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
+    from fer_platform.workspace import Workspace
     from registry.datasets import DatasetStore, parse_ref
 
     from registry.datasets import DataVersionError
@@ -234,7 +236,7 @@ def _pull(args: argparse.Namespace) -> int:
     name, version = parse_ref(args.ref)
     start = time.perf_counter()
     try:
-        path = DatasetStore().pull(name, version)
+        path = DatasetStore(Workspace.load()).pull(name, version)
     except (DataVersionError, OSError) as exc:
         raise CommandError(f"{args.ref}: {_one_line(exc)}", EXIT_ERROR) from None
     print(f"restored {args.ref} to {path} in {time.perf_counter() - start:.1f}s")
@@ -243,9 +245,9 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from fer_core.data.preview import dataset_contact_sheet
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
 
-    workspace = Workspace.from_env()
+    workspace = Workspace.load()
     root = Path(args.dataset)
     if not (root / "manifest.parquet").is_file():
         from registry.datasets import DatasetStore, parse_ref

@@ -56,13 +56,13 @@ def _generate_sources(sources: dict[str, tuple[str, str, str]], networks: list[s
         print(f"  {fmt:10s} {path} ({size} samples, {time.perf_counter() - start:.1f}s)")
 
 
-def _test_samples(dataset: str, count: int) -> list[tuple[Any, str]]:
+def _test_samples(dataset: str, count: int, workspace: Any) -> list[tuple[Any, str]]:
     """Raw inputs (image or clip arrays) of the first test rows of a dataset's working copy, with their truth."""
     from fer_core.data.manifest import read_card, read_manifest
     from fer_core.data.samples import read_clip, read_image
     from registry.datasets import DatasetStore
 
-    root = DatasetStore().path(dataset)
+    root = DatasetStore(workspace).path(dataset)
     card, df = read_card(root), read_manifest(root)
     split = next(s for s in ("test", "val", "train") if (df["split"] == s).any())
     rows = df[df["split"] == split].head(count)
@@ -77,20 +77,18 @@ def _test_samples(dataset: str, count: int) -> list[tuple[Any, str]]:
     return samples
 
 
-def _answer_requests(url: str, sources: dict[str, tuple[str, str, str]], networks: list[str]) -> None:
+def _answer_requests(url: str, sources: dict[str, tuple[str, str, str]], networks: list[str], workspace: Any) -> None:
     from serving.client import FERClient
 
-    from fer_core.settings import Settings
-
     # With face detection off (the default) requests are face crops and FACE_FOUND is always false.
-    detecting = Settings.load().face_detection != "off"
+    detecting = workspace.settings.face_detection != "off"
     with FERClient(url) as client:
         served = set(client.networks())
         for network in networks:
             if network not in served:
                 print(f"  {network:14s} not served (not promoted)")
                 continue
-            samples = _test_samples(sources[network][0], SAMPLES_PER_NETWORK)
+            samples = _test_samples(sources[network][0], SAMPLES_PER_NETWORK, workspace)
             start = time.perf_counter()
             predictions = client.predict([pixels for pixels, _ in samples], network=network)
             ms = (time.perf_counter() - start) * 1e3 / max(1, len(samples))
@@ -102,17 +100,17 @@ def _answer_requests(url: str, sources: dict[str, tuple[str, str, str]], network
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from fer_platform.workspace import Workspace
     from flows import configure_prefect
 
-    configure_prefect()
+    workspace = Workspace.load().ensure()  # this command's platform context
+    configure_prefect(workspace.settings)
     from fer_cli.pipeline import print_rows
-    from fer_core.workspace import Workspace
     from fer_core.errors import UsageError
     from flows.retrain_all import default_networks, default_sources, retrain_all
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton
 
-    workspace = Workspace.from_env().ensure()
     networks = list(args.networks or default_networks())
     known = list(default_sources(workspace))
     unknown = sorted(set(networks) - set(known))
@@ -127,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     print("[2/4] starting the embedded Triton server", flush=True)
     t = time.perf_counter()
-    repository = ModelRepository(workspace.triton_repository)
+    repository = ModelRepository.of_workspace(workspace)
     triton = EmbeddedTriton(repository, workspace.root / "triton", models=repository.load_order()).start(strict=False)
     timings["triton start"] = time.perf_counter() - t
     url = f"grpc://{triton.grpc_url}"
@@ -146,7 +144,7 @@ def _demo(args: argparse.Namespace) -> int:
 
         print("[4/4] inference requests through the ensembles (raw test images / clips in)", flush=True)
         t = time.perf_counter()
-        _answer_requests(url, sources, networks)
+        _answer_requests(url, sources, networks, workspace)
         timings["inference"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         print("\ntimings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from fer_platform.workspace import Workspace
     from registry.evaluation import evaluate, format_table
 
     if args.batch_size < 1:
@@ -43,7 +44,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         outcome = evaluate(args.network, args.data, version=args.version, alias=args.alias, url=args.url,
                            split=args.split, batch_size=args.batch_size, track=not args.no_track,
-                           face_detection=args.face_detection)
+                           face_detection=args.face_detection, workspace=Workspace.load())
     except FileNotFoundError as exc:
         raise CommandError(str(exc), EXIT_ERROR) from None
     if args.json:

@@ -29,7 +29,7 @@ from fer_core.errors import (
     EXIT_USAGE,
     FERError,
 )
-from fer_core.workspace import PRIVATE_UMASK
+from fer_platform.workspace import PRIVATE_UMASK
 
 # Command-group modules, in help order.
 _COMMAND_MODULES = ("fer_cli.data", "fer_cli.train", "fer_cli.evaluate", "fer_cli.au", "fer_cli.serve",

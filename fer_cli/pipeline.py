@@ -79,9 +79,10 @@ def print_rows(rows: list[dict[str, str]]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     _check_networks(args.networks)
+    from fer_platform.settings import Settings
     from flows import configure_prefect
 
-    configure_prefect()
+    configure_prefect(Settings.load())  # the flow run builds its own context from the same environment
     from flows.retrain_all import retrain_all
 
     state = retrain_all(networks=args.networks, profile=args.profile, return_state=True)
@@ -101,13 +102,15 @@ def _serve(args: argparse.Namespace) -> int:
         from fer_core.errors import UsageError
 
         raise UsageError(f"--interval must be > 0 seconds, got {args.interval}")
+    from fer_platform.settings import Settings
     from flows import configure_prefect, prefect_home
     from flows.local_server import LocalPrefectServer
 
-    configure_prefect()
+    settings = Settings.load()
+    configure_prefect(settings)
     server = None
     if not os.environ.get("PREFECT_API_URL"):
-        server = LocalPrefectServer(prefect_home()).start()
+        server = LocalPrefectServer(prefect_home(settings)).start()
         os.environ["PREFECT_API_URL"] = server.api_url
         print(f"Prefect server {'reused' if server.reused else 'started'}: {server.api_url} "
               f"(UI: {server.api_url.removesuffix('/api')})", flush=True)

@@ -94,24 +94,24 @@ def _quiet_downloads() -> None:
 
 
 def _repository(args: argparse.Namespace):
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
 
     _quiet_downloads()
     from serving.repository import ModelRepository
 
-    workspace = Workspace.from_env().ensure()
-    return workspace, ModelRepository(args.repository or workspace.triton_repository)
-
-
-def _configured_triton_url() -> str | None:
-    """``triton_url`` of the platform settings: ``$FER_TRITON_URL``, else the ``$FER_CONFIG`` file's
-    ``triton_url``; None when neither names one."""
-    from fer_core.settings import Settings
-
     try:
-        return Settings.load().triton_url or None
+        workspace = Workspace.load().ensure()  # this command's platform context
     except ValueError as exc:  # a malformed value in the environment or the file
         raise CommandError(f"settings: {exc}", EXIT_USAGE) from None
+    repository = ModelRepository.of_workspace(workspace) if not args.repository else \
+        ModelRepository(args.repository, face_detection=workspace.face_detection_override)
+    return workspace, repository
+
+
+def _configured_triton_url(workspace) -> str | None:
+    """``triton_url`` of the platform settings: ``$FER_TRITON_URL``, else the ``$FER_CONFIG`` file's
+    ``triton_url``; None when neither names one."""
+    return workspace.settings.triton_url or None
 
 
 @contextlib.contextmanager
@@ -122,7 +122,7 @@ def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
     from serving.live import find_live
     from serving.server import EmbeddedTriton, ServingError
 
-    url = args.url or _configured_triton_url()
+    url = args.url or _configured_triton_url(workspace)
     if url:
         yield url
         return
@@ -149,11 +149,12 @@ def _triton(args: argparse.Namespace, workspace, repository) -> Iterator[str]:
 
 
 def _register(args: argparse.Namespace) -> int:
+    from fer_platform.workspace import Workspace
     from registry.export import register_run
 
     _quiet_downloads()
     version = register_run(args.network, args.run, atol=args.atol, set_challenger=not args.no_challenger,
-                           face_detection=args.face_detection)
+                           face_detection=args.face_detection, workspace=Workspace.load())
     tags = version.tags
     print(f"registered {args.network} v{version.version} from run {version.run_id}"
           f"{' (challenger)' if 'challenger' in version.aliases else ''}")
@@ -207,7 +208,7 @@ def _models(args: argparse.Namespace) -> int:
     from serving.live import find_live
 
     workspace, repository = _repository(args)
-    url = args.url or _configured_triton_url()
+    url = args.url or _configured_triton_url(workspace)
     live, why = (None, "") if url else find_live(repository)
     if live is not None:
         url = live.grpc_url

@@ -69,13 +69,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from serving.live import clear_live, find_live
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton, ServingError, supervise
 
-    workspace = Workspace.from_env().ensure()
-    repository = ModelRepository(args.repository or workspace.triton_repository)
+    workspace = Workspace.load().ensure()  # this command's platform context
+    repository = ModelRepository.of_workspace(workspace) if not args.repository else \
+        ModelRepository(args.repository, face_detection=workspace.face_detection_override)
     if args.url:
         return _check_external(args.url, repository)
     repository.root.mkdir(parents=True, exist_ok=True)
@@ -84,9 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError(f"`fer serve` (pid {live.pid}) already serves this workspace at {live.grpc_url}; "
                            "stop it first (one server per workspace)", EXIT_ERROR)
     _replay_journals(repository, workspace, endpoint=None)
-    from fer_core.settings import Settings
-
-    host = args.host or Settings.load().bind_host
+    host = args.host or workspace.settings.bind_host
     server = EmbeddedTriton(repository, workspace.root / "triton", host=host, http_port=args.http_port,
                             grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                             models=repository.load_order(), allow_http=args.http)
@@ -273,10 +272,10 @@ def _infer(args: argparse.Namespace) -> int:
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
 
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from serving.server import CONTROL_KEY_FILE
 
-    key_file = Workspace.from_env().triton_repository.parent / CONTROL_KEY_FILE
+    key_file = Workspace.load().triton_repository.parent / CONTROL_KEY_FILE
     key = key_file.read_text().strip() if key_file.is_file() else None  # HTTP needs it; gRPC inference does not
     try:
         client = FERClient(args.url, protocol=args.protocol or ("http" if args.url.startswith("http://") else "grpc"),

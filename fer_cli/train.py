@@ -82,14 +82,18 @@ def _train(args: argparse.Namespace) -> int:
     if not args.data:
         raise UsageError("give --data NAME@VERSION (see `fer train --help`)")
 
+    from fer_platform.workspace import Workspace
+
+    workspace = Workspace.load().ensure()  # this command's platform context
     if args.protocol == "loso":
-        return _train_loso(args, recipe)
+        return _train_loso(args, recipe, workspace)
     if args.protocol == "kfold":
-        return _train_kfold(args, recipe)
+        return _train_kfold(args, recipe, workspace)
     from registry.training import RunBusyError, RunExistsError, train_tracked
 
     try:
-        outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track)
+        outcome = train_tracked(args.network, args.data, recipe, resume=args.resume, track=not args.no_track,
+                                workspace=workspace)
     except RunExistsError as exc:
         raise StateError(f"{exc} (pass --resume to continue it)") from None
     except RunBusyError as exc:
@@ -97,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
     from registry.datasets import DatasetStore, parse_ref
     from registry.training import measured_on
 
-    source_format = DatasetStore().get(*parse_ref(outcome.data_ref)).source_format
+    source_format = DatasetStore(workspace).get(*parse_ref(outcome.data_ref)).source_format
     _print_summary(outcome.network, outcome.data_ref, outcome.result, outcome.run_id, outcome.run_dir,
                    measured_on(source_format, outcome.result.test_metrics))
     if args.register:
@@ -105,13 +109,13 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError("--register needs the MLflow run: drop --no-track")
         from registry.export import export_and_register
 
-        version = export_and_register(outcome)
+        version = export_and_register(outcome, workspace=workspace)
         print(f"\nregistered fer-{outcome.network} version {version.version} "
               f"(parity passed: {version.tags.get('parity_passed')}); promote it: fer promote {outcome.network}")
     return 0
 
 
-def _train_loso(args: argparse.Namespace, recipe) -> int:
+def _train_loso(args: argparse.Namespace, recipe, workspace) -> int:
     from fer_core.models.registry import get_network
 
     if get_network(args.network).task != "micro":
@@ -120,7 +124,7 @@ def _train_loso(args: argparse.Namespace, recipe) -> int:
         raise UsageError("--protocol loso is always tracked and registers nothing: drop --register/--no-track")
     from registry.protocols import train_loso
 
-    outcome = train_loso(args.network, args.data, recipe)
+    outcome = train_loso(args.network, args.data, recipe, workspace=workspace)
     print(f"\nleave-one-subject-out: {len(outcome.per_fold)} folds"
           + (f" ({len(outcome.resumed_folds)} kept from an earlier run)" if outcome.resumed_folds else ""))
     print(f"  {'subject':10s} {'accuracy':>8s} {'UAR':>8s} {'UF1':>8s}")
@@ -132,14 +136,14 @@ def _train_loso(args: argparse.Namespace, recipe) -> int:
     return 0
 
 
-def _train_kfold(args: argparse.Namespace, recipe) -> int:
+def _train_kfold(args: argparse.Namespace, recipe, workspace) -> int:
     if args.folds < 2:
         raise UsageError(f"--folds must be >= 2, got {args.folds}")
     if args.register or args.no_track:
         raise UsageError("--protocol kfold is always tracked and registers nothing: drop --register/--no-track")
     from registry.protocols import train_kfold
 
-    outcome = train_kfold(args.network, args.data, recipe, folds=args.folds)
+    outcome = train_kfold(args.network, args.data, recipe, folds=args.folds, workspace=workspace)
     print(f"\n{args.folds}-fold cross-validation")
     print(f"  {'fold':8s} {'UAR':>8s} {'WAR':>8s}")
     for fold, m in outcome.per_fold.items():
@@ -178,13 +182,12 @@ def _print_summary(network: str, data_ref: str, result, run_id: str | None, run_
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from fer_core.settings import Settings
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from registry.tracking import tracking_uri
 
-    workspace = Workspace.from_env().ensure()
+    workspace = Workspace.load().ensure()  # this command's platform context
     uri = tracking_uri(workspace)
-    host = args.host or Settings.load().bind_host
+    host = args.host or workspace.settings.bind_host
     artifacts = workspace.mlflow_artifacts.resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("mlflow")

@@ -19,8 +19,8 @@ import logging
 import os
 from pathlib import Path
 
-from fer_core.settings import Settings
-from fer_core.workspace import PRIVATE_UMASK
+from fer_platform.settings import Settings
+from fer_platform.workspace import PRIVATE_UMASK
 
 # Prefect's own variables: we only set defaults, so anything a user exported wins. Prefect's log
 # level stays INFO: flow and task runs send their INFO logs to the API, which the UI shows.
@@ -52,20 +52,18 @@ quiet_libraries()
 os.umask(PRIVATE_UMASK)
 
 
-def prefect_home(settings: Settings | None = None) -> Path:
+def prefect_home(settings: Settings) -> Path:
     """Where Prefect keeps its database and persisted task results: ``<FER_HOME>/prefect``."""
-    settings = settings or Settings.load()
     return Path(settings.home) / "prefect"
 
 
-def configure_prefect(settings: Settings | None = None) -> dict[str, str]:
+def configure_prefect(settings: Settings) -> dict[str, str]:
     """Point Prefect at the workspace and keep it quiet and offline; returns what was set.
 
     ``PREFECT_HOME`` defaults to ``<FER_HOME>/prefect``. ``FER_PREFECT_API_URL`` (the settings'
     ``prefect_api_url``) becomes ``PREFECT_API_URL`` unless that is set already; without either,
     flows run against Prefect's temporary local API.
     """
-    settings = settings or Settings.load()
     wanted = {"PREFECT_HOME": str(prefect_home(settings)), **_QUIET_DEFAULTS}
     if settings.prefect_api_url:
         wanted["PREFECT_API_URL"] = settings.prefect_api_url

@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow
 
+from fer_platform.workspace import Workspace
 from flows.tasks import recipe_for, run_au_rounds
 
 
@@ -18,7 +19,8 @@ def au_noisy_rounds(data_ref: str, rounds: int = 2, profile: str = "quick", over
                     gamma: float = 0.3, retrain: str = "full", round_epochs: int | None = None) -> dict[str, Any]:
     """Run the rounds on the AU dataset ``data_ref``; returns the MLflow parent run, child runs and versions."""
     recipe = recipe_for("au_cotrain", profile, overrides)
-    tracked = run_au_rounds(data_ref, recipe, rounds, gamma, retrain, round_epochs)
+    workspace = Workspace.load().ensure()  # this flow run's platform context
+    tracked = run_au_rounds(data_ref, recipe, rounds, gamma, retrain, round_epochs, workspace)
     return {"parent_run_id": tracked.parent_run_id,
             "child_run_ids": {str(k): v for k, v in tracked.child_run_ids.items()},
             "data_versions": {str(k): v.ref for k, v in tracked.versions.items()}}

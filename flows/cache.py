@@ -17,12 +17,12 @@ from __future__ import annotations
 from fer_core.training.fingerprint import code_fingerprint
 from fer_core.training.recipe import Recipe
 from fer_core.training.trainer import effective_recipe
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore, parse_ref
 
 
-def recipe_on_data(network: str, data_ref: str, recipe: Recipe, workspace: Workspace | None = None) -> Recipe:
+def recipe_on_data(network: str, data_ref: str, recipe: Recipe, workspace: Workspace) -> Recipe:
     """The recipe the trainer will actually run on ``data_ref`` (as ``Trainer`` folds data-decided kwargs)."""
     from fer_core.training.tasks import create_task
 
@@ -32,7 +32,7 @@ def recipe_on_data(network: str, data_ref: str, recipe: Recipe, workspace: Works
 
 
 def find_trained_version(network: str, data_ref: str, recipe: Recipe,
-                         workspace: Workspace | None = None) -> reg.ModelVersion | None:
+                         workspace: Workspace) -> reg.ModelVersion | None:
     """The newest registered version of ``network`` trained on ``data_ref`` with ``recipe`` and the
     current code of the network, or None."""
     if not parse_ref(data_ref)[1]:

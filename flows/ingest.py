@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from flows.tasks import adapt_source, data_gate, push_dataset, version_dataset
 from registry.datasets import DatasetVersion, check_dataset_name
 
@@ -21,7 +21,7 @@ from registry.datasets import DatasetVersion, check_dataset_name
 def ingest(name: str, fmt: str, source: str, options: dict[str, Any] | None = None) -> DatasetVersion:
     """Adapt ``source`` (format ``fmt``) into dataset ``name``, gate it, version it; returns the version."""
     check_dataset_name(name)
-    workspace = Workspace.from_env().ensure()
+    workspace = Workspace.load().ensure()  # this flow run's platform context
     staging = workspace.dvc_repo / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     # Staging beside the DVC repository: the store *moves* the gated folder in (same filesystem).
@@ -29,6 +29,6 @@ def ingest(name: str, fmt: str, source: str, options: dict[str, Any] | None = No
         prepared = adapt_source(fmt, Path(source), Path(tmp) / name, name, options or {})
         data_gate(prepared, workspace.gx_docs)
         version = version_dataset(name, prepared, str(Path(source).resolve()),
-                                  {"format": fmt, "options": options or {}})
-    push_dataset(name)
+                                  {"format": fmt, "options": options or {}}, workspace)
+    push_dataset(name, workspace)
     return version

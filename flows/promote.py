@@ -13,8 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from fer_core.settings import Settings
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from flows.tasks import ensemble_serves, model_version, promote_version, rollback_network, start_triton, stop_triton
 from registry.promotion import PromotionResult
 
@@ -23,18 +22,18 @@ from registry.promotion import PromotionResult
 def promote(network: str, version: int, gates: dict[str, Any] | None = None,
             triton_url: str | None = None) -> PromotionResult:
     """Promote ``version`` of ``network``; ``gates`` are :class:`registry.promotion.PromotionGates` fields."""
-    workspace = Workspace.from_env().ensure()
-    url = triton_url or Settings.load().triton_url
+    workspace = Workspace.load().ensure()  # this flow run's platform context
+    url = triton_url or workspace.settings.triton_url
     server = None
     if not url:
-        server = start_triton(workspace.triton_repository, workspace.root / "triton")
+        server = start_triton(workspace)
         url = f"grpc://{server.grpc_url}"
     try:
-        candidate = model_version(network, version)
-        result = promote_version(candidate, gates or {}, url)
-        if result.promoted and not ensemble_serves(network, version, url):
+        candidate = model_version(network, version, workspace)
+        result = promote_version(candidate, gates or {}, url, workspace)
+        if result.promoted and not ensemble_serves(network, version, url, workspace):
             if result.champion_before is not None:
-                rollback_network(network, url)
+                rollback_network(network, url, workspace)
             raise RuntimeError(f"{network}_ensemble does not serve v{version} after the switch"
                                + (f"; rolled back to v{result.champion_before}" if result.champion_before else ""))
         return result

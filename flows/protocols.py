@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow
 
+from fer_platform.workspace import Workspace
 from flows.tasks import recipe_for, train_loso_protocol
 
 
@@ -19,4 +20,5 @@ def loso(network: str, data_ref: str, profile: str = "quick", overrides: dict[st
          subjects: list[str] | None = None) -> dict[str, Any]:
     """LOSO of ``network`` on ``data_ref``; returns pooled metrics and the MLflow run ids."""
     recipe = recipe_for(network, profile, overrides)
-    return train_loso_protocol(network, data_ref, recipe, subjects)
+    workspace = Workspace.load().ensure()  # this flow run's platform context
+    return train_loso_protocol(network, data_ref, recipe, workspace, subjects)

@@ -21,8 +21,7 @@ from typing import Any
 from prefect import flow
 
 from fer_core.models.registry import list_networks, network_specs
-from fer_core.settings import Settings
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from flows.ingest import ingest
 from flows.promote import promote
 from flows.dispatch import submit_training, train_on_pool, wait_for
@@ -36,9 +35,8 @@ from flows.train import train
 TABLE_KEY = "retrain-all-summary"
 
 
-def default_sources(workspace: Workspace | None = None) -> dict[str, tuple[str, str, str]]:
+def default_sources(workspace: Workspace) -> dict[str, tuple[str, str, str]]:
     """Network -> (dataset name, format, source path) under ``<FER_HOME>/sources``."""
-    workspace = workspace or Workspace.from_env()
     return {s.name: (s.dataset, s.data_format, str(workspace.root / "sources" / s.data_format)) for s in network_specs()}
 
 
@@ -58,14 +56,14 @@ def _failure(state: Any) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())[:600]
 
 
-def _evaluate_champion(network: str, version: int) -> str:
+def _evaluate_champion(network: str, version: int, workspace: Workspace) -> str:
     """Evaluate a newly promoted champion (in-process ONNX) on every registered test set of its task.
 
     A failed evaluation is reported in the summary, never undoes the promotion: the gates decided it.
     """
     results = []
-    for ref in test_sets_for(network):
-        state = evaluate_version(network, version, ref, return_state=True)
+    for ref in test_sets_for(network, workspace):
+        state = evaluate_version(network, version, ref, workspace, return_state=True)
         if state.is_failed():
             results.append(f"{ref.split('@')[0]}: failed ({_failure(state)})")
         else:
@@ -93,14 +91,14 @@ def retrain_all(
     (parallel over workers), ``local`` as in-process sub-flows, ``auto`` the pool when Prefect runs
     on a server with that deployment (``flows.dispatch``).
     """
-    workspace = Workspace.from_env().ensure()
+    workspace = Workspace.load().ensure()  # this flow run's platform context
     networks = list(networks or default_networks())
     sources = {**default_sources(workspace), **{k: tuple(v) for k, v in (sources or {}).items()}}
     unknown = [n for n in networks if n not in sources]
     if unknown:
         raise ValueError(f"no data source configured for {unknown}; pass sources={{network: (name, format, path)}}")
     overrides, gates = overrides or {}, gates or {}
-    url = triton_url or Settings.load().triton_url
+    url = triton_url or workspace.settings.triton_url
     on_pool = train_on_pool(dispatch)
     server = None
     rows: list[dict[str, str]] = []
@@ -122,10 +120,10 @@ def retrain_all(
                 continue
             data = data_state.result()
             row["data version"] = f"{data.name}@{data.short}"
-            before = champion_of(network)
+            before = champion_of(network, workspace)
             row["champion before"] = row["champion after"] = _version_text(before)
             recipe = recipe_for(network, profile, overrides.get(network))
-            version = find_trained_version(network, data.ref, recipe)
+            version = find_trained_version(network, data.ref, recipe, workspace)
             todo[network] = {"row": row, "data": data, "before": before, "recipe": recipe,
                              "version": version, "retrained": version is None}
         # 2. training: on the pool, every network's own flow run at once; else one after another
@@ -139,7 +137,7 @@ def retrain_all(
                 if state.type.value != "COMPLETED":
                     item["error"] = f"failed: train: flow run {run_id} {state.name}: {state.message or ''}".strip()
                     continue
-                item["version"] = find_trained_version(network, item["data"].ref, item["recipe"])
+                item["version"] = find_trained_version(network, item["data"].ref, item["recipe"], workspace)
                 if item["version"] is None:
                     item["error"] = f"failed: train: flow run {run_id} completed but registered no version"
         else:
@@ -158,15 +156,15 @@ def retrain_all(
                 failed.append(network)
                 continue
             row["metric"] = f"{version.tags.get('primary_metric', '?')}={version.tags.get('primary_metric_value', '?')}"
-            row["mlflow run"], row["model version"] = mlflow_links(version)
+            row["mlflow run"], row["model version"] = mlflow_links(version, workspace)
             if before is not None and before.version == version.version:
                 row["decision"] = "unchanged"
                 continue
             if server is None and not url:
-                server = start_triton(workspace.triton_repository, workspace.root / "triton")
+                server = start_triton(workspace)
                 url = f"grpc://{server.grpc_url}"
             promo_state = promote(network, version.version, gates.get(network), url, return_state=True)
-            after = champion_of(network)
+            after = champion_of(network, workspace)
             row["champion after"] = _version_text(after)
             if promo_state.is_failed():
                 row["decision"] = f"failed: promote: {_failure(promo_state)}"
@@ -177,7 +175,7 @@ def retrain_all(
                 row["decision"] = "unchanged"  # this version's promotion was decided by an earlier run
             elif result.promoted:
                 row["decision"] = f"promoted v{version.version}"
-                row["test sets"] = _evaluate_champion(network, version.version)
+                row["test sets"] = _evaluate_champion(network, version.version, workspace)
             else:
                 row["decision"] = f"kept champion (v{version.version} refused by {', '.join(g.name for g in result.failed)})"
         publish_summary(rows, TABLE_KEY, f"retrain_all ({profile} profile): data version, primary metric, "

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from data_checks import GateReport, validate_dataset
 from fer_core.data import formats
 from fer_core.training.recipe import Recipe
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from flows import cache
 from flows.dispatch import promotion_slot
 from registry import models as reg
@@ -70,16 +70,17 @@ def data_gate(prepared: Path, docs_dir: Path) -> GateReport:
 
 
 @task(name="version-dataset", cache_policy=NO_CACHE)
-def version_dataset(name: str, prepared: Path, source: str, extra: Mapping[str, Any]) -> DatasetVersion:
+def version_dataset(name: str, prepared: Path, source: str, extra: Mapping[str, Any],
+                    workspace: Workspace) -> DatasetVersion:
     """DVC-version a gated dataset (local: cache + index). Not retried: ``DatasetStore.add`` moves
     ``prepared`` into the store first, so a second try would find nothing to add."""
-    return DatasetStore().add(name, Path(prepared), source=source, extra=dict(extra), push=False)
+    return DatasetStore(workspace).add(name, Path(prepared), source=source, extra=dict(extra), push=False)
 
 
 @task(name="push-dataset", retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def push_dataset(name: str) -> None:
+def push_dataset(name: str, workspace: Workspace) -> None:
     """Upload the new version to the DVC remote; network I/O, so retried."""
-    DatasetStore().push(name)
+    DatasetStore(workspace).push(name)
 
 
 # -- training --------------------------------------------------------------------------------------
@@ -90,40 +91,40 @@ def recipe_for(network: str, profile: str, overrides: Mapping[str, Any] | None) 
 
 
 @task(name="find-trained-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def find_trained_version(network: str, data_ref: str, recipe: Recipe) -> reg.ModelVersion | None:
+def find_trained_version(network: str, data_ref: str, recipe: Recipe, workspace: Workspace) -> reg.ModelVersion | None:
     """The registered version already trained on this data version with this recipe, if any."""
-    return cache.find_trained_version(network, data_ref, recipe)
+    return cache.find_trained_version(network, data_ref, recipe, workspace)
 
 
 @task(name="train", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def train_network(network: str, data_ref: str, recipe: Recipe) -> TrainOutcome:
+def train_network(network: str, data_ref: str, recipe: Recipe, workspace: Workspace) -> TrainOutcome:
     """Tracked training. ``resume=True``: a retried or re-run training continues its checkpoint."""
-    return train_tracked(network, data_ref, recipe, resume=True, progress=False)
+    return train_tracked(network, data_ref, recipe, resume=True, progress=False, workspace=workspace)
 
 
 @task(name="export-and-register", cache_policy=NO_CACHE)
-def register_model(outcome: TrainOutcome) -> reg.ModelVersion:
+def register_model(outcome: TrainOutcome, workspace: Workspace) -> reg.ModelVersion:
     """ONNX export + parity on held-out samples + registration (tags: data version, fingerprint...)."""
-    return export_and_register(outcome)
+    return export_and_register(outcome, workspace=workspace)
 
 
 # -- registry and serving --------------------------------------------------------------------------
 
 @task(name="champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def champion_of(network: str) -> reg.ModelVersion | None:
-    return reg.get_alias(network, "champion")
+def champion_of(network: str, workspace: Workspace) -> reg.ModelVersion | None:
+    return reg.get_alias(network, "champion", workspace)
 
 
 @task(name="model-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def model_version(network: str, version: int) -> reg.ModelVersion:
-    return reg.get_version(network, version)
+def model_version(network: str, version: int, workspace: Workspace) -> reg.ModelVersion:
+    return reg.get_version(network, version, workspace)
 
 
 @task(name="start-triton", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def start_triton(repository: Path, workspace_dir: Path) -> EmbeddedTriton:
-    """Start the embedded Triton over ``repository``, loading every model already in it."""
-    repo = ModelRepository(repository)
-    return EmbeddedTriton(repo, workspace_dir, models=repo.load_order()).start(strict=False)
+def start_triton(workspace: Workspace) -> EmbeddedTriton:
+    """Start the embedded Triton over the workspace's repository, loading every model already in it."""
+    repo = ModelRepository.of_workspace(workspace)
+    return EmbeddedTriton(repo, workspace.root / "triton", models=repo.load_order()).start(strict=False)
 
 
 @task(name="stop-triton", cache_policy=NO_CACHE)
@@ -140,18 +141,19 @@ def _promotion_key(context, parameters: Mapping[str, Any]) -> str:
 
 @task(name="promote-version", retries=3, retry_delay_seconds=10, retry_condition_fn=_busy,
       cache_key_fn=_promotion_key, persist_result=True)
-def promote_version(version: reg.ModelVersion, gates: Mapping[str, Any], triton_url: str) -> promotion.PromotionResult:
+def promote_version(version: reg.ModelVersion, gates: Mapping[str, Any], triton_url: str,
+                    workspace: Workspace) -> promotion.PromotionResult:
     """Gated promotion (gates → install beside the champion → Triton smoke + latency → switch → aliases),
     under the network's global concurrency limit when Prefect runs on a server (``flows.dispatch``)."""
     with promotion_slot(version.network):
         return promotion.promote(version.network, version.version, gates=promotion.PromotionGates(**dict(gates)),
-                                 triton=triton_url)
+                                 triton=triton_url, workspace=workspace)
 
 
 @task(name="ensemble-ready", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def ensemble_serves(network: str, version: int, triton_url: str) -> bool:
+def ensemble_serves(network: str, version: int, triton_url: str, workspace: Workspace) -> bool:
     """Is ``<network>_ensemble`` ready and is ``version`` the network version Triton serves?"""
-    key = control_key(Workspace.from_env().triton_repository.parent)  # the repository index needs the key
+    key = control_key(workspace.triton_repository.parent)  # the repository index needs the key
     endpoint = TritonEndpoint(triton_url, key=key)
     try:
         return endpoint.model_ready(f"{network}_ensemble") and version in endpoint.served_versions(network)
@@ -160,48 +162,50 @@ def ensemble_serves(network: str, version: int, triton_url: str) -> bool:
 
 
 @task(name="rollback", cache_policy=NO_CACHE)
-def rollback_network(network: str, triton_url: str) -> promotion.RollbackResult:
-    return promotion.rollback(network, triton=triton_url)
+def rollback_network(network: str, triton_url: str, workspace: Workspace) -> promotion.RollbackResult:
+    return promotion.rollback(network, triton=triton_url, workspace=workspace)
 
 
 # -- AU rounds and reporting -----------------------------------------------------------------------
 
 @task(name="au-rounds", cache_policy=NO_CACHE)
 def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retrain: str,
-                  round_epochs: int | None) -> Any:
+                  round_epochs: int | None, workspace: Workspace) -> Any:
     """AU co-training then ``rounds`` refinement rounds (DVC version + MLflow child run per round)."""
     from registry.au_rounds import run_tracked_au_rounds
 
-    return run_tracked_au_rounds(data_ref, recipe, rounds, gamma=gamma, retrain=retrain, round_epochs=round_epochs)
+    return run_tracked_au_rounds(data_ref, recipe, rounds, gamma=gamma, retrain=retrain, round_epochs=round_epochs,
+                                 workspace=workspace)
 
 
 @task(name="test-sets", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def test_sets_for(network: str) -> list[str]:
+def test_sets_for(network: str, workspace: Workspace) -> list[str]:
     """Registered evaluation-only test sets of the network's data task."""
     from fer_core.models.registry import get_network
     from fer_core.training.tasks import get_task_kind
     from registry.evaluation import registered_test_sets
 
-    return registered_test_sets(get_task_kind(get_network(network).task).data_task)
+    return registered_test_sets(get_task_kind(get_network(network).task).data_task, workspace=workspace)
 
 
 @task(name="evaluate-version", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def evaluate_version(network: str, version: int, data_ref: str, triton_url: str | None = None) -> dict[str, Any]:
+def evaluate_version(network: str, version: int, data_ref: str, workspace: Workspace,
+                     triton_url: str | None = None) -> dict[str, Any]:
     """``fer evaluate``: one MLflow evaluation run of a version on a dataset; returns its JSON summary."""
     from registry.evaluation import evaluate
 
-    return evaluate(network, data_ref, version=version, url=triton_url).to_dict()
+    return evaluate(network, data_ref, version=version, url=triton_url, workspace=workspace).to_dict()
 
 
 @task(name="train-loso", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def train_loso_protocol(network: str, data_ref: str, recipe: Recipe,
+def train_loso_protocol(network: str, data_ref: str, recipe: Recipe, workspace: Workspace,
                         subjects: list[str] | None = None) -> dict[str, Any]:
     """Leave-one-subject-out, tracked; a retry resumes with the first fold not finished."""
     import dataclasses
 
     from registry.protocols import train_loso
 
-    return dataclasses.asdict(train_loso(network, data_ref, recipe, subjects=subjects))
+    return dataclasses.asdict(train_loso(network, data_ref, recipe, subjects=subjects, workspace=workspace))
 
 
 @task(name="publish-table", cache_policy=NO_CACHE)
@@ -216,14 +220,14 @@ LINK_COLUMNS = ("mlflow run", "model version", "data docs")
 
 
 @task(name="mlflow-links", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def mlflow_links(version: reg.ModelVersion) -> tuple[str, str]:
+def mlflow_links(version: reg.ModelVersion, workspace: Workspace) -> tuple[str, str]:
     """UI addresses of the version's MLflow run and of the registered version itself: the tracking
     server's own UI, or ``fer ui``'s default address for the embedded SQLite store."""
     from mlflow.tracking import MlflowClient
 
     from registry.tracking import setup_tracking
 
-    uri = setup_tracking()
+    uri = setup_tracking(workspace)
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_MLFLOW_UI
     experiment = MlflowClient().get_run(version.run_id).info.experiment_id
     return (f"{base}/#/experiments/{experiment}/runs/{version.run_id}",

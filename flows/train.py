@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import flow
 
+from fer_platform.workspace import Workspace
 from flows.tasks import recipe_for, register_model, train_network
 from registry.models import ModelVersion
 
@@ -15,6 +16,7 @@ from registry.models import ModelVersion
 def train(network: str, data_ref: str, profile: str = "quick",
           overrides: dict[str, Any] | None = None) -> ModelVersion:
     """Train ``network`` on ``data_ref`` (``name@version``) with the ``profile`` recipe plus ``overrides``."""
+    workspace = Workspace.load().ensure()  # this flow run's platform context
     recipe = recipe_for(network, profile, overrides)
-    outcome = train_network(network, data_ref, recipe)
-    return register_model(outcome)
+    outcome = train_network(network, data_ref, recipe, workspace)
+    return register_model(outcome, workspace)

@@ -29,7 +29,7 @@ from fer_core.data.manifest import MANIFEST_FILE
 from fer_core.training.au_rounds import AURoundsResult, RoundHooks, RoundResult, run_au_rounds
 from fer_core.training.callbacks import Callback
 from fer_core.training.recipe import Recipe
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry.datasets import DatasetStore, DatasetVersion, parse_ref
 from registry.tracking import MlflowCallback, get_or_create_experiment, setup_tracking
 
@@ -104,14 +104,14 @@ def run_tracked_au_rounds(
     gamma: float = 0.3,
     retrain: str = "full",
     round_epochs: int | None = None,
-    workspace: Workspace | None = None,
+    workspace: Workspace,
     log_models: bool = True,
     run_name: str | None = None,
 ) -> TrackedRounds:
     """Run the AU rounds on dataset ``data`` (``NAME@VERSION`` or ``NAME``), versioned and tracked."""
     if recipe.network != "au_cotrain":
         raise ValueError(f"AU rounds train au_cotrain, got a recipe for {recipe.network!r}")
-    workspace = (workspace or Workspace.from_env()).ensure()
+    workspace = workspace.ensure()
     store = DatasetStore(workspace)
     name, version = parse_ref(data)
     base = store.get(name, version)

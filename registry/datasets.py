@@ -52,8 +52,7 @@ from filelock import FileLock, Timeout
 
 from fer_core.atomic import atomic_write_text
 from fer_core.data.manifest import read_card
-from fer_core.settings import Settings
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 
 REMOTE_ENV = "FER_DVC_REMOTE"
 REMOTE_NAME = "storage"
@@ -144,9 +143,9 @@ def _file_lock(path: Path) -> FileLock:
 class DatasetStore:
     """The workspace's git + DVC dataset store."""
 
-    def __init__(self, workspace: Workspace | None = None, remote_url: str | None = None) -> None:
-        settings = Settings.load()  # FER_DVC_REMOTE / $FER_CONFIG; credentials stay in the environment
-        self.workspace = workspace or Workspace(settings.home)
+    def __init__(self, workspace: Workspace, remote_url: str | None = None) -> None:
+        settings = workspace.settings  # FER_DVC_REMOTE / $FER_CONFIG; credentials stay in the environment
+        self.workspace = workspace
         self.repo = self.workspace.dvc_repo
         configured = settings.dvc_remote if settings.is_set("dvc_remote") else None
         self.remote_url = remote_url or configured or str(self.workspace.dvc_remote)

@@ -32,7 +32,7 @@ import pandas as pd
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.errors import DataError, ServiceError, StateError, UsageError
 from fer_core.metrics.evaluation import LabelScore, score_labels
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore, parse_ref
 from registry.tracking import get_or_create_experiment, setup_tracking
@@ -61,8 +61,8 @@ class EvaluationOutcome:
                 "mlflow_run": self.run_id, **self.score.to_dict()}
 
 
-def resolve_version(network: str, version: int | None = None, alias: str | None = None,
-                    workspace: Workspace | None = None) -> reg.ModelVersion:
+def resolve_version(network: str, version: int | None = None, alias: str | None = None, *,
+                    workspace: Workspace) -> reg.ModelVersion:
     """The model version to evaluate: explicit, by alias, else the champion, else the newest."""
     if version is not None and alias is not None:
         raise UsageError("give --version or --alias, not both")
@@ -128,12 +128,10 @@ def _download_onnx(version: reg.ModelVersion, into: Path) -> Path:
 
 def evaluate(network: str, data_ref: str, *, version: int | None = None, alias: str | None = None,
              url: str | None = None, split: str | None = None, batch_size: int = 32, track: bool = True,
-             face_detection: str | None = None, workspace: Workspace | None = None) -> EvaluationOutcome:
+             face_detection: str | None = None, workspace: Workspace) -> EvaluationOutcome:
     """Evaluate a registered version of ``network`` on ``data_ref`` (see the module docstring)."""
-    from fer_core.settings import Settings
-
     setup_tracking(workspace)
-    mv = resolve_version(network, version, alias, workspace)
+    mv = resolve_version(network, version, alias, workspace=workspace)
     name, data_version = parse_ref(data_ref)
     store = DatasetStore(workspace)
     dv = store.get(name, data_version)
@@ -161,7 +159,7 @@ def evaluate(network: str, data_ref: str, *, version: int | None = None, alias: 
         else:
             from serving.local import LocalPredictor
 
-            mode = face_detection or Settings.load().face_detection
+            mode = face_detection or workspace.settings.face_detection
             predictor = LocalPredictor(_download_onnx(mv, Path(tmp)), face_detection=mode, batch_size=batch_size)
             metadata = predictor.metadata
             predictions = predictor.predict(samples, network=network)
@@ -185,7 +183,7 @@ def evaluate(network: str, data_ref: str, *, version: int | None = None, alias: 
     return outcome
 
 
-def _log_run(outcome: EvaluationOutcome, mv: reg.ModelVersion, dv, workspace: Workspace | None) -> EvaluationOutcome:
+def _log_run(outcome: EvaluationOutcome, mv: reg.ModelVersion, dv, workspace: Workspace) -> EvaluationOutcome:
     import dataclasses
 
     import matplotlib
@@ -253,7 +251,7 @@ def evaluate_many(network: str, data_refs: Sequence[str], **kwargs: Any) -> list
     return [evaluate(network, ref, **kwargs) for ref in data_refs]
 
 
-def registered_test_sets(task: str | None = None, workspace: Workspace | None = None) -> list[str]:
+def registered_test_sets(task: str | None = None, *, workspace: Workspace) -> list[str]:
     """Refs of the newest version of every dataset added as an evaluation-only test set (``-o role=test``,
     recorded in the version's options), of ``task`` when given."""
     store = DatasetStore(workspace)

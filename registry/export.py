@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fer_core.training.recipe import Recipe
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore, parse_ref
 from registry.tracking import git_commit, setup_tracking
@@ -110,8 +110,8 @@ def held_out_split(network: str, data_ref: str, recipe: Recipe, workspace, purpo
         raise ValueError(f"{data_ref} has no test or val samples {purpose}")
     return task, split, datasets[split]
 
-def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT,
-             workspace: Workspace | None = None) -> HeldOut:
+def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT, *,
+             workspace: Workspace) -> HeldOut:
     """Up to ``max_samples`` samples of the test split (val if empty) of ``data_ref``, both as
     training decodes them and raw."""
     task, split, dataset = held_out_split(network, data_ref, recipe, workspace, "to check the export on")
@@ -123,13 +123,13 @@ def held_out(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX
     return HeldOut(inputs, split, task.primary_metric, raw, tuple(t for _, t in items), pipeline)
 
 
-def held_out_inputs(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT,
-                    workspace: Workspace | None = None) -> HeldOut:
+def held_out_inputs(network: str, data_ref: str, recipe: Recipe, max_samples: int = MAX_HELD_OUT, *,
+                    workspace: Workspace) -> HeldOut:
     """Alias of :func:`held_out` (kept for callers of the model-input-only version)."""
-    return held_out(network, data_ref, recipe, max_samples, workspace)
+    return held_out(network, data_ref, recipe, max_samples, workspace=workspace)
 
 
-def data_gate_status(data_ref: str, workspace: Workspace | None = None) -> str:
+def data_gate_status(data_ref: str, workspace: Workspace) -> str:
     """``passed`` when the data version is in the DatasetStore index (only gated data gets there)."""
     name, version = parse_ref(data_ref)
     if not version:
@@ -252,7 +252,7 @@ def _link_dataset(client, run_id: str, model_info) -> None:
 
 
 def export_and_register(outcome: TrainOutcome, *, atol: float = PARITY_ATOL, set_challenger: bool = True,
-                        face_detection: str | None = None, workspace: Workspace | None = None) -> reg.ModelVersion:
+                        face_detection: str | None = None, workspace: Workspace) -> reg.ModelVersion:
     """Export, parity-check, package and register the model of a tracked training (see the module
     docstring). ``face_detection`` ("off" | "haar") is the version's face handling for full photos
     (default: "haar" when the recipe aligned its training faces, else "off")."""
@@ -278,7 +278,7 @@ def _logged_model_uri(run_id: str, experiment_id: str) -> str:
 
 
 def register_run(network: str, run_id: str, *, atol: float = PARITY_ATOL, set_challenger: bool = True,
-                 face_detection: str | None = None, workspace: Workspace | None = None) -> reg.ModelVersion:
+                 face_detection: str | None = None, workspace: Workspace) -> reg.ModelVersion:
     """:func:`export_and_register` for a finished MLflow run (``fer register NETWORK --run RUN_ID``).
 
     Everything comes from the run: its ``checkpoint/best.pt`` artifact (weights, recipe, data

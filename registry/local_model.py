@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 
 __all__ = ["resolve_local_model"]
 
 
-def resolve_local_model(model: str | None, network: str, alias: str = "champion",
-                        workspace: Workspace | None = None) -> Path:
+def resolve_local_model(model: str | None, network: str, alias: str = "champion", *,
+                        workspace: Workspace) -> Path:
     """An ONNX file to run (see the module docstring); ``ValueError`` with a one-line reason."""
     if model:
         path = Path(model)
@@ -32,7 +32,6 @@ def resolve_local_model(model: str | None, network: str, alias: str = "champion"
     from registry import models as reg
     from registry.export import ONNX_ARTIFACT
 
-    workspace = workspace or Workspace.from_env()
     version = reg.get_alias(network, alias, workspace)
     if version is None:
         raise ValueError(f"fer-{network} has no {alias!r} version in the registry; promote one, or pass --model "

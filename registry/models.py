@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from registry.tracking import setup_tracking
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 
 ALIASES = ("champion", "challenger", "previous")
 PREFIX = "fer-"
@@ -41,7 +41,7 @@ class ModelVersion:
         return f"models:/{registered_name(self.network)}/{self.version}"
 
 
-def _client(workspace: Workspace | None = None) -> MlflowClient:
+def _client(workspace: Workspace) -> MlflowClient:
     setup_tracking(workspace)
     return MlflowClient()
 
@@ -52,7 +52,7 @@ def _to_version(network: str, mv) -> ModelVersion:
 
 
 def register(network: str, model_uri: str, run_id: str, tags: Mapping[str, str],
-             workspace: Workspace | None = None) -> ModelVersion:
+             workspace: Workspace) -> ModelVersion:
     """Register ``model_uri`` (a logged model) as a new version of ``fer-<network>`` with ``tags``."""
     client = _client(workspace)
     name = registered_name(network)
@@ -68,7 +68,7 @@ def register(network: str, model_uri: str, run_id: str, tags: Mapping[str, str],
     return get_version(network, int(mv.version), workspace)
 
 
-def get_version(network: str, version: int, workspace: Workspace | None = None) -> ModelVersion:
+def get_version(network: str, version: int, workspace: Workspace) -> ModelVersion:
     client = _client(workspace)
     try:
         mv = client.get_model_version(registered_name(network), str(version))
@@ -77,7 +77,7 @@ def get_version(network: str, version: int, workspace: Workspace | None = None) 
     return _to_version(network, mv)
 
 
-def get_alias(network: str, alias: str, workspace: Workspace | None = None) -> ModelVersion | None:
+def get_alias(network: str, alias: str, workspace: Workspace) -> ModelVersion | None:
     """The version holding ``alias``, or None."""
     if alias not in ALIASES:
         raise ValueError(f"alias must be one of {ALIASES}, got {alias!r}")
@@ -89,7 +89,7 @@ def get_alias(network: str, alias: str, workspace: Workspace | None = None) -> M
     return _to_version(network, mv)
 
 
-def set_alias(network: str, alias: str, version: int | None, workspace: Workspace | None = None) -> None:
+def set_alias(network: str, alias: str, version: int | None, workspace: Workspace) -> None:
     """Point ``alias`` at ``version`` (None removes it)."""
     if alias not in ALIASES:
         raise ValueError(f"alias must be one of {ALIASES}, got {alias!r}")
@@ -104,7 +104,7 @@ def set_alias(network: str, alias: str, version: int | None, workspace: Workspac
         client.set_registered_model_alias(name, alias, str(version))
 
 
-def list_versions(network: str, workspace: Workspace | None = None) -> list[ModelVersion]:
+def list_versions(network: str, workspace: Workspace) -> list[ModelVersion]:
     """All versions of a network, oldest first."""
     client = _client(workspace)
     name = registered_name(network)
@@ -139,14 +139,13 @@ def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
     return name.removeprefix(PREFIX), int(version), None
 
 
-def checkpoint_for(uri: str, workspace: Workspace | None = None) -> Path:
+def checkpoint_for(uri: str, workspace: Workspace) -> Path:
     """The training checkpoint (``best.pt``) of a registered version, downloaded once into the workspace.
 
     Used to initialise one network from another by model version (the micro network's pre-trained
     magnifier): fer_core takes the local file, this resolves the URI."""
     import mlflow
 
-    workspace = workspace or Workspace.from_env()
     network, version, alias = parse_model_uri(uri)
     mv = get_alias(network, alias, workspace) if alias else get_version(network, version, workspace)
     if mv is None:
@@ -165,7 +164,7 @@ def checkpoint_for(uri: str, workspace: Workspace | None = None) -> Path:
     return path
 
 
-def list_networks(workspace: Workspace | None = None) -> list[str]:
+def list_networks(workspace: Workspace) -> list[str]:
     """Networks that have a registered model."""
     client = _client(workspace)
     return sorted(m.name.removeprefix(PREFIX) for m in client.search_registered_models()

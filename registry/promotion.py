@@ -51,7 +51,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.export import PACKAGE_ARTIFACT, PACKAGE_DIGEST_PARAM
 from serving.package import ModelPackage, PackageError
@@ -189,7 +189,7 @@ class NetworkStatus:
 # -- lock ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def promotion_lock(network: str, workspace: Workspace | None = None) -> Iterator[Path]:
+def promotion_lock(network: str, workspace: Workspace) -> Iterator[Path]:
     """Hold the network's promotion lock (``<workspace>/locks/promote-<network>.lock``), non-blocking.
 
     ``flock`` locks belong to the open file, so two threads of one process exclude each other too,
@@ -197,7 +197,7 @@ def promotion_lock(network: str, workspace: Workspace | None = None) -> Iterator
     """
     if not _NETWORK_NAME.fullmatch(network or ""):
         raise ValueError(f"network name {network!r} must be lower-case letters, digits and _")
-    workspace = (workspace or Workspace.from_env()).ensure()
+    workspace = workspace.ensure()
     path = workspace.root / "locks" / f"promote-{network}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
@@ -248,7 +248,7 @@ def _write_journal(network: str, workspace: Workspace, op: str, champion: int, p
     return path
 
 
-def replay_journal(network: str, *, workspace: Workspace | None = None, repository: ModelRepository | None = None,
+def replay_journal(network: str, *, workspace: Workspace, repository: ModelRepository | None = None,
                    endpoint: TritonEndpoint | None = None, retention: RetentionPolicy | None = None) -> str:
     """Finish or discard an interrupted promotion/rollback of ``network`` (call with its lock held).
 
@@ -257,8 +257,7 @@ def replay_journal(network: str, *, workspace: Workspace | None = None, reposito
     """
     import json
 
-    workspace = workspace or Workspace.from_env()
-    repository = repository or ModelRepository(workspace.triton_repository)
+    repository = repository or ModelRepository.of_workspace(workspace)
     path = _journal_path(network, workspace)
     if not path.is_file():
         return ""
@@ -295,7 +294,7 @@ def replay_journal(network: str, *, workspace: Workspace | None = None, reposito
 
 # -- the model package --------------------------------------------------------------------------------
 
-def download_package(version: reg.ModelVersion, dst: Path, workspace: Workspace | None) -> ModelPackage:
+def download_package(version: reg.ModelVersion, dst: Path, workspace: Workspace) -> ModelPackage:
     """The version's model package, checked: its ``package.json`` must match the digest the run
     logged as an (immutable) parameter at registration, and every file its hash. One-line
     :class:`PackageError` otherwise (missing, altered, truncated, other format version)."""
@@ -335,7 +334,7 @@ def _collate_targets(items: list[Mapping[str, object]]) -> dict[str, object]:
 
 
 def score_package(packages: list[ModelPackage], network: str, data_ref: str, recipe_dict: Mapping[str, object],
-                  max_samples: int, workspace: Workspace | None) -> tuple[list[float], str, str, int]:
+                  max_samples: int, workspace: Workspace) -> tuple[list[float], str, str, int]:
     """Primary metric of each package on the same held-out split of ``data_ref`` (the split of
     ``recipe_dict``, test else val), every package through its own full pipeline on the raw samples
     (in-process ONNX Runtime). Returns (values, metric name, split, samples)."""
@@ -358,7 +357,7 @@ def score_package(packages: list[ModelPackage], network: str, data_ref: str, rec
     return values, task.primary_metric, split, count
 
 
-def _run_metrics(version: reg.ModelVersion, workspace: Workspace | None) -> Mapping[str, float]:
+def _run_metrics(version: reg.ModelVersion, workspace: Workspace) -> Mapping[str, float]:
     from mlflow.tracking import MlflowClient
 
     from registry.tracking import setup_tracking
@@ -369,7 +368,7 @@ def _run_metrics(version: reg.ModelVersion, workspace: Workspace | None) -> Mapp
 
 def package_gates(candidate: reg.ModelVersion, champion: reg.ModelVersion | None, package: ModelPackage,
                   champion_package: ModelPackage | None, gates: PromotionGates,
-                  workspace: Workspace | None) -> list[GateResult]:
+                  workspace: Workspace) -> list[GateResult]:
     """``data_gate``, ``onnx_parity`` and ``metric_vs_champion`` from the packages and the run's logged
     metrics (never from version tags, which anyone with registry access can edit).
 
@@ -575,12 +574,14 @@ def _endpoint(triton: TritonEndpoint | str, repository: ModelRepository) -> Trit
     """The endpoint to act on; a URL gets the repository's control key (model control is keyed)."""
     endpoint = triton if isinstance(triton, TritonEndpoint) else \
         TritonEndpoint(triton, key=control_key(repository.root.parent))
+    if endpoint.before_load is None:  # an s3:// repository is published before each load
+        endpoint.before_load = repository.publish
     if not endpoint.server_live():
         raise ServingError(f"Triton at {endpoint.url} is unreachable")
     return endpoint
 
 
-def _pick_candidate(network: str, version: int | None, workspace: Workspace | None) -> reg.ModelVersion:
+def _pick_candidate(network: str, version: int | None, workspace: Workspace) -> reg.ModelVersion:
     if version is not None:
         return reg.get_version(network, version, workspace)
     challenger = reg.get_alias(network, "challenger", workspace)
@@ -653,7 +654,7 @@ def promote(
     triton: TritonEndpoint | str,
     repository: ModelRepository | None = None,
     retention: RetentionPolicy = RetentionPolicy(),
-    workspace: Workspace | None = None,
+    workspace: Workspace,
 ) -> PromotionResult:
     """Promote ``version`` of ``network`` (default: the ``challenger``, else the newest) to champion.
 
@@ -662,8 +663,7 @@ def promote(
     :class:`PromotionBusy` when another promotion of the network runs, ``ValueError`` for bad input
     and :class:`ServingError` when Triton cannot be reached.
     """
-    workspace = workspace or Workspace.from_env()
-    repository = repository or ModelRepository(workspace.triton_repository)
+    repository = repository or ModelRepository.of_workspace(workspace)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
         if _journal_path(network, workspace).is_file():
@@ -727,12 +727,11 @@ def rollback(
     triton: TritonEndpoint | str,
     repository: ModelRepository | None = None,
     retention: RetentionPolicy = RetentionPolicy(),
-    workspace: Workspace | None = None,
+    workspace: Workspace,
 ) -> RollbackResult:
     """Make ``previous`` the champion again, in the registry and in Triton; the demoted version
     becomes ``previous``. ``ValueError`` when there is no previous version."""
-    workspace = workspace or Workspace.from_env()
-    repository = repository or ModelRepository(workspace.triton_repository)
+    repository = repository or ModelRepository.of_workspace(workspace)
     with promotion_lock(network, workspace):
         start = time.perf_counter()
         if _journal_path(network, workspace).is_file():
@@ -772,12 +771,11 @@ def models(
     *,
     triton: TritonEndpoint | str | None = None,
     repository: ModelRepository | None = None,
-    workspace: Workspace | None = None,
+    workspace: Workspace,
 ) -> list[NetworkStatus]:
     """Every network in the registry or the repository: versions with aliases and tags, the
     repository's versions/served/champion and, with ``triton``, the versions Triton has loaded."""
-    workspace = workspace or Workspace.from_env()
-    repository = repository or ModelRepository(workspace.triton_repository)
+    repository = repository or ModelRepository.of_workspace(workspace)
     endpoint = _endpoint(triton, repository) if triton is not None else None
     described = repository.describe()
     out = []

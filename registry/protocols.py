@@ -24,7 +24,7 @@ import numpy as np
 
 from fer_core.metrics.classification import classification_metrics
 from fer_core.training.recipe import Recipe
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry.datasets import DatasetStore, parse_ref
 from registry.tracking import get_or_create_experiment, setup_tracking
 from registry.training import run_dir_for
@@ -46,14 +46,14 @@ class ProtocolOutcome:
 
 
 def train_loso(network: str, data_ref: str, recipe: Recipe, *, subjects: list[str] | None = None,
-               workspace: Workspace | None = None) -> ProtocolOutcome:
+               workspace: Workspace) -> ProtocolOutcome:
     """Leave-one-subject-out training of a micro-expression network, tracked and resumable by fold."""
     import mlflow
 
     from fer_core.training.tasks.micro import _folder_name, run_loso
     from registry.tracking import MlflowCallback, RUN_ID_FILE
 
-    workspace = (workspace or Workspace.from_env()).ensure()
+    workspace = workspace.ensure()
     setup_tracking(workspace)
     name, version = parse_ref(data_ref)
     store = DatasetStore(workspace)
@@ -138,7 +138,7 @@ def mean_std(per_fold: dict[int, dict[str, float]]) -> tuple[dict[str, float], d
 
 
 def train_kfold(network: str, data_ref: str, recipe: Recipe, *, folds: int = 5,
-                workspace: Workspace | None = None) -> KFoldOutcome:
+                workspace: Workspace) -> KFoldOutcome:
     """k-fold cross-validation (DFEW's ``data.fold`` = 1..k) as a parent run with one child run per fold.
 
     Each fold is :func:`registry.training.train_tracked` with ``data.fold`` set, so a fold's run
@@ -151,7 +151,7 @@ def train_kfold(network: str, data_ref: str, recipe: Recipe, *, folds: int = 5,
     from registry.tracking import RUN_ID_FILE
     from registry.training import train_tracked
 
-    workspace = (workspace or Workspace.from_env()).ensure()
+    workspace = workspace.ensure()
     setup_tracking(workspace)
     name, version = parse_ref(data_ref)
     data = DatasetStore(workspace).get(name, version)

@@ -1,7 +1,7 @@
 """MLflow tracking for training runs: a trainer callback plus the embedded-default configuration.
 
 Embedded default: a SQLite store and an artifact root inside the workspace. ``FER_TRACKING_URI``
-(or ``tracking_uri`` in the ``$FER_CONFIG`` file, see ``fer_core.settings``) points at any other
+(or ``tracking_uri`` in the ``$FER_CONFIG`` file, see ``fer_platform.settings``) points at any other
 store, e.g. a remote ``mlflow server`` with PostgreSQL. Precedence: ``FER_TRACKING_URI`` > the
 config file's ``tracking_uri`` > MLflow's own ``MLFLOW_TRACKING_URI`` (when the user set it: the value
 ``mlflow.set_tracking_uri`` writes is recorded in ``FER_MLFLOW_URI_SET_BY_PLATFORM`` and not taken
@@ -29,27 +29,27 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec as MlflowTensorSpec
 
 from fer_core.models import FERModel, ModelMetadata
-from fer_core.settings import MLFLOW_TRACKING_ENV, MLFLOW_URI_SET_ENV, Settings
+from fer_platform.settings import MLFLOW_TRACKING_ENV, MLFLOW_URI_SET_ENV
 from fer_core.training.callbacks import Callback
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 
 TRACKING_ENV = "FER_TRACKING_URI"
 RUN_ID_FILE = "mlflow_run_id"
 PIP_REQUIREMENTS = ["torch==2.13.0", "numpy<2"]  # explicit: inference of requirements costs 10+ s
 
 
-def tracking_uri(workspace: Workspace | None = None) -> str:
-    """The configured tracking URI, else the workspace's SQLite store."""
-    settings = Settings.load()
+def tracking_uri(workspace: Workspace) -> str:
+    """The configured tracking URI, else the workspace's SQLite store (its folder created)."""
+    settings = workspace.settings
     if settings.is_set("tracking_uri"):
         return settings.tracking_uri
-    ws = workspace or Workspace(settings.home)
-    ws.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{ws.mlflow_db}"
+    workspace.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workspace.mlflow_db}"
 
 
-def setup_tracking(workspace: Workspace | None = None) -> str:
-    settings = Settings.load()
+def setup_tracking(workspace: Workspace) -> str:
+    """Point MLflow (this process) at the workspace's tracking store and registry; returns the URI."""
+    settings = workspace.settings
     uri = tracking_uri(workspace)
     if os.environ.get(MLFLOW_TRACKING_ENV) != uri:  # not the user's own MLFLOW_TRACKING_URI: mark what MLflow writes
         os.environ[MLFLOW_URI_SET_ENV] = uri
@@ -67,7 +67,7 @@ def experiment_name(network: str) -> str:
     return f"fer-{network}"
 
 
-def get_or_create_experiment(network: str, workspace: Workspace | None = None) -> str:
+def get_or_create_experiment(network: str, workspace: Workspace) -> str:
     """Experiment id of ``fer-<network>``.
 
     With a database store (SQLite, PostgreSQL) its artifacts go to ``FER_ARTIFACT_ROOT`` (local
@@ -80,13 +80,12 @@ def get_or_create_experiment(network: str, workspace: Workspace | None = None) -
         return existing.experiment_id
     location = None
     if not tracking_uri(workspace).startswith(("http://", "https://", "databricks")):
-        settings = Settings.load()
+        settings = workspace.settings
         if settings.is_set("artifact_root"):
             root = settings.artifact_root
             location = f"{root}/{network}" if "://" in root else (Path(root) / network).resolve().as_uri()
         else:
-            ws = workspace or Workspace(settings.home)
-            location = (ws.mlflow_artifacts / network).resolve().as_uri()
+            location = (workspace.mlflow_artifacts / network).resolve().as_uri()
     return client.create_experiment(experiment_name(network), artifact_location=location)
 
 
@@ -169,7 +168,8 @@ class MlflowCallback(Callback):
         parent_run_id: str | None = None,
         run_name: str | None = None,
         log_model: bool = True,
-        workspace: Workspace | None = None,
+        *,
+        workspace: Workspace,
     ) -> None:
         self.network, self.run_dir, self.data_ref, self.manifest = network, Path(run_dir), data_ref, manifest
         self.tags, self.parent_run_id, self.run_name = dict(tags or {}), parent_run_id, run_name

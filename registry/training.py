@@ -15,7 +15,7 @@ from filelock import FileLock, Timeout
 from fer_core.training.callbacks import Callback, ProgressBar
 from fer_core.training.recipe import Recipe
 from fer_core.training.trainer import Trainer, TrainResult
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry.datasets import DatasetStore, DatasetVersion, parse_ref
 
 
@@ -55,7 +55,7 @@ def resolve_recipe(network: str, profile: str = "quick", config: Path | None = N
 WEIGHT_REF_FIELDS = ("data.magnifier_weights",)
 
 
-def resolve_weight_refs(recipe: Recipe, workspace: Workspace | None = None) -> Recipe:
+def resolve_weight_refs(recipe: Recipe, workspace: Workspace) -> Recipe:
     """Replace ``models:/...`` URIs in :data:`WEIGHT_REF_FIELDS` by the local checkpoint of that version."""
     from registry.models import checkpoint_for
 
@@ -108,13 +108,13 @@ def train_tracked(
     parent_run_id: str | None = None,
     extra_callbacks: tuple[Callback, ...] = (),
     progress: bool = True,
-    workspace: Workspace | None = None,
+    workspace: Workspace,
 ) -> TrainOutcome:
     """Train ``network`` on the dataset version ``data_ref`` (``name@version``), tracked in MLflow.
 
     Raises :class:`RunBusyError` when another process trains the same run folder right now.
     """
-    workspace = (workspace or Workspace.from_env()).ensure()
+    workspace = workspace.ensure()
     name, version = parse_ref(data_ref)
     store = DatasetStore(workspace)
     data = store.get(name, version)

@@ -32,10 +32,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from fer_core.metadata import ModelMetadata
-from fer_core.settings import FACE_DETECTION_MODES, Settings
+from fer_platform.settings import FACE_DETECTION_MODES, is_remote
 from serving.ensembles import processing
 from fer_core.data.pipeline import InputPipeline
 from fer_core.metadata import metadata_from_dict, metadata_to_json
@@ -43,6 +43,8 @@ from serving.package import MANIFEST, ModelPackage, PackageError, read_onnx_meta
 from serving.tuning import ServingTuning, measure_latency, queue_delay_from_latency
 
 if TYPE_CHECKING:
+    from fer_platform.workspace import Workspace
+    from serving.s3_repository import S3Mirror
     from serving.server import TritonEndpoint
 
 __all__ = [
@@ -342,19 +344,41 @@ class ModelRepository:
     """
 
     def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU", face_detection: str | None = None,
-                 tuning: ServingTuning | None = None) -> None:
+                 tuning: ServingTuning | None = None, mirror: "S3Mirror | None" = None) -> None:
         if instance_kind not in INSTANCE_KINDS:
             raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
         self.root = Path(root).resolve()
         self.instance_kind = instance_kind
         self._tuning = tuning
         # A deployment-wide face handling override (see the module docstring); None = each version's own.
-        if face_detection is None:
-            settings = Settings.load()
-            face_detection = settings.face_detection if settings.is_set("face_detection") else None
+        # Entry points pass the settings' explicit FER_FACE_DETECTION (Workspace.face_detection_override).
         if face_detection is not None and face_detection not in FACE_DETECTION_MODES:
             raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
         self.face_detection = face_detection
+        # An s3:// repository (FER_MODEL_REPOSITORY): this folder is its working copy, see serving.s3_repository.
+        self.mirror = mirror
+
+    @classmethod
+    def of_workspace(cls, workspace: "Workspace", **kwargs: Any) -> "ModelRepository":
+        """The workspace's repository: ``FER_MODEL_REPOSITORY`` (a local folder, or an ``s3://`` location
+        published from the working copy ``Workspace.triton_repository``) with its face-detection override."""
+        from serving.s3_repository import S3Mirror
+
+        location = workspace.model_repository
+        mirror = S3Mirror(workspace.triton_repository, location, workspace.settings.s3_endpoint_url) \
+            if is_remote(location) else None
+        kwargs.setdefault("face_detection", workspace.face_detection_override)
+        return cls(workspace.triton_repository, mirror=mirror, **kwargs)
+
+    @property
+    def triton_location(self) -> str:
+        """What Triton is started with (``--model-repository``): the folder, or the mirror's s3:// URL."""
+        return self.mirror.triton_location if self.mirror is not None else str(self.root)
+
+    def publish(self) -> None:
+        """Bring an s3:// repository up to date with the working copy (nothing for a local one)."""
+        if self.mirror is not None:
+            self.mirror.publish()
 
     def tuning(self, instance_kind: str | None = None) -> ServingTuning:
         """The performance settings configs are written with (the environment's, unless given)."""
@@ -516,6 +540,7 @@ class ModelRepository:
             from serving.server import TritonEndpoint
 
             endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else TritonEndpoint(endpoint)
+            self.publish()  # an s3:// repository: Triton reloads from the bucket
             for name in [m for m in (f"{network}_preprocess", f"{network}_postprocess") if m in changed]:
                 endpoint.load(name)
             endpoint.load(f"{network}_ensemble")
@@ -747,6 +772,7 @@ class ModelRepository:
 
             endpoint = endpoint if isinstance(endpoint, TritonEndpoint) else \
                 TritonEndpoint(endpoint, key=control_key(self.root.parent))  # model control is keyed
+            self.publish()  # an s3:// repository: Triton reloads from the bucket
             if not endpoint.model_ready(network, version):
                 endpoint.load(network)
             steps = [m for m in (f"{network}_preprocess", f"{network}_postprocess") if m in changed]

@@ -245,9 +245,11 @@ class TritonEndpoint:
     """A running Triton, reached over gRPC (default) or HTTP with tritonclient."""
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str | None = None, timeout_s: float = 60.0,
-                 key: str | None = None) -> None:
+                 key: str | None = None, before_load: Callable[[], object] | None = None) -> None:
         self.protocol, self.address = _split_url(url, protocol)
         self.timeout_s = timeout_s
+        # Run before every (re)load: publishes an s3:// repository's working copy (serving.s3_repository).
+        self.before_load = before_load
         # The model-control key (see CONTROL_HEADER): sent with every call of this endpoint.
         # Triton's gRPC front expects restricted-protocol headers with a "triton-grpc-protocol-" prefix.
         header = f"{_GRPC_HEADER_PREFIX}{CONTROL_HEADER}" if self.protocol == "grpc" else CONTROL_HEADER
@@ -299,6 +301,8 @@ class TritonEndpoint:
 
     def load(self, model: str) -> None:
         """Load (or reload, picking up config changes) ``model``; the old one serves until then."""
+        if self.before_load is not None:
+            self.before_load()
         self._call(f"loading {model!r}", self.client.load_model, model, headers=self.headers)
 
     def unload(self, model: str) -> None:
@@ -409,7 +413,8 @@ class EmbeddedTriton:
         """A keyed endpoint of this server (the platform's own client: model control allowed)."""
         if protocol == "http" and not self.allow_http:
             raise ServingError("this Triton runs without HTTP (allow_http=False); use gRPC")
-        return TritonEndpoint(self.grpc_url if protocol == "grpc" else self.http_url, protocol, key=self.key)
+        return TritonEndpoint(self.grpc_url if protocol == "grpc" else self.http_url, protocol, key=self.key,
+                              before_load=self.repository.publish)
 
     def _environment(self, install: TritonInstall) -> dict[str, str]:
         env = dict(os.environ)
@@ -427,7 +432,7 @@ class EmbeddedTriton:
     def command(self, install: TritonInstall, backend_dir: Path) -> list[str]:
         key = KEY_PLACEHOLDER if self._scrubber is not None else self.key  # the preload fills it in
         args = [
-            str(install.binary), f"--model-repository={self.repository.root}", f"--backend-directory={backend_dir}",
+            str(install.binary), f"--model-repository={self.repository.triton_location}", f"--backend-directory={backend_dir}",
             "--model-control-mode=explicit", "--strict-model-config=true", "--exit-on-error=false",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{CONTROL_HEADER}={key}",
@@ -455,6 +460,7 @@ class EmbeddedTriton:
         self.workspace_dir.mkdir(parents=True, exist_ok=True)
         self.repository.root.mkdir(parents=True, exist_ok=True)
         self.repository.repair()  # a crash may have left staging leftovers
+        self.repository.publish()  # an s3:// repository: Triton reads the bucket, not the working copy
         backend_dir = build_backend_directory(self.workspace_dir / "backends", install)
         self._scrubber = build_argv_scrubber(self.workspace_dir / "backends")
         self.http_port, self.grpc_port, self.metrics_port = (

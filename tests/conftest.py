@@ -44,7 +44,7 @@ def _no_tracking_uri_leaks(monkeypatch):
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A fresh ``$FER_HOME`` for the test."""
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
 
     root = tmp_path / "fer-home"
     monkeypatch.setenv("FER_HOME", str(root))

@@ -57,3 +57,51 @@ def test_the_check_itself_detects_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom mlflow.tracking import MlflowClient\nimportlib.import_module('prefect')\n")
     assert _imported_roots(bad) >= {"mlflow", "prefect"}
+
+
+# fer_core is the bottom tier: nothing of the platform above it either. Configuration (Settings,
+# Workspace) lives in fer_platform, which fer_core never needs.
+PLATFORM_TIERS = ("fer_platform", "flows", "registry", "serving", "data_checks", "fer_cli")
+ROOT = CORE.parent
+# Library tiers take the platform context as an argument; only entry points (fer_cli commands,
+# Prefect flow functions, scripts) build it from the environment.
+LIBRARY_FILES = [p for d in ("registry", "serving", "data_checks") for p in (ROOT / d).rglob("*.py")] + [
+    ROOT / "flows" / name for name in ("tasks.py", "cache.py", "dispatch.py", "local_server.py")]
+
+
+def test_fer_core_never_imports_the_platform_tiers():
+    offenders = {
+        str(p.relative_to(CORE)): sorted(_imported_roots(p) & set(PLATFORM_TIERS))
+        for p in CORE.rglob("*.py")
+        if _imported_roots(p) & set(PLATFORM_TIERS)
+    }
+    assert not offenders, f"fer_core imports platform tiers (settings belong to fer_platform): {offenders}"
+    assert not (CORE / "settings.py").exists() and not (CORE / "workspace.py").exists()
+
+
+def test_fer_platform_depends_on_nothing_of_the_platform():
+    platform = ROOT / "fer_platform"
+    imported = set().union(*(_imported_roots(p) for p in platform.rglob("*.py")))
+    assert not imported & (set(PLATFORM_TIERS) - {"fer_platform"}) and "fer_core" not in imported, imported
+
+
+def _ambient_loads(path: Path) -> list[int]:
+    """Lines of ``Settings.load(...)`` / ``Workspace.load(...)`` / ``Workspace.load()`` calls."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("load", "from_env") and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in ("Settings", "Workspace")):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_library_tiers_never_read_the_configuration_themselves():
+    offenders = {str(p.relative_to(ROOT)): _ambient_loads(p) for p in LIBRARY_FILES if _ambient_loads(p)}
+    assert not offenders, f"library code loads Settings/Workspace from the environment: {offenders}"
+
+
+def test_the_layering_checks_detect_a_settings_import_in_fer_core(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from fer_platform.settings import Settings\ns = Settings.load()\n")
+    assert "fer_platform" in _imported_roots(bad) and _ambient_loads(bad) == [2]

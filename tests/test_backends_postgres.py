@@ -162,7 +162,8 @@ def test_training_tracking_and_registry_on_postgresql(postgres, workspace, tmp_p
     sys.path.insert(0, str(Path(__file__).parent))
     from training_toy import ToyTask, toy_recipe
 
-    from fer_core.settings import Settings
+    from fer_platform.settings import Settings
+    from fer_platform.workspace import Workspace
     from fer_core.training.trainer import Trainer
     from registry.tracking import MlflowCallback, setup_tracking
 
@@ -170,8 +171,9 @@ def test_training_tracking_and_registry_on_postgresql(postgres, workspace, tmp_p
     monkeypatch.setenv("FER_TRACKING_URI", postgres.uri("mlflow"))
     monkeypatch.setenv("FER_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     assert "s3cret" not in repr(Settings.load())  # the URI's password never shows
+    workspace = Workspace.load()  # the context of the environment above
 
-    callback = MlflowCallback("toy_net", tmp_path / "run", data_ref="toy@0123456789abcdef")
+    callback = MlflowCallback("toy_net", tmp_path / "run", data_ref="toy@0123456789abcdef", workspace=workspace)
     Trainer(toy_recipe(epochs=2), ToyTask(), tmp_path / "run", callbacks=[callback]).fit()
     assert setup_tracking(workspace) == postgres.uri("mlflow")
     client = MlflowClient()

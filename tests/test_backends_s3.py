@@ -105,7 +105,9 @@ def test_mlflow_artifacts_and_model_go_to_s3(workspace, s3_env, tmp_path, monkey
 
     torch.set_num_threads(1)
     monkeypatch.setenv("FER_ARTIFACT_ROOT", "s3://mlflow/artifacts")
-    callback = MlflowCallback("toy_net", tmp_path / "run")
+    from fer_platform.workspace import Workspace
+
+    callback = MlflowCallback("toy_net", tmp_path / "run", workspace=Workspace.load())  # the context of the env above
     Trainer(toy_recipe(epochs=1), ToyTask(), tmp_path / "run", callbacks=[callback]).fit()
 
     assert os.environ["MLFLOW_S3_ENDPOINT_URL"] == os.environ["FER_S3_ENDPOINT_URL"]
@@ -130,7 +132,10 @@ def test_dvc_remote_on_s3_round_trips_a_dataset(workspace, s3_env, tmp_path, mon
 
     from registry.datasets import DatasetStore
 
+    from fer_platform.workspace import Workspace
+
     monkeypatch.setenv("FER_DVC_REMOTE", "s3://dvc/fer")
+    workspace = Workspace.load()  # the context of the environment above
     store = DatasetStore(workspace)
     assert store.remote_url == "s3://dvc/fer"
     version = store.add("toy", _prepared(tmp_path / "a", seed=1), source="unit")

@@ -21,6 +21,7 @@ import pytest
 
 from fer_cli.main import main
 from fer_core.data.formats import get_format
+from fer_platform.workspace import Workspace
 from registry.datasets import DatasetStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def sources(tmp_path_factory) -> list[Path]:
 
 def _add(name: str, source: Path) -> str:
     assert main(["data", "add", name, str(source), "--format", "fer2013"]) == 0
-    return DatasetStore().get(name).version
+    return DatasetStore(Workspace.load()).get(name).version  # the workspace `fer` just used
 
 
 def test_versions_are_git_tags_that_dvc_get_import_and_api_open_read_from_another_folder(workspace, sources,
@@ -89,7 +90,7 @@ def test_a_moved_workspace_adds_and_pulls_against_its_own_remote(workspace, sour
     assert any(v2[2:] in o for o in objects)
     shutil.rmtree(moved / "data" / ".dvc" / "cache")
     assert main(["data", "pull", f"fer@{v1[:10]}"]) == 0
-    assert DatasetStore().checked_out("fer") == v1
+    assert DatasetStore(Workspace.load()).checked_out("fer") == v1
 
 
 def test_the_saved_gx_checkpoint_reproduces_the_verdict_through_gx_api(workspace, sources, tmp_path, capsys):

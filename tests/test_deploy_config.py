@@ -33,7 +33,7 @@ FLOW_ENTRYPOINTS = {
     "flows/ingest.py:ingest", "flows/train.py:train", "flows/au_rounds.py:au_noisy_rounds",
     "flows/promote.py:promote", "flows/retrain_all.py:retrain_all",
 }
-# FER_* variables that configure the stack or its worker script rather than fer_core.settings.
+# FER_* variables that configure the stack or its worker script rather than fer_platform.settings.
 STACK_VARIABLES = {"FER_IMAGE", "FER_TORCH_TARGET", "FER_PUBLISH_HOST", "FER_TRITON_IMAGE", "FER_WORK_POOL",
                    "FER_WORKER_CONCURRENCY", "FER_WORKER_GPUS", "FER_TRITON_GPUS"}
 
@@ -135,7 +135,7 @@ def test_variables_expanded_inside_containers_are_set_for_them():
 
 
 def test_every_setting_is_listed_in_env_example_and_fer_variables_are_real_settings():
-    from fer_core.settings import env_var, setting_names
+    from fer_platform.settings import env_var, setting_names
 
     active, commented = _env_example()
     settings_vars = {env_var(n) for n in setting_names()} | {"FER_CONFIG"}

@@ -118,7 +118,8 @@ def test_cross_dataset_evaluation_in_process_and_through_triton(workspace, tmp_p
     data = DatasetStore(workspace).add("fer", tmp_path / "fer-prep")
     recipe = resolve_recipe(NETWORK, "quick", None, {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16,
                                                      "model_kwargs.width": 8})
-    version = export_and_register(train_tracked(NETWORK, data.ref, recipe, progress=False, workspace=workspace))
+    version = export_and_register(train_tracked(NETWORK, data.ref, recipe, progress=False, workspace=workspace),
+                                  workspace=workspace)
 
     assert main(["evaluate", NETWORK, "--data", "ck48", "--json", "--predictions"]) == 0
     local = json.loads(capsys.readouterr().out)

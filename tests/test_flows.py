@@ -35,7 +35,7 @@ def env(tmp_path_factory):
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton
 
@@ -46,7 +46,7 @@ def env(tmp_path_factory):
         for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
                     "FER_DVC_REMOTE", "FER_TRITON_URL"):
             mp.delenv(var, raising=False)
-        workspace = Workspace.from_env().ensure()
+        workspace = Workspace.load().ensure()
         sources = {}
         for network, (name, fmt) in {"ca_resnet": ("fer", "fer2013"), "au_cotrain": ("au", "au_table")}.items():
             path = get_format(fmt).write_synthetic(root / "sources" / fmt, seed=0, size=SIZES[fmt])
@@ -97,10 +97,10 @@ def test_retrain_all_trains_registers_promotes_and_serves(env):
         assert row["decision"] == "promoted v1", row
         assert row["champion before"] == "none" and row["champion after"] == "v1"
         assert row["data version"].startswith(env["sources"][network][0] + "@")
-        champion = reg.get_alias(network, "champion")
+        champion = reg.get_alias(network, "champion", env["workspace"])
         assert champion is not None and champion.version == 1
         assert champion.tags["data_gate"] == "passed" and champion.tags["parity_passed"] == "true"
-        setup_tracking()
+        setup_tracking(env["workspace"])
         run = MlflowClient().get_run(champion.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["network"] == network
 
@@ -115,12 +115,11 @@ def test_retrain_all_trains_registers_promotes_and_serves(env):
     from fer_core.data.samples import read_image
     from registry.datasets import DatasetStore
 
-    root = DatasetStore().path("fer")
+    root = DatasetStore(env["workspace"]).path("fer")
     row = read_manifest(root).iloc[0]
-    from fer_core.workspace import Workspace
     from serving.server import control_key
 
-    key = control_key(Workspace.from_env().triton_repository.parent)  # listing networks is model control: keyed
+    key = control_key(env["workspace"].triton_repository.parent)  # listing networks is model control: keyed
     with FERClient(env["url"].removeprefix("grpc://"), key=key) as client:
         assert set(NETWORKS) <= set(client.networks())
         prediction = client.predict([read_image(root, row["path"])], network="ca_resnet")[0]
@@ -131,12 +130,12 @@ def test_retrain_all_trains_registers_promotes_and_serves(env):
 def test_rerun_skips_unchanged_networks(env):
     from registry import models as reg
 
-    before = {n: len(reg.list_versions(n)) for n in NETWORKS}
+    before = {n: len(reg.list_versions(n, env["workspace"])) for n in NETWORKS}
     trains_before = len(_flow_runs("train"))
     state = _run(env)
     assert state.is_completed(), state.message
     assert [r["decision"] for r in state.result()] == ["unchanged"] * len(NETWORKS)
-    assert {n: len(reg.list_versions(n)) for n in NETWORKS} == before  # nothing retrained or registered
+    assert {n: len(reg.list_versions(n, env["workspace"])) for n in NETWORKS} == before  # nothing retrained or registered
     assert len(_flow_runs("train")) == trains_before
 
 
@@ -163,7 +162,7 @@ def test_a_corrupted_dataset_stops_at_the_gate_with_nothing_registered_or_served
     fmt = _corrupting_format("label_out_of_domain")
     repository = ModelRepository(env["workspace"].triton_repository)
     files_before = sorted(p.relative_to(repository.root) for p in repository.root.rglob("*"))
-    versions_before = reg.list_versions("ca_resnet")
+    versions_before = reg.list_versions("ca_resnet", env["workspace"])
     sources = {"ca_resnet": ("broken", fmt, env["sources"]["ca_resnet"][2])}
 
     state = _run(env, networks=("ca_resnet",), sources=sources)
@@ -171,10 +170,10 @@ def test_a_corrupted_dataset_stops_at_the_gate_with_nothing_registered_or_served
     assert "label_in_domain" in state.message  # the gate's failed check, by name
     ingest_runs = [r for r in _flow_runs("ingest") if r.state.is_failed()]
     assert len(ingest_runs) == 1
-    assert DatasetStore().list("broken") == []  # nothing versioned
-    assert reg.list_versions("ca_resnet") == versions_before  # nothing trained or registered
+    assert DatasetStore(env["workspace"]).list("broken") == []  # nothing versioned
+    assert reg.list_versions("ca_resnet", env["workspace"]) == versions_before  # nothing trained or registered
     assert sorted(p.relative_to(repository.root) for p in repository.root.rglob("*")) == files_before
-    assert reg.get_alias("ca_resnet", "champion").version == 1  # still serving the old champion
+    assert reg.get_alias("ca_resnet", "champion", env["workspace"]).version == 1  # still serving the old champion
 
 
 def test_ingest_flow_versions_a_source(env):

@@ -168,7 +168,7 @@ def test_the_registered_champion_predicts_and_serves_in_a_clean_venv_with_the_pl
     import torch
 
     from fer_core.data.formats import adapt, get_format
-    from fer_core.workspace import Workspace
+    from fer_platform.workspace import Workspace
     from registry import models as reg
     from registry.datasets import DatasetStore
     from registry.export import export_and_register

@@ -29,7 +29,7 @@ from fer_core.data.formats import adapt, get_format
 from fer_core.data.manifest import read_manifest
 from fer_core.data.samples import read_image
 from fer_core.training.trainer import load_model_from_checkpoint
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore
 from registry.export import PACKAGE_ARTIFACT, export_and_register

@@ -23,7 +23,7 @@ import torch
 
 from fer_cli.main import main
 from fer_core.data.formats import adapt, get_format
-from fer_core.workspace import Workspace
+from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore
 from registry.training import resolve_recipe, train_tracked

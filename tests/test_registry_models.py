@@ -18,21 +18,21 @@ from training_toy import ToyTask, toy_recipe  # noqa: E402
 def test_register_versions_tags_and_aliases(workspace, tmp_path):
     versions = []
     for i in range(2):
-        cb = MlflowCallback("toy_net", tmp_path / f"run{i}", data_ref=f"toy@{i}")
+        cb = MlflowCallback("toy_net", tmp_path / f"run{i}", data_ref=f"toy@{i}", workspace=workspace)
         Trainer(toy_recipe(epochs=1, seed=i), ToyTask(), tmp_path / f"run{i}", callbacks=[cb]).fit()
         versions.append(reg.register("toy_net", cb.model_info.model_uri, cb.run_id,
-                                     {"data_version": f"toy@{i}", "parity_passed": True}))
+                                     {"data_version": f"toy@{i}", "parity_passed": True}, workspace))
     assert [v.version for v in versions] == [1, 2]
     assert versions[1].tags == {"data_version": "toy@1", "parity_passed": "True"}
-    assert reg.get_alias("toy_net", "champion") is None
-    reg.set_alias("toy_net", "champion", 1)
-    reg.set_alias("toy_net", "challenger", 2)
-    assert reg.get_alias("toy_net", "champion").version == 1
-    assert [v.aliases for v in reg.list_versions("toy_net")] == [("champion",), ("challenger",)]
-    reg.set_alias("toy_net", "challenger", None)
-    assert reg.get_alias("toy_net", "challenger") is None
-    assert reg.list_networks() == ["toy_net"]
+    assert reg.get_alias("toy_net", "champion", workspace) is None
+    reg.set_alias("toy_net", "champion", 1, workspace)
+    reg.set_alias("toy_net", "challenger", 2, workspace)
+    assert reg.get_alias("toy_net", "champion", workspace).version == 1
+    assert [v.aliases for v in reg.list_versions("toy_net", workspace)] == [("champion",), ("challenger",)]
+    reg.set_alias("toy_net", "challenger", None, workspace)
+    assert reg.get_alias("toy_net", "challenger", workspace) is None
+    assert reg.list_networks(workspace) == ["toy_net"]
     with pytest.raises(ValueError, match="alias must be"):
-        reg.set_alias("toy_net", "production", 1)
+        reg.set_alias("toy_net", "production", 1, workspace)
     with pytest.raises(ValueError, match="no version 9"):
-        reg.get_version("toy_net", 9)
+        reg.get_version("toy_net", 9, workspace)

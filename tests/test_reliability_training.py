@@ -54,6 +54,7 @@ def _final_metrics(client: MlflowClient, run) -> dict[str, float]:
     return {k: v for k, v in run.data.metrics.items() if not any(n in k for n in NONDETERMINISTIC)}
 
 
+@pytest.mark.slow  # three `fer train` subprocesses that learn (one SIGKILLed): minutes on a loaded machine
 def test_sigkilled_fer_train_resumes_to_the_uninterrupted_result_as_one_run(tmp_path):
     source = get_format("fer2013").write_synthetic(tmp_path / "src", size=140)
     homes = {"full": tmp_path / "full", "killed": tmp_path / "killed"}

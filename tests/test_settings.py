@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_core.settings import Settings, env_var, redact_uri, setting_names
+from fer_platform.settings import Settings, env_var, redact_uri, setting_names
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -30,8 +30,8 @@ def test_nothing_set_gives_the_embedded_default(tmp_path, monkeypatch):
     assert s.embedded and not s.explicit and s.required_credentials() == ()
 
 
-def test_defaults_follow_the_workspace_like_fer_core_workspace(tmp_path):
-    from fer_core.workspace import Workspace
+def test_defaults_follow_the_workspace(tmp_path):
+    from fer_platform.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws")
     s = Settings.load(env={"FER_HOME": str(ws.root)})
@@ -153,6 +153,7 @@ def test_redact_uri_masks_only_passwords():
 
 def test_the_library_reads_its_configuration_from_the_settings_file(tmp_path, monkeypatch):
     """registry.tracking and registry.datasets follow $FER_CONFIG, not only FER_* variables."""
+    from fer_platform.workspace import Workspace
     from registry.datasets import DatasetStore
     from registry.tracking import tracking_uri
 
@@ -160,8 +161,9 @@ def test_the_library_reads_its_configuration_from_the_settings_file(tmp_path, mo
         monkeypatch.delenv(env_var(name), raising=False)
     config = _write(tmp_path / "fer.yaml", {"home": "ws", "dvc_remote": "s3://bucket/dvc"})
     monkeypatch.setenv("FER_CONFIG", str(config))
-    assert tracking_uri() == f"sqlite:///{(tmp_path / 'ws' / 'mlflow' / 'mlflow.db').resolve()}"
-    store = DatasetStore()
+    workspace = Workspace.load()  # what an entry point builds
+    assert tracking_uri(workspace) == f"sqlite:///{(tmp_path / 'ws' / 'mlflow' / 'mlflow.db').resolve()}"
+    store = DatasetStore(workspace)
     assert store.workspace.root == (tmp_path / "ws").resolve() and store.remote_url == "s3://bucket/dvc"
 
 
@@ -191,3 +193,42 @@ def test_promote_rollback_and_models_take_triton_url_from_the_config_file(worksp
     assert main(["rollback", "ca_resnet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "triton_url" in err[0] and "port" in err[0], err
+
+
+def test_the_workspace_is_the_context_an_entry_point_builds(tmp_path, monkeypatch):
+    """``Workspace.load()`` reads the environment and $FER_CONFIG once; ``Workspace(root)`` reads nothing."""
+    from fer_platform.workspace import Workspace
+
+    monkeypatch.setenv("FER_HOME", str(tmp_path / "env-home"))
+    monkeypatch.setenv("FER_TRITON_URL", "http://triton.env:8000")
+    loaded = Workspace.load()
+    assert loaded.root == (tmp_path / "env-home").resolve() and loaded.settings.triton_url == "http://triton.env:8000"
+    plain = Workspace(tmp_path / "plain")
+    assert plain.settings.triton_url == "" and plain.settings.home == (tmp_path / "plain").resolve()
+    assert plain.settings.tracking_uri == f"sqlite:///{plain.mlflow_db}"
+    with pytest.raises(ValueError, match="differs"):
+        Workspace(tmp_path / "a", Settings.load(env={"FER_HOME": str(tmp_path / "b")}))
+
+
+def test_model_repository_names_the_folder_or_triton_s3_location(tmp_path):
+    """FER_MODEL_REPOSITORY: a local folder is the repository itself; ``s3://bucket/prefix`` is what
+    Triton reads (in its own URL form for a non-AWS endpoint), published from the working copy."""
+    from fer_platform.workspace import Workspace
+    from serving.repository import ModelRepository
+    from serving.s3_repository import triton_location
+
+    home = str(tmp_path / "home")
+    local = Workspace.load(env={"FER_HOME": home, "FER_MODEL_REPOSITORY": str(tmp_path / "repo")})
+    assert local.triton_repository == (tmp_path / "repo").resolve()
+    repo = ModelRepository.of_workspace(local)
+    assert repo.root == (tmp_path / "repo").resolve() and repo.mirror is None and repo.triton_location == str(repo.root)
+    assert Workspace(tmp_path / "home").triton_repository == (tmp_path / "home" / "triton" / "models").resolve()
+
+    on_s3 = Workspace.load(env={"FER_HOME": home, "FER_MODEL_REPOSITORY": "s3://models-bucket/fer/",
+                                "FER_S3_ENDPOINT_URL": "http://minio:9000", "FER_FACE_DETECTION": "haar"})
+    assert on_s3.triton_repository == on_s3.root / "triton" / "models"  # the working copy
+    repo = ModelRepository.of_workspace(on_s3)
+    assert repo.triton_location == "s3://http://minio:9000/models-bucket/fer" and repo.face_detection == "haar"
+    assert triton_location("s3://b/p") == "s3://b/p"  # AWS itself: Triton's plain form
+    assert triton_location("s3://b", "https://s3.example.com") == "s3://https://s3.example.com:443/b"
+    assert triton_location("/srv/models", "http://minio:9000") == "/srv/models"

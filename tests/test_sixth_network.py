@@ -113,7 +113,7 @@ def test_it_is_among_the_pipeline_sources(workspace):
     pytest.importorskip("prefect")
     from flows.retrain_all import default_networks, default_sources
 
-    assert default_sources()[NAME][:2] == ("fer2013-tiny", "fer2013")
+    assert default_sources(workspace)[NAME][:2] == ("fer2013-tiny", "fer2013")
     assert NAME not in default_networks()  # default=False: opt in with --networks
 
 

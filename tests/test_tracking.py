@@ -30,7 +30,8 @@ class _ReportingToyTask(ToyTask):
 
 def test_a_run_logs_params_metrics_artifacts_and_model(workspace, tmp_path):
     manifest = pd.DataFrame({"id": ["a", "b"], "label": [0, 1]})
-    cb = MlflowCallback("toy_net", tmp_path / "run", data_ref="toy@0123456789abcdef", manifest=manifest)
+    cb = MlflowCallback("toy_net", tmp_path / "run", data_ref="toy@0123456789abcdef", manifest=manifest,
+                       workspace=workspace)
     Trainer(toy_recipe(epochs=2), _ReportingToyTask(), tmp_path / "run", callbacks=[cb]).fit()
     setup_tracking(workspace)
     client = MlflowClient()
@@ -85,13 +86,13 @@ def test_logging_the_model_raises_no_mlflow_warning(workspace, tmp_path, recwarn
 
 def test_a_killed_and_resumed_training_is_one_run(workspace, tmp_path):
     run_dir = tmp_path / "run"
-    cb = MlflowCallback("toy_net", run_dir, log_model=False)
+    cb = MlflowCallback("toy_net", run_dir, log_model=False, workspace=workspace)
     with pytest.raises(KeyboardInterrupt):
         try:
             Trainer(toy_recipe(), ToyTask(), run_dir, callbacks=[cb, _Crash(at_step=15)]).fit()
         finally:
             end_active_run("KILLED")
-    cb2 = MlflowCallback("toy_net", run_dir, log_model=False)
+    cb2 = MlflowCallback("toy_net", run_dir, log_model=False, workspace=workspace)
     Trainer(toy_recipe(), ToyTask(), run_dir, callbacks=[cb2]).fit(resume=True)
     assert cb2.run_id == cb.run_id
     setup_tracking(workspace)

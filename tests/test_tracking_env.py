@@ -3,7 +3,8 @@ the workspace's SQLite file; the value MLflow itself writes is never taken for t
 
 from __future__ import annotations
 
-from fer_core.settings import MLFLOW_TRACKING_ENV, MLFLOW_URI_SET_ENV, Settings
+from fer_platform.settings import MLFLOW_TRACKING_ENV, MLFLOW_URI_SET_ENV, Settings
+from fer_platform.workspace import Workspace
 
 
 def test_precedence(tmp_path):
@@ -33,5 +34,6 @@ def test_setup_tracking_uses_and_keeps_the_users_uri(tmp_path, monkeypatch):
     monkeypatch.setenv("FER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv(MLFLOW_TRACKING_ENV, uri)
     monkeypatch.delenv(MLFLOW_URI_SET_ENV, raising=False)
-    assert setup_tracking() == uri and setup_tracking() == uri  # the second call still honours it
+    # Each entry point builds its context anew: the second one still sees the user's URI.
+    assert setup_tracking(Workspace.load()) == uri and setup_tracking(Workspace.load()) == uri
     assert mlflow.get_tracking_uri() == uri

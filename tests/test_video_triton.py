@@ -46,7 +46,8 @@ def test_fer_annotate_through_triton_equals_the_local_champion(workspace, tmp_pa
     data = DatasetStore(workspace).add("fer", tmp_path / "fer-prep")
     recipe = resolve_recipe(NETWORK, "quick", None, {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16,
                                                      "model_kwargs.width": 8})
-    version = export_and_register(train_tracked(NETWORK, data.ref, recipe, progress=False, workspace=workspace))
+    version = export_and_register(train_tracked(NETWORK, data.ref, recipe, progress=False, workspace=workspace),
+                                  workspace=workspace)
     assert main(["promote", NETWORK, "--floor", "0", "--margin", "1", "--latency-budget-ms", "10000",
                  "--smoke-samples", "4", "--latency-requests", "5"]) == 0
     capsys.readouterr()

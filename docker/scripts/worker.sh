@@ -6,8 +6,8 @@ set -eu
 POOL="${FER_WORK_POOL:-fer-training}"
 # The model repository Triton reads and its model-control key (docker/scripts/triton.sh waits for
 # both): created here, by the owner of the volume, with the key mode 0600.
-python -c 'from fer_core.workspace import Workspace; from serving.server import control_key
-w = Workspace.from_env().ensure(); w.triton_repository.mkdir(parents=True, exist_ok=True)
+python -c 'from fer_platform.workspace import Workspace; from serving.server import control_key
+w = Workspace.load().ensure(); w.triton_repository.mkdir(parents=True, exist_ok=True)
 control_key(w.triton_repository.parent)'
 prefect work-pool inspect "$POOL" > /dev/null 2>&1 || prefect work-pool create "$POOL" --type process
 prefect --no-prompt deploy --all --prefect-file "${FER_CHECKOUT:-/opt/fer}/prefect.yaml"
