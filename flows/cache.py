@@ -43,3 +43,18 @@ def find_trained_version(network: str, data_ref: str, recipe: Recipe,
             if v.tags.get("data_version") == data_ref and v.tags.get("recipe_fingerprint") == fingerprint
             and v.tags.get("code_fingerprint") == code]
     return hits[-1] if hits else None
+
+
+def find_rounds_version(data_ref: str, recipe: Recipe, rounds: int,
+                        workspace: Workspace) -> reg.ModelVersion | None:
+    """The newest ``au_cotrain`` version registered from ``rounds`` AU label-refinement rounds that
+    started from ``data_ref`` with ``recipe`` and the network's current code, or None."""
+    from registry.au_rounds import ROUNDS_BASE_DATA_TAG, ROUNDS_BASE_RECIPE_TAG, ROUNDS_TAG
+
+    fingerprint = recipe_on_data("au_cotrain", data_ref, recipe, workspace).fingerprint()
+    code = code_fingerprint("au_cotrain")
+    hits = [v for v in reg.list_versions("au_cotrain", workspace)
+            if v.tags.get(ROUNDS_TAG) == str(rounds) and v.tags.get(ROUNDS_BASE_DATA_TAG) == data_ref
+            and v.tags.get(ROUNDS_BASE_RECIPE_TAG) == fingerprint and v.tags.get("code_fingerprint") == code]
+    return hits[-1] if hits else None
+

@@ -25,8 +25,9 @@ from fer_platform.workspace import Workspace
 from flows.ingest import ingest
 from flows.promote import promote
 from flows.dispatch import submit_training, train_on_pool, wait_for
-from flows.tasks import (champion_of, data_docs_link, evaluate_version, find_trained_version, mlflow_links,
-                         publish_summary, recipe_for, start_triton, stop_triton, test_sets_for)
+from flows.tasks import (champion_of, data_docs_link, evaluate_version, find_rounds_version, find_trained_version,
+                         mlflow_links, publish_summary, recipe_for, start_triton, stop_triton, test_sets_for)
+from flows.au_rounds import train_au_rounds
 from flows.train import train
 
 # The default networks and their sources come from the network specs (fer_core.models.registry):
@@ -81,6 +82,7 @@ def retrain_all(
     gates: dict[str, dict[str, Any]] | None = None,
     triton_url: str | None = None,
     dispatch: str = "auto",
+    au_rounds: int = 0,
 ) -> list[dict[str, str]]:
     """Retrain and promote ``networks`` (default: :func:`default_networks`); returns the summary rows.
 
@@ -90,6 +92,9 @@ def retrain_all(
     ``dispatch``: ``pool`` trains each network as its own ``train/train`` flow run on the work pool
     (parallel over workers), ``local`` as in-process sub-flows, ``auto`` the pool when Prefect runs
     on a server with that deployment (``flows.dispatch``).
+    ``au_rounds``: K > 0 trains ``au_cotrain`` with K noisy-label refinement rounds
+    (``flows.au_rounds.train_au_rounds``, in-process) and registers the last round's model; its cache
+    key adds K to (data, recipe, code).
     """
     workspace = Workspace.load().ensure()  # this flow run's platform context
     networks = list(networks or default_networks())
@@ -123,11 +128,24 @@ def retrain_all(
             before = champion_of(network, workspace)
             row["champion before"] = row["champion after"] = _version_text(before)
             recipe = recipe_for(network, profile, overrides.get(network))
-            version = find_trained_version(network, data.ref, recipe, workspace)
+            if network == "au_cotrain" and au_rounds > 0:
+                version = find_rounds_version(data.ref, recipe, au_rounds, workspace)
+            else:
+                version = find_trained_version(network, data.ref, recipe, workspace)
             todo[network] = {"row": row, "data": data, "before": before, "recipe": recipe,
                              "version": version, "retrained": version is None}
         # 2. training: on the pool, every network's own flow run at once; else one after another
         pending = [n for n, t in todo.items() if t["version"] is None]
+        if au_rounds > 0 and "au_cotrain" in pending:
+            # The rounds refine labels between trainings, so they run here, in this flow run.
+            pending.remove("au_cotrain")
+            item = todo["au_cotrain"]
+            rounds_state = train_au_rounds(item["data"].ref, au_rounds, profile, overrides.get("au_cotrain"),
+                                           return_state=True)
+            if rounds_state.is_failed():
+                item["error"] = f"failed: au rounds: {_failure(rounds_state)}"
+            else:
+                item["version"] = rounds_state.result()
         if on_pool and pending:
             runs = {n: submit_training(n, todo[n]["data"].ref, profile, overrides.get(n)) for n in pending}
             print(f"training {', '.join(pending)} as flow runs of train/train on the work pool")

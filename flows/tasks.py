@@ -178,6 +178,21 @@ def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retr
                                  workspace=workspace)
 
 
+@task(name="find-rounds-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def find_rounds_version(data_ref: str, recipe: Recipe, rounds: int, workspace: Workspace) -> reg.ModelVersion | None:
+    """The registered au_cotrain version already refined by ``rounds`` rounds from this data and recipe."""
+    return cache.find_rounds_version(data_ref, recipe, rounds, workspace)
+
+
+@task(name="register-final-round", cache_policy=NO_CACHE)
+def register_final_round(tracked: Any, data_ref: str, recipe: Recipe, workspace: Workspace) -> reg.ModelVersion:
+    """Export, parity-check, package and register the last AU round's model (tagged with its rounds)."""
+    from registry.au_rounds import register_final_round as register
+
+    fingerprint = cache.recipe_on_data("au_cotrain", data_ref, recipe, workspace).fingerprint()
+    return register(tracked, data_ref, fingerprint, workspace=workspace)
+
+
 @task(name="test-sets", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def test_sets_for(network: str, workspace: Workspace) -> list[str]:
     """Registered evaluation-only test sets of the network's data task."""

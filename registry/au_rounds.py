@@ -136,3 +136,29 @@ def run_tracked_au_rounds(
     mlflow.end_run()
     children = {k: t.run_id for k, t in hooks.trackers.items() if t.run_id}
     return TrackedRounds(result=result, parent_run_id=parent_id, child_run_ids=children, versions=hooks.versions)
+
+
+# Tags of a version registered from the rounds (``register_final_round``): how many rounds refined
+# its labels, and the base data version and recipe they started from -- the rounds' part of the
+# retrain cache key (``flows.cache.find_rounds_version``).
+ROUNDS_TAG = "au_rounds"
+ROUNDS_BASE_DATA_TAG = "au_rounds_base_data"
+ROUNDS_BASE_RECIPE_TAG = "au_rounds_base_recipe"
+
+
+def register_final_round(tracked: TrackedRounds, base_ref: str, base_recipe_fingerprint: str, *,
+                         workspace: Workspace):
+    """Register the last round's model -- the one the refined labels trained, trunks and clean heads
+    included with ``retrain="full"`` -- as a version of ``au_cotrain``, through the same export,
+    parity and package path as any training run, tagged with the rounds it took."""
+    from registry import models as reg
+    from registry.export import register_run
+
+    if not tracked.child_run_ids:
+        raise ValueError("the AU rounds recorded no round run to register")
+    last = max(tracked.child_run_ids)
+    version = register_run("au_cotrain", tracked.child_run_ids[last], workspace=workspace)
+    return reg.set_version_tags("au_cotrain", version.version, {
+        ROUNDS_TAG: str(last), ROUNDS_BASE_DATA_TAG: base_ref, ROUNDS_BASE_RECIPE_TAG: base_recipe_fingerprint,
+    }, workspace)
+

@@ -104,6 +104,14 @@ def set_alias(network: str, alias: str, version: int | None, workspace: Workspac
         client.set_registered_model_alias(name, alias, str(version))
 
 
+def set_version_tags(network: str, version: int, tags: Mapping[str, str], workspace: Workspace) -> ModelVersion:
+    """Add ``tags`` to a registered version and return it as it is now."""
+    client = _client(workspace)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name(network), str(version), key, str(value))
+    return get_version(network, version, workspace)
+
+
 def list_versions(network: str, workspace: Workspace) -> list[ModelVersion]:
     """All versions of a network, oldest first."""
     client = _client(workspace)

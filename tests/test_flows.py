@@ -207,3 +207,37 @@ def test_a_model_file_change_retrains_that_network_only(env, monkeypatch):
     assert len(_flow_runs("train")) == trains_before + 1
     newest = reg.get_version("ca_resnet", after["ca_resnet"])
     assert newest.tags["code_fingerprint"] == fingerprint.code_fingerprint("ca_resnet")
+
+
+def test_retrain_all_with_au_rounds_registers_the_last_rounds_model_and_caches_it(env):
+    """``retrain_all(au_rounds=1)``: au_cotrain is trained with one label-refinement round, the version
+    registered is the round's model (its run is round 1's child run), and a re-run is ``unchanged``."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain_all import retrain_all
+    from registry import models as reg
+    from registry.au_rounds import ROUNDS_TAG
+    from registry.tracking import setup_tracking
+
+    ws = env["workspace"]
+
+    def run():
+        return retrain_all(networks=["au_cotrain"], sources=env["sources"], overrides=OVERRIDES,
+                           gates={"au_cotrain": GATES}, triton_url=env["url"], au_rounds=1, return_state=True)
+
+    before = len(reg.list_versions("au_cotrain", ws))
+    state = run()
+    assert state.is_completed(), state.message
+    (row,) = state.result()
+    assert row["decision"].startswith(("promoted", "kept champion")), row
+    versions = reg.list_versions("au_cotrain", ws)
+    assert len(versions) == before + 1
+    version = versions[-1]
+    assert version.tags[ROUNDS_TAG] == "1"
+    setup_tracking(ws)
+    run_tags = MlflowClient().get_run(version.run_id).data.tags
+    assert run_tags.get("au_round") == "1"  # the refined-label round's weights, not the base training's
+    again = run()
+    assert again.is_completed(), again.message
+    assert [r["decision"] for r in again.result()] == ["unchanged"]
+    assert len(reg.list_versions("au_cotrain", ws)) == before + 1
