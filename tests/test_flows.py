@@ -192,7 +192,7 @@ def test_a_model_file_change_retrains_that_network_only(env, monkeypatch):
     from fer_core.training import fingerprint
     from registry import models as reg
 
-    before = {n: len(reg.list_versions(n)) for n in NETWORKS}
+    before = {n: len(reg.list_versions(n, env["workspace"])) for n in NETWORKS}
     trains_before = len(_flow_runs("train"))
     real = fingerprint._read_source
     monkeypatch.setattr(fingerprint, "_read_source",
@@ -202,10 +202,10 @@ def test_a_model_file_change_retrains_that_network_only(env, monkeypatch):
     decisions = {r["network"]: r["decision"] for r in state.result()}
     assert decisions["au_cotrain"] == "unchanged", decisions
     assert decisions["ca_resnet"] != "unchanged" and not decisions["ca_resnet"].startswith("failed"), decisions
-    after = {n: len(reg.list_versions(n)) for n in NETWORKS}
+    after = {n: len(reg.list_versions(n, env["workspace"])) for n in NETWORKS}
     assert after == {**before, "ca_resnet": before["ca_resnet"] + 1}
     assert len(_flow_runs("train")) == trains_before + 1
-    newest = reg.get_version("ca_resnet", after["ca_resnet"])
+    newest = reg.get_version("ca_resnet", after["ca_resnet"], env["workspace"])
     assert newest.tags["code_fingerprint"] == fingerprint.code_fingerprint("ca_resnet")
 
 

@@ -23,6 +23,7 @@ TINY = {
     "micro_lsh": dict(img_size=16, width=4, stem="small", magnifier_width=4, num_mag_frames=8, head_hidden=16),
     "c3d_ecstfl": dict(num_frames=8, img_size=32, width=4, fc_width=32),
     "au_cotrain": dict(layers=(1, 1, 1, 1), width=4, stem="small", img_size=16, in_chans=3),
+    "magnifier": dict(img_size=16, magnifier_width=4),
 }
 
 

@@ -160,7 +160,9 @@ def test_profiles_and_cli_listing(capsys):
     from fer_cli.main import main
 
     paper, quick = get_recipe("multitask_fer", "paper"), get_recipe("multitask_fer", "quick")
-    assert paper.model_kwargs == {} and paper.optimizer == "adam" and paper.monitor == "val/loss"
+    # the method's pyramid, spelled out; the rest are the model defaults
+    assert paper.model_kwargs == {"pyramid_input": "heatmaps", "encoder_placement": "lateral"}
+    assert paper.optimizer == "adam" and paper.monitor == "val/loss"
     assert quick.model_kwargs["width"] < 256 and quick.max_steps_per_epoch > 0
     assert main(["train", "--list"]) == 0
     listing = capsys.readouterr().out

@@ -75,7 +75,7 @@ def test_logging_the_model_raises_no_mlflow_warning(workspace, tmp_path, recwarn
     collect, mlflow_logger = Collect(), logging.getLogger("mlflow")
     mlflow_logger.addHandler(collect)
     try:
-        cb = MlflowCallback("toy_net", tmp_path / "run")
+        cb = MlflowCallback("toy_net", tmp_path / "run", workspace=workspace)
         Trainer(toy_recipe(epochs=1), ToyTask(), tmp_path / "run", callbacks=[cb]).fit()
     finally:
         mlflow_logger.removeHandler(collect)
