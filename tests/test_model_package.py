@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+
+from tests.mlflow_serve import wait_for_ping
 import torch
 
 from fer_core.data.formats import adapt, get_format
@@ -210,7 +212,6 @@ def test_mlflow_models_serve_answers_an_encoded_image(built, pyfuncs):
     import base64
     import os
     import signal
-    import time
     import urllib.request
 
     from serving.server import free_port
@@ -225,15 +226,7 @@ def test_mlflow_models_serve_answers_an_encoded_image(built, pyfuncs):
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(1)
+        wait_for_ping(server, port, timeout_s=120)
         images = [s[0] for s in item.package.smoke_samples()[:3]]
         body = json.dumps({"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(b).decode()] for b in images]}})

@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+
+from tests.mlflow_serve import wait_for_ping
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,15 +224,7 @@ def test_the_registered_champion_predicts_and_serves_in_a_clean_venv_with_the_pl
                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow models serve did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(1)
+        wait_for_ping(server, port, timeout_s=180)
         body = json.dumps({"dataframe_split": {"columns": ["image"],
                                                "data": [[base64.b64encode(b).decode()] for b in images]}})
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
