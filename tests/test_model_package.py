@@ -23,7 +23,6 @@ import torch
 
 from fer_core.data.formats import adapt, get_format
 from fer_core.models import create_model
-from fer_core.training.recipe import Recipe
 from fer_core.training.tasks import create_task, get_recipe
 from fer_core.training.trainer import effective_recipe
 from registry.export import raw_sample
