@@ -1,84 +1,33 @@
-"""A sixth network in one file: this module is the whole network (model, factory, spec) plus its
-test. Nothing else in the repository names it, yet it shows up in ``fer train --list``, the
-pipeline's networks and sources, trains through its task, exports to ONNX and passes the checks every
-network passes (``model_checks.check_network``).
+"""The sixth network of ``tests/sixth_network.py`` (one file) passes the checks every network passes
+(``model_checks.check_network``), is listed by ``fer train --list`` and the pipeline, and a typo in
+the plugin list fails loudly.
 
-The platform finds it through ``FER_NETWORK_MODULES`` (subprocesses); in this process it is
-registered by importing this module, and removed again after the module's tests.
+In this process the network is registered by the module fixture and removed after this module's
+tests, so the other modules see the registry as shipped; subprocesses find it through
+``FER_NETWORK_MODULES``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
-
-from fer_core.data.labels import EXPRESSIONS
-from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_network
-from fer_core.training.recipe import Recipe
 
 NAME = "tiny_fer6"
-
-
-class TinyFER(FERModel):
-    """Two convolutions and a linear head over 1x24x24 faces."""
-
-    def __init__(self, num_classes: int = len(EXPRESSIONS), width: int = 8, img_size: int = 24,
-                 label_names: tuple[str, ...] = EXPRESSIONS) -> None:
-        super().__init__()
-        if len(label_names) != num_classes:
-            label_names = tuple(f"class_{i}" for i in range(num_classes))
-        self.body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, stride=2),
-                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(width, num_classes)
-        self.width = width
-        self.metadata = ModelMetadata(
-            name=NAME, task="static", inputs=(TensorSpec("image", (1, img_size, img_size)),),
-            outputs=(TensorSpec("logits", (num_classes,), kind="logits", labels=tuple(label_names)),),
-            mean=(0.5,), std=(0.5,), label_names=tuple(label_names), primary_output="logits")
-
-    @property
-    def num_features(self) -> int:
-        return self.width
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return features if pre_logits else self.fc(features)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.width, num_classes)
-
-
-def tiny_fer6(**kwargs) -> TinyFER:
-    return TinyFER(**kwargs)
-
-
-def _profiles() -> dict[str, Recipe]:
-    paper = Recipe(network=NAME, profile="paper", loss_kwargs={"gamma": 2.0}, epochs=20, batch_size=64)
-    return {"paper": paper, "quick": paper.with_overrides({"profile": "quick", "epochs": 2, "max_steps_per_epoch": 5})}
-
-
-SPEC = register_network(NetworkSpec(
-    name=NAME, factory=tiny_fer6, task="static", model_class=TinyFER, profiles=_profiles,
-    data_format="fer2013", dataset="fer2013-tiny", primary_metric="accuracy", demo_size=200,
-    description="a toy sixth network (test only)", default=False,
-))
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
-    yield
     from fer_core.models import registry
 
+    module = importlib.import_module("sixth_network")
+    registry.register_network(module.SPEC)  # idempotent when the import just registered it
+    yield
     registry._NETWORKS.pop(NAME, None)  # leave the registry as the other test modules expect it
     registry._MODEL_FACTORIES.pop(NAME, None)
     registry._PROFILES.pop(NAME, None)
@@ -86,7 +35,7 @@ def _registered():
 
 def _fer(*argv: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "FER_HOME": str(home),
-           "FER_NETWORK_MODULES": Path(__file__).stem}
+           "FER_NETWORK_MODULES": "sixth_network"}
     return subprocess.run([sys.executable, "-m", "fer_cli", *argv], env=env, capture_output=True, text=True, timeout=120)
 
 
