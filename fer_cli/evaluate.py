@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "per-class recall/F1 and the confusion matrix, and log an MLflow evaluation run linked to the "
         "model version and the dataset version (metrics eval/*, confusion-matrix PNG, per-sample "
         "predictions table). In-process ONNX Runtime by default; --url asks a served Triton ensemble "
-        "with the same pre/post-processing. Test-set classes the network lacks are reported, not scored.",
+        "with the same pre/post-processing. Test-set classes the network lacks are reported, not scored. "
+        "multitask_fer also gets CCC/RMSE of valence and arousal and the landmarks' NME where the set "
+        "annotates them; AU networks get F1 per AU (an AU table, `-o role=test` for an evaluation-only set).",
     )
     p.add_argument("network", help="network whose registered model fer-NETWORK to evaluate")
     p.add_argument("--data", "-d", required=True, help="dataset as NAME@VERSION (or NAME for its newest version)")

@@ -14,8 +14,16 @@ One wiring for the CLI and the Prefect task (:func:`flows.tasks.evaluate_version
    experiment, tagged with the model version, its training run and the dataset version: metrics
    ``eval/*``, the confusion-matrix PNG, the per-sample predictions table and ``evaluation.json``.
 
-Only single-label expression networks are scored here (ca_resnet, c3d_ecstfl, micro_lsh and the
-expression head of multitask_fer); AU networks are refused with a clear message (not built yet).
+What is scored follows the network's outputs and what the test set labels:
+
+* expression networks (ca_resnet, c3d_ecstfl, micro_lsh, multitask_fer's expression head): accuracy
+  (WAR), UAR, UF1, per-class recall/F1, confusion matrix;
+* multitask_fer, where the set annotates them (AffectNet's layout): CCC and RMSE of valence and
+  arousal (``ccc/valence`` ...), and the inter-ocular NME of the 68 landmarks (``nme``);
+* AU networks (au_cotrain) on a set with AU labels (an AU table, ``-o role=test`` for an
+  evaluation-only one): F1 per AU and their mean over the AUs both share (unknown cells skipped;
+  only ``clean`` rows of a co-training set are scored: noisy labels are not a truth), with a per-AU
+  F1 bar chart instead of the confusion matrix.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.errors import DataError, ServiceError, StateError, UsageError
-from fer_core.metrics.evaluation import LabelScore, score_labels
+from fer_core.metrics.evaluation import AUScore, LabelScore, score_affect, score_aus, score_labels, score_landmarks
 from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore, parse_ref
@@ -49,16 +58,23 @@ class EvaluationOutcome:
     data_ref: str
     split: str
     backend: str  # "onnxruntime" or the Triton URL
-    score: LabelScore
+    score: LabelScore | None  # expression networks
     predictions: pd.DataFrame  # one row per sample: file, true, predicted, confidence, scored
     seconds: float
     run_id: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, float] = field(default_factory=dict)  # valence/arousal CCC, landmark NME
+    au: AUScore | None = None  # AU networks
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Every metric of this evaluation (what is logged as ``eval/*``)."""
+        return {**(self.score.metrics if self.score else {}), **(self.au.metrics if self.au else {}), **self.extra}
 
     def to_dict(self) -> dict[str, Any]:
         return {"network": self.network, "version": self.version, "data": self.data_ref, "split": self.split,
                 "backend": self.backend, "num_samples": len(self.predictions), "seconds": round(self.seconds, 3),
-                "mlflow_run": self.run_id, **self.score.to_dict()}
+                "mlflow_run": self.run_id, **(self.score.to_dict() if self.score else {}),
+                **(self.au.to_dict() if self.au else {}), "metrics": self.metrics}
 
 
 def resolve_version(network: str, version: int | None = None, alias: str | None = None, *,
@@ -165,22 +181,50 @@ def evaluate(network: str, data_ref: str, *, version: int | None = None, alias: 
             predictions = predictor.predict(samples, network=network)
             backend = "onnxruntime"
     seconds = time.perf_counter() - start
+    base = pd.DataFrame({"file": rows["source"].astype(str), "id": rows["id"].astype(str),
+                         "subject": rows["subject"].astype(str)})
     if metadata.extra.get("multi_label"):
-        raise UsageError(f"{network} is a multi-label (AU) network; fer evaluate scores expression labels only")
+        outcome = _au_outcome(network, mv.version, dv, split_name, backend, rows, base, predictions, seconds,
+                              read_card(root).au_names)
+        return _log_run(outcome, mv, dv, workspace) if track else outcome
     classes = tuple(predictions[0].probabilities) if predictions else ()
-    table = pd.DataFrame({
-        "file": rows["source"].astype(str), "id": rows["id"].astype(str), "subject": rows["subject"].astype(str),
-        "true": rows["true_label"], "predicted": [p.label for p in predictions],
-        "confidence": [round(p.confidence, 6) for p in predictions],
-        "face_found": [p.face_found for p in predictions],
-    })
+    table = base.assign(true=rows["true_label"], predicted=[p.label for p in predictions],
+                        confidence=[round(p.confidence, 6) for p in predictions],
+                        face_found=[p.face_found for p in predictions])
     table["scored"] = table["true"].isin(classes)
     table["correct"] = table["scored"] & (table["true"] == table["predicted"])
     score = score_labels(list(table["true"]), list(table["predicted"]), classes)
-    outcome = EvaluationOutcome(network, mv.version, dv.ref, split_name, backend, score, table, seconds)
+    extra: dict[str, float] = {}
+    if "valence" in rows and any(p.valence is not None for p in predictions):
+        true_va = rows[["valence", "arousal"]].to_numpy(dtype=float)
+        predicted_va = np.array([[p.valence, p.arousal] for p in predictions], dtype=float)
+        extra.update(score_affect(true_va, predicted_va))
+        table["valence"], table["arousal"] = predicted_va[:, 0].round(6), predicted_va[:, 1].round(6)
+    if "landmarks" in rows and any(p.landmarks is not None for p in predictions):
+        extra.update(score_landmarks([None if t is None else np.asarray(t) for t in rows["landmarks"]],
+                                     [None if p.landmarks is None else np.asarray(p.landmarks) for p in predictions]))
+    outcome = EvaluationOutcome(network, mv.version, dv.ref, split_name, backend, score, table, seconds, extra=extra)
     if track:
         outcome = _log_run(outcome, mv, dv, workspace)
     return outcome
+
+
+def _au_outcome(network: str, version: int, dv, split: str, backend: str, rows: pd.DataFrame, base: pd.DataFrame,
+                predictions: Sequence, seconds: float, data_au_names: Sequence[str]) -> EvaluationOutcome:
+    """The evaluation of an AU network: per-AU F1 over the clean rows with AU labels."""
+    if "aus" not in rows or not data_au_names:
+        raise DataError(f"{dv.name} has no AU labels; an AU network is evaluated on an AU table (--format au_table)")
+    true = np.array([list(a) for a in rows["aus"]], dtype=np.int64)
+    clean = (rows["label_set"] == "clean").to_numpy() if "label_set" in rows else np.ones(len(rows), bool)
+    scored = clean & (true >= 0).any(axis=1)
+    if not scored.any():
+        raise DataError(f"no {split} row of {dv.name} has a known AU label")
+    active = [tuple(p.active or ()) for p in predictions]
+    au = score_aus(true[scored], data_au_names, [a for a, s in zip(active, scored) if s], tuple(predictions[0].probabilities))
+    table = base.assign(true=["+".join(n for n, v in zip(data_au_names, t) if v == 1) for t in true],
+                        predicted=["+".join(a) for a in active], scored=scored,
+                        face_found=[p.face_found for p in predictions])
+    return EvaluationOutcome(network, version, dv.ref, split, backend, None, table, seconds, au=au)
 
 
 def _log_run(outcome: EvaluationOutcome, mv: reg.ModelVersion, dv, workspace: Workspace) -> EvaluationOutcome:
@@ -192,7 +236,7 @@ def _log_run(outcome: EvaluationOutcome, mv: reg.ModelVersion, dv, workspace: Wo
     import matplotlib.pyplot as plt
     import mlflow
 
-    from fer_core.metrics.plots import plot_confusion_matrix
+    from fer_core.metrics.plots import plot_confusion_matrix, plot_per_label_f1
 
     experiment = get_or_create_experiment(outcome.network, workspace)
     tags = {
@@ -203,14 +247,20 @@ def _log_run(outcome: EvaluationOutcome, mv: reg.ModelVersion, dv, workspace: Wo
     }
     run_name = f"evaluate v{mv.version} on {dv.name}@{dv.short}"
     with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=tags) as run:
+        scored = outcome.score.num_scored if outcome.score else int(outcome.predictions["scored"].sum())
         mlflow.log_params({"model_version": mv.version, "data_version": dv.ref, "split": outcome.split,
                            "backend": outcome.backend, "num_samples": len(outcome.predictions),
-                           "num_scored": outcome.score.num_scored})
-        mlflow.log_metrics({f"eval/{k}": float(v) for k, v in outcome.score.metrics.items()})
-        fig = plot_confusion_matrix(outcome.score.confusion, outcome.score.classes,
-                                    title=f"{outcome.network} v{mv.version} on {dv.name} ({outcome.split})")
-        mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
-        plt.close(fig)
+                           "num_scored": scored})
+        mlflow.log_metrics({f"eval/{k}": float(v) for k, v in outcome.metrics.items()})
+        title = f"{outcome.network} v{mv.version} on {dv.name} ({outcome.split})"
+        if outcome.score:
+            fig = plot_confusion_matrix(outcome.score.confusion, outcome.score.classes, title=title)
+            mlflow.log_figure(fig, "evaluation/confusion_matrix.png")
+            plt.close(fig)
+        if outcome.au:
+            fig = plot_per_label_f1({a: outcome.au.metrics[f"f1/{a}"] for a in outcome.au.au_names}, title=title)
+            mlflow.log_figure(fig, "evaluation/au_f1.png")
+            plt.close(fig)
         mlflow.log_table(outcome.predictions, "evaluation/predictions.json")
         mlflow.log_text(json.dumps(outcome.to_dict(), indent=2), "evaluation/evaluation.json")
         run_id = run.info.run_id
@@ -219,10 +269,12 @@ def _log_run(outcome: EvaluationOutcome, mv: reg.ModelVersion, dv, workspace: Wo
 
 def format_table(outcome: EvaluationOutcome) -> str:
     """The human summary ``fer evaluate`` prints."""
-    s = outcome.score
-    m = s.metrics
     lines = [f"{outcome.network} v{outcome.version} on {outcome.data_ref} ({outcome.split}, "
              f"{len(outcome.predictions)} samples) via {outcome.backend} in {outcome.seconds:.1f}s", ""]
+    if outcome.au:
+        return "\n".join(lines + _au_lines(outcome))
+    s = outcome.score
+    m = s.metrics
     lines += [f"  accuracy (WAR)  {m['accuracy']:.4f}", f"  UAR             {m['uar']:.4f}",
               f"  UF1             {m['uf1']:.4f}", f"  scored          {s.num_scored}"]
     if s.num_unscored:
@@ -241,9 +293,36 @@ def format_table(outcome: EvaluationOutcome) -> str:
               "  " + " " * width + " " + " ".join(f"{c[:5]:>5s}" for c in s.classes)]
     for i, c in enumerate(s.classes):
         lines.append(f"  {c:>{width}s} " + " ".join(f"{int(v):5d}" for v in s.confusion[i]))
+    if outcome.extra:
+        lines += [""] + _extra_lines(outcome.extra)
     if outcome.run_id:
         lines += ["", f"  mlflow run {outcome.run_id} (experiment fer-{outcome.network})"]
     return "\n".join(lines)
+
+
+def _extra_lines(extra: Mapping[str, float]) -> list[str]:
+    lines = []
+    for dim in ("valence", "arousal"):
+        if f"ccc/{dim}" in extra:
+            lines.append(f"  {dim:9s} CCC {extra[f'ccc/{dim}']:+.4f}  RMSE {extra[f'rmse/{dim}']:.4f}  "
+                         f"({int(extra[f'annotated/{dim}'])} annotated)")
+    if "nme" in extra:
+        lines.append(f"  landmarks NME {extra['nme']:.4f} (inter-ocular; {int(extra['annotated/landmarks'])} annotated)")
+    return lines
+
+
+def _au_lines(outcome: EvaluationOutcome) -> list[str]:
+    au, m = outcome.au, outcome.au.metrics
+    lines = [f"  mean F1   {m['mean_f1']:.4f} over {len(au.au_names)} AUs", f"  scored    {au.num_samples} rows", "",
+             "  AU       F1  positives"]
+    lines += [f"  {a:5s} {m[f'f1/{a}']:6.4f} {int(m[f'support/{a}']):10d}" for a in au.au_names]
+    if au.network_only:
+        lines.append(f"  not labelled by the set: {', '.join(au.network_only)}")
+    if au.data_only:
+        lines.append(f"  not predicted by the network: {', '.join(au.data_only)}")
+    if outcome.run_id:
+        lines += ["", f"  mlflow run {outcome.run_id} (experiment fer-{outcome.network})"]
+    return lines
 
 
 def evaluate_many(network: str, data_refs: Sequence[str], **kwargs: Any) -> list[EvaluationOutcome]:

@@ -49,6 +49,20 @@ def test_score_labels_leaves_unknown_rows_and_absent_classes_out():
         score_labels(["angry"], ["contempt"], classes)
 
 
+def test_score_aus_skips_unknown_cells_and_aus_the_set_never_labels():
+    from fer_core.metrics.evaluation import score_aus
+
+    true = np.array([[1, 0, -1], [1, -1, -1], [0, 1, -1], [-1, 1, -1]])  # AU3: never labelled
+    predicted = [("AU1",), ("AU1", "AU2"), ("AU2", "AU3"), ()]
+    score = score_aus(true, ("AU1", "AU2", "AU3"), predicted, ("AU1", "AU2", "AU3", "AU4"))
+    assert score.au_names == ("AU1", "AU2") and score.network_only == ("AU3", "AU4")
+    # AU1: rows 0-2 known: tp 2, fp 0, fn 0 -> 1.0; AU2: rows 0, 2, 3 known: tp 1 (row 2), fp 0, fn 1 (row 3) -> 2/3
+    assert score.metrics["f1/AU1"] == pytest.approx(1.0) and score.metrics["f1/AU2"] == pytest.approx(2 / 3)
+    assert score.metrics["mean_f1"] == pytest.approx(5 / 6) and score.metrics["support/AU2"] == 2
+    with pytest.raises(ValueError, match="share none"):
+        score_aus(true[:, 2:], ("AU3",), predicted, ("AU1",))
+
+
 def test_label_map_parsing_refuses_bad_targets():
     assert parse_label_map(LABEL_MAP) == {"anger": "angry", "sadness": "sad", "happiness": "happy"}
     assert parse_label_map({"Furious": "anger"}) == {"Furious": "angry"}
@@ -169,3 +183,92 @@ def test_measured_on_names_fer2013_splits_honestly():
     assert measured_on("fer2013", {"test/accuracy": 0.5}) == "test (PrivateTest)"
     assert measured_on("fer2013", {"val/accuracy": 0.5}).startswith("val (PublicTest; no test split")
     assert measured_on("image_folder", {"val/accuracy": 0.5}) == "val (no test split, and val also chose the best epoch)"
+
+
+def _register_tiny(network: str, fmt: str, size: int, tmp_path: Path, workspace, **overrides):
+    import torch
+
+    from fer_core.data.formats import get_format
+    from registry.datasets import DatasetStore
+    from registry.export import export_and_register
+    from registry.training import resolve_recipe, train_tracked
+
+    torch.set_num_threads(1)
+    src = get_format(fmt).write_synthetic(tmp_path / f"{network}-src", seed=0, size=size)
+    adapt(fmt, src, tmp_path / f"{network}-prep", name=network)
+    data = DatasetStore(workspace).add(network, tmp_path / f"{network}-prep")
+    recipe = resolve_recipe(network, "quick", None, {"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16,
+                                                     **overrides})
+    return export_and_register(train_tracked(network, data.ref, recipe, progress=False, workspace=workspace),
+                               workspace=workspace), data
+
+
+@pytest.mark.slow
+def test_au_network_is_scored_per_au_on_an_evaluation_only_au_table(workspace, tmp_path, capsys):
+    """An AU table (DISFA-like: image + AU columns, 9 = unknown) added with ``-o role=test`` is a test
+    set; ``fer evaluate au_cotrain`` scores F1 per AU, equal to recomputing it from the per-sample table."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from fer_cli.main import main
+    from fer_core.data.formats.au_table import write_synthetic as write_au
+    from fer_core.metrics.classification import multilabel_f1
+
+    version, _ = _register_tiny("au_cotrain", "au_table", 64, tmp_path, workspace)
+    folder = write_au(tmp_path / "disfa-src", seed=3, size=24)
+    table = pd.read_csv(folder / "clean.csv").drop(columns=["AU26"])  # a set that does not label every AU
+    table.to_csv(folder / "disfa.csv", index=False)
+    for name in ("clean.csv", "noisy.csv", "noisy_truth.csv"):
+        (folder / name).unlink()
+    assert main(["data", "add", "disfa", str(folder / "disfa.csv"), "--format", "au_table", "-o", "role=test"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "au_cotrain", "--data", "disfa", "--json", "--predictions"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == version.version and out["num_samples"] == len(table)
+    assert "AU26" in out["network_only_aus"] and "AU26" not in out["au_names"]
+    rows = [r for r in out["predictions"] if r["scored"]]
+    names = out["au_names"]
+    manifest = read_manifest(_prepared(workspace, "disfa"))
+    card_names = list(read_card(_prepared(workspace, "disfa")).au_names)
+    truth = {row_id: aus for row_id, aus in zip(manifest["id"], manifest["aus"])}
+    y_true = np.array([[truth[r["id"]][card_names.index(a)] for a in names] for r in rows])
+    y_pred = np.array([[int(a in r["predicted"].split("+")) for a in names] for r in rows])
+    assert multilabel_f1(y_true, y_pred, names) == pytest.approx({k: v for k, v in out["metrics"].items()
+                                                                  if not k.startswith("support/")})
+    run = MlflowClient().get_run(out["mlflow_run"])
+    assert run.data.metrics["eval/mean_f1"] == pytest.approx(out["metrics"]["mean_f1"])
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/au_f1.png" in artifacts and "evaluation/confusion_matrix.png" not in artifacts
+    assert main(["evaluate", "au_cotrain", "--data", "disfa", "--no-track"]) == 0
+    assert "mean F1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_multitask_is_scored_on_valence_arousal_and_landmarks_too(workspace, tmp_path, capsys):
+    """AffectNet's layout annotates valence/arousal and 68 landmarks: ``fer evaluate multitask_fer``
+    reports their CCC/RMSE (recomputed here from the per-sample table) and the inter-ocular NME."""
+    from fer_cli.main import main
+    from fer_core.metrics.evaluation import score_affect
+
+    _register_tiny("multitask_fer", "affectnet", 60, tmp_path, workspace)
+    assert main(["evaluate", "multitask_fer", "--data", "multitask_fer", "--json", "--predictions"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    m = out["metrics"]
+    assert {"accuracy", "uar", "ccc/valence", "ccc/arousal", "rmse/valence", "nme"} <= set(m)
+    manifest = read_manifest(_prepared(workspace, "multitask_fer"))
+    truth = manifest.set_index("id")
+    rows = out["predictions"]
+    true_va = np.array([[truth.loc[r["id"], "valence"], truth.loc[r["id"], "arousal"]] for r in rows])
+    pred_va = np.array([[r["valence"], r["arousal"]] for r in rows])
+    assert score_affect(true_va, pred_va)["ccc/valence"] == pytest.approx(m["ccc/valence"], abs=1e-5)
+    assert 0 < m["nme"] < 10 and m["annotated/landmarks"] == len(rows)
+    assert main(["evaluate", "multitask_fer", "--data", "multitask_fer", "--no-track"]) == 0
+    text = capsys.readouterr().out
+    assert "valence" in text and "landmarks NME" in text
+
+
+def _prepared(workspace, name: str) -> Path:
+    """The checked-out prepared folder of dataset `name` (manifest, card, files)."""
+    from registry.datasets import DatasetStore
+
+    return DatasetStore(workspace).path(name)

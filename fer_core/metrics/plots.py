@@ -55,3 +55,20 @@ def plot_confusion_matrix(cm: np.ndarray, labels: Sequence[str], title: str = "c
                     color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
     return fig
+
+
+def plot_per_label_f1(f1: Mapping[str, float], title: str = "F1 per label") -> Figure:
+    """Bar chart of F1 per label (AUs), with the mean as a dashed line."""
+    names, values = list(f1), [float(v) for v in f1.values()]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 2), 3.4))
+    ax.bar(range(len(names)), values, color="#4C72B0")
+    if values:
+        ax.axhline(float(np.mean(values)), color="black", linestyle="--", linewidth=1,
+                   label=f"mean {np.mean(values):.3f}")
+        ax.legend(loc="upper right")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

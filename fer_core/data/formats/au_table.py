@@ -26,6 +26,10 @@ kept as they are (the gate flags them) unless ``intensity_threshold`` is given (
 intensities: ``>= threshold`` -> 1, else 0). The manifest's ``aus`` lists follow the card's
 ``au_names`` (default :data:`labels.AU_NAMES`): an AU of ``au_names`` missing from the table is -1,
 a table AU outside ``au_names`` is ignored (listed in the card's provenance).
+
+``role="test"`` makes an evaluation-only test set (e.g. DISFA's test subjects for a network trained
+on BP4D, scored by ``fer evaluate``): a single table only, every row goes to the ``test`` split
+(a ``split`` column, if any, must say ``test`` or nothing), the card records ``provenance["role"]``.
 """
 
 from __future__ import annotations
@@ -204,12 +208,16 @@ def adapt(
     image_column: str | None = None,
     intensity_threshold: int | None = None,
     allow_outside_source: bool = False,
+    role: str = "train",
 ) -> DatasetCard:
     """Read an AU table or co-training folder at ``source`` (see module docstring).
 
     ``allow_outside_source``: copy listed images that lie outside ``source`` instead of refusing them.
+    ``role``: ``"train"`` (splits as found) or ``"test"`` (an evaluation-only test set).
     """
     source, out_dir = Path(source), Path(out_dir)
+    if role not in ("train", "test"):
+        raise ValueError(f"role must be 'train' or 'test', got {role!r}")
     names = tuple(AU_NAMES if au_names is None else au_names)
     bad_names = [n for n in names if au_name(n) != n]
     if not names or bad_names:
@@ -219,6 +227,9 @@ def adapt(
     rows: list[dict[str, Any]] = []
     ignored: set[str] = set()
     if source.is_dir() and (source / CLEAN_FILE).is_file():
+        if role == "test":
+            raise ValueError(f"{source} is a co-training folder (clean/noisy/unlabelled), a training set; "
+                             "an evaluation-only test set is a single AU table")
         layout = "co-training"
         truth: dict[str, list[int]] | None = None
         if (source / TRUTH_FILE).is_file():
@@ -248,6 +259,11 @@ def adapt(
         raise ValueError(f"no AU rows or images found at {source}")
 
     df = pd.DataFrame(rows)
+    if role == "test":
+        named = sorted(set(df["split"]) - {"test"}) if _pick_column(table.columns, ("split",)) else []
+        if named:
+            raise ValueError(f"role=test puts every row in the test split, but the table's split column says {named}")
+        df["split"] = "test"
     if df["true_aus"].isna().all():
         df = df.drop(columns="true_aus")
     card = DatasetCard(
@@ -263,6 +279,7 @@ def adapt(
             "ignored_aus": sorted(ignored, key=lambda a: int(a[2:])),
             "unknown_codes": list(UNKNOWN_CODES),
             "intensity_threshold": intensity_threshold,
+            "role": role,
         },
     )
     write_prepared(out_dir, df, card)
