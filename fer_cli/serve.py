@@ -299,7 +299,10 @@ def _infer(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         seconds = time.perf_counter() - start
     except ServingError as exc:
-        raise CommandError(str(exc), EXIT_ERROR) from None
+        if args.json and count:
+            print("\n]")  # what was printed stays parseable; the exit code and stderr say it is partial
+        done = f" (stopped after {count} of {len(inputs)} inputs; those are printed)" if count else ""
+        raise CommandError(f"{exc}{done}", EXIT_ERROR) from None
     if args.json:
         print("\n]" if count else "[]")
         return 0

@@ -33,9 +33,9 @@ def on_server() -> bool:
     return bool(PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL"))
 
 
-def train_on_pool(dispatch: str = "auto") -> bool:
-    """Train through the ``train`` deployment's work pool (``pool``), in process (``local``), or
-    whichever the API offers (``auto``)."""
+def train_on_pool(dispatch: str = "auto", deployment_name: str = TRAIN_DEPLOYMENT) -> bool:
+    """Train through the work pool of ``deployment_name`` (default ``train/train``) (``pool``), in
+    process (``local``), or whichever the API offers (``auto``)."""
     if dispatch not in {"auto", "pool", "local"}:
         raise ValueError(f"dispatch must be auto, pool or local, not {dispatch!r}")
     if dispatch == "local" or (dispatch == "auto" and not on_server()):
@@ -45,10 +45,10 @@ def train_on_pool(dispatch: str = "auto") -> bool:
 
     with get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name(TRAIN_DEPLOYMENT)
+            deployment = client.read_deployment_by_name(deployment_name)
         except ObjectNotFound:
             if dispatch == "pool":
-                raise ValueError(f"dispatch='pool' needs the deployment {TRAIN_DEPLOYMENT} "
+                raise ValueError(f"dispatch='pool' needs the deployment {deployment_name} "
                                  "(prefect --no-prompt deploy --all)") from None
             return False
     return bool(deployment.work_pool_name)

@@ -212,15 +212,35 @@ def evaluate_version(network: str, version: int, data_ref: str, workspace: Works
     return evaluate(network, data_ref, version=version, url=triton_url, workspace=workspace).to_dict()
 
 
-@task(name="train-loso", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def train_loso_protocol(network: str, data_ref: str, recipe: Recipe, workspace: Workspace,
-                        subjects: list[str] | None = None) -> dict[str, Any]:
-    """Leave-one-subject-out, tracked; a retry resumes with the first fold not finished."""
+@task(name="plan-loso", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def plan_loso_protocol(network: str, data_refs: list[str], recipe: Recipe, workspace: Workspace,
+                       subjects: list[str] | None = None) -> dict[str, Any]:
+    """Resolve the LOSO data (several refs: the MEGC composite) and open or find its parent run."""
+    from registry.protocols import plan_loso
+
+    return plan_loso(network, data_refs, recipe, subjects=subjects, workspace=workspace).__dict__
+
+
+@task(name="train-loso-fold", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_loso_fold_task(plan: dict[str, Any], subject: str, recipe: Recipe, workspace: Workspace) -> str:
+    """One held-out subject as a child run (kept when it finished before); its run id."""
+    from registry.protocols import LosoPlan, train_loso_fold
+
+    return train_loso_fold(LosoPlan(**_plan_fields(plan)), subject, recipe, workspace=workspace)
+
+
+@task(name="finish-loso", cache_policy=NO_CACHE)
+def finish_loso_protocol(plan: dict[str, Any], workspace: Workspace) -> dict[str, Any]:
+    """Pool every fold's saved predictions into the parent run; refuses while a fold is missing."""
     import dataclasses
 
-    from registry.protocols import train_loso
+    from registry.protocols import LosoPlan, finish_loso
 
-    return dataclasses.asdict(train_loso(network, data_ref, recipe, subjects=subjects, workspace=workspace))
+    return dataclasses.asdict(finish_loso(LosoPlan(**_plan_fields(plan)), workspace=workspace))
+
+
+def _plan_fields(plan: Mapping[str, Any]) -> dict[str, Any]:
+    return {**plan, "subjects": tuple(plan["subjects"]), "parts": tuple(plan.get("parts", ()))}
 
 
 @task(name="publish-table", cache_policy=NO_CACHE)

@@ -112,7 +112,7 @@ def test_cross_dataset_evaluation_in_process_and_through_triton(workspace, tmp_p
     import torch
     from mlflow.tracking import MlflowClient
 
-    from fer_cli.main import main
+    from fer_cli.main import EXIT_ERROR, main
     from registry.datasets import DatasetStore
     from registry.export import export_and_register
     from registry.training import resolve_recipe, train_tracked
@@ -165,6 +165,17 @@ def test_cross_dataset_evaluation_in_process_and_through_triton(workspace, tmp_p
         assert main(["infer", str(images), "--url", server.grpc_url, "--network", NETWORK, "--json",
                      "--chunk", "16"]) == 0
         inferred = {r["file"]: r for r in json.loads(capsys.readouterr().out)}
+        # A file that fails mid-way (an empty PNG in the second chunk): what was printed stays valid
+        # JSON, and the exit code and stderr say it is partial.
+        partial = tmp_path / "partial"
+        partial.mkdir()
+        for f in sorted(images.rglob("*.png"))[:3]:
+            shutil.copy(f, partial / f.name)
+        (partial / "zz_empty.png").write_bytes(b"")
+        assert main(["infer", str(partial), "--url", server.grpc_url, "--network", NETWORK, "--json",
+                     "--chunk", "2"]) == EXIT_ERROR
+        captured = capsys.readouterr()
+        assert len(json.loads(captured.out)) == 2 and "stopped after 2 of 4 inputs" in captured.err
     finally:
         server.stop()
     assert served["backend"] != "onnxruntime" and served["metrics"] == pytest.approx(local["metrics"])

@@ -92,3 +92,72 @@ def test_dfew_like_five_fold_gives_mean_and_std(workspace, tmp_path):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     assert sorted(r.data.tags["fold"] for r in children) == ["1", "2", "3", "4", "5"]
+
+
+TINY_MICRO = {"device": "cpu", "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "early_stopping_patience": 0,
+              "model_kwargs.img_size": 24, "model_kwargs.width": 4, "model_kwargs.magnifier_width": 4,
+              "model_kwargs.num_mag_frames": 3, "model_kwargs.head_hidden": 16, "augment": {}}
+
+
+def _add_composite_parts(workspace, tmp_path) -> list[str]:
+    from registry.datasets import DatasetStore
+
+    refs = []
+    for fmt, options in (("casme2", {"classes": "composite"}), ("samm", {"classes": "composite"}), ("smic", {})):
+        src = get_format(fmt).write_synthetic(tmp_path / f"{fmt}-src", seed=1, size=8, image_size=32, num_frames=5,
+                                              num_subjects=2)
+        adapt(fmt, src, tmp_path / f"{fmt}-prep", name=fmt, **options)
+        refs.append(DatasetStore(workspace).add(fmt, tmp_path / f"{fmt}-prep").ref)
+    return refs
+
+
+def test_composite_protocol_merges_casme2_samm_and_smic_into_one_loso(workspace, tmp_path, monkeypatch):
+    """MEGC 2019's composite: the three sets in 3 classes, one LOSO over all their subjects (prefixed
+    by the set) run by the ``loso`` flow; per-set metrics equal pooling that set's subjects."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from flows.protocols import loso
+
+    torch.set_num_threads(1)
+    refs = _add_composite_parts(workspace, tmp_path)
+    monkeypatch.setenv("FER_HOME", str(workspace.root))
+    result = loso("micro_lsh", refs, overrides=TINY_MICRO, dispatch="local")
+    subjects = sorted(result["per_fold"])
+    assert {s.split("/")[0] for s in subjects} == {"casme2", "samm", "smic"} and len(subjects) == 6
+    parent = MlflowClient().get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["protocol"] == "loso-composite"
+    assert parent.data.tags["data_version"].startswith("composite:casme2@")
+    summary = json.loads(open(MlflowClient().download_artifacts(parent.info.run_id, "loso/summary.json",
+                                                                str(tmp_path))).read())
+    # Per-set metrics = the set's subjects pooled, recomputed from the children's recorded predictions.
+    for part in ("casme2", "samm", "smic"):
+        y_true, y_pred = [], []
+        for subject, child in sorted(result["child_run_ids"].items()):
+            if subject.startswith(part + "/"):
+                recorded = json.loads(open(MlflowClient().download_artifacts(
+                    child, "fold/predictions.json", str(tmp_path / subject.replace("/", "_")))).read())
+                y_true += recorded["y_true"]
+                y_pred += recorded["y_pred"]
+        names = ("negative", "positive", "surprise")
+        expected = classification_metrics(np.array(y_true), np.array(y_pred), 3, names)
+        assert parent.data.metrics[f"loso/{part}/uf1"] == pytest.approx(expected["uf1"])
+        assert summary["per_part"][part]["uar"] == pytest.approx(expected["uar"])
+
+
+def test_composite_refuses_a_part_in_other_classes(workspace, tmp_path):
+    from fer_core.errors import UsageError
+    from registry.datasets import DatasetStore
+    from registry.protocols import plan_loso
+
+    src = get_format("casme2").write_synthetic(tmp_path / "src", seed=0, size=8, image_size=32, num_frames=5,
+                                               num_subjects=2)
+    adapt("casme2", src, tmp_path / "prep", name="casme2")  # CASME II's 5 classes
+    smic = get_format("smic").write_synthetic(tmp_path / "smic", seed=0, size=8, image_size=32, num_frames=5,
+                                              num_subjects=2)
+    adapt("smic", smic, tmp_path / "smic-prep", name="smic")
+    store = DatasetStore(workspace)
+    refs = [store.add("casme2", tmp_path / "prep").ref, store.add("smic", tmp_path / "smic-prep").ref]
+    recipe = get_recipe("micro_lsh", "quick").with_overrides(TINY_MICRO)
+    with pytest.raises(UsageError, match="classes=composite"):
+        plan_loso("micro_lsh", refs, recipe, workspace=workspace)
