@@ -104,10 +104,49 @@ print("RUN=" + str(state.state_details.flow_run_id))
 """
 
 
-def train_runs(env: dict[str, str]) -> list[dict]:
+LOSO_DRIVER = """
+import json, sys
+from pathlib import Path
+from fer_core.data.formats import adapt, get_format
+from fer_platform.workspace import Workspace
+from registry.datasets import DatasetStore
+from flows.protocols import loso
+work = Path(sys.argv[1])
+src = get_format("casme2").write_synthetic(work / "casme2-src", seed=0, size=12, image_size=32, num_frames=5,
+                                           num_subjects=3)
+adapt("casme2", src, work / "casme2-prep", name="casme2")
+ref = DatasetStore(Workspace.load().ensure()).add("casme2", work / "casme2-prep").ref
+result = loso("micro_lsh", ref, overrides=json.loads(sys.argv[2]), dispatch="pool")
+print("LOSO=" + json.dumps({k: result[k] for k in ("pooled", "per_fold", "parent_run_id", "child_run_ids")}))
+"""
+TINY_MICRO = {"device": "cpu", "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "early_stopping_patience": 0,
+              "model_kwargs.img_size": 24, "model_kwargs.width": 4, "model_kwargs.magnifier_width": 4,
+              "model_kwargs.num_mag_frames": 3, "model_kwargs.head_hidden": 16, "augment": {}}
+
+
+def loso_on_pool(env: dict[str, str], work: Path) -> dict:
+    """A LOSO protocol whose folds the pool's workers train (``loso`` with ``dispatch="pool"``); its
+    pooled result, the ``loso-fold`` flow runs and how long two of them overlapped."""
+    from datetime import datetime
+
+    proc = subprocess.run([sys.executable, "-c", LOSO_DRIVER, str(work), json.dumps(TINY_MICRO)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LOSO=")), None)
+    if line is None:
+        raise RuntimeError(f"loso driver failed: {proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    runs = [r for r in train_runs(env, flow="loso-fold")]
+    spans = sorted((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"]))
+                   for r in runs if r.get("start_time") and r.get("end_time"))
+    overlap = max((min(a[1], b[1]) - max(a[0], b[0])).total_seconds() for i, a in enumerate(spans)
+                  for b in spans[i + 1:]) if len(spans) > 1 else 0.0
+    return {"result": json.loads(line[5:]), "fold_runs": [{"name": r["name"], "state": r["state_type"]} for r in runs],
+            "overlap_s": round(max(overlap, 0.0), 1)}
+
+
+def train_runs(env: dict[str, str], flow: str = "train") -> list[dict]:
     import urllib.request
 
-    body = {"flows": {"name": {"any_": ["train"]}}, "limit": 50}
+    body = {"flows": {"name": {"any_": [flow]}}, "limit": 50}
     request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:

@@ -29,7 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "A killed run continues with --resume (same network, data version and recipe).",
     )
     p.add_argument("network", help="network to train (see `fer train --list`)", nargs="?")
-    p.add_argument("--data", "-d", help="dataset as NAME@VERSION (or NAME for its newest version)")
+    p.add_argument("--data", "-d", action="append", default=None,
+                   help="dataset as NAME@VERSION (or NAME for its newest version); with --protocol loso it may be "
+                   "given several times: the MEGC 2019 composite of those micro-expression sets (e.g. "
+                   "-d casme2 -d samm -d smic, each in the 3 composite classes), one LOSO over all their subjects")
     p.add_argument("--profile", "-p", default="quick", choices=("quick", "paper"),
                    help="quick: small and CPU-friendly; paper: the source method's hyper-parameters (GPU)")
     p.add_argument("--config", "-c", type=Path, default=None, help="YAML file of recipe overrides")
@@ -81,12 +84,15 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise UsageError("give --data NAME@VERSION (see `fer train --help`)")
+    if len(args.data) > 1 and args.protocol != "loso":
+        raise UsageError("several --data make the composite of --protocol loso; other protocols take one")
+    data_refs, args.data = args.data, args.data[0]
 
     from fer_platform.workspace import Workspace
 
     workspace = Workspace.load().ensure()  # this command's platform context
     if args.protocol == "loso":
-        return _train_loso(args, recipe, workspace)
+        return _train_loso(args, data_refs, recipe, workspace)
     if args.protocol == "kfold":
         return _train_kfold(args, recipe, workspace)
     from registry.training import RunBusyError, RunExistsError, train_tracked
@@ -115,7 +121,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_loso(args: argparse.Namespace, recipe, workspace) -> int:
+def _train_loso(args: argparse.Namespace, data_refs: list[str], recipe, workspace) -> int:
     from fer_core.models.registry import get_network
 
     if get_network(args.network).task != "micro":
@@ -124,14 +130,16 @@ def _train_loso(args: argparse.Namespace, recipe, workspace) -> int:
         raise UsageError("--protocol loso is always tracked and registers nothing: drop --register/--no-track")
     from registry.protocols import train_loso
 
-    outcome = train_loso(args.network, args.data, recipe, workspace=workspace)
+    outcome = train_loso(args.network, data_refs if len(data_refs) > 1 else data_refs[0], recipe, workspace=workspace)
     print(f"\nleave-one-subject-out: {len(outcome.per_fold)} folds"
           + (f" ({len(outcome.resumed_folds)} kept from an earlier run)" if outcome.resumed_folds else ""))
-    print(f"  {'subject':10s} {'accuracy':>8s} {'UAR':>8s} {'UF1':>8s}")
+    print(f"  {'subject':14s} {'accuracy':>8s} {'UAR':>8s} {'UF1':>8s}")
     for subject, m in outcome.per_fold.items():
-        print(f"  {subject:10s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
+        print(f"  {subject:14s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
+    for part, m in (outcome.per_part or {}).items():
+        print(f"  {part + ' pooled':14s} {m['accuracy']:8.4f} {m['uar']:8.4f} {m['uf1']:8.4f}")
     p = outcome.pooled
-    print(f"  {'pooled':10s} {p['accuracy']:8.4f} {p['uar']:8.4f} {p['uf1']:8.4f}")
+    print(f"  {'pooled':14s} {p['accuracy']:8.4f} {p['uar']:8.4f} {p['uf1']:8.4f}")
     print(f"\n  mlflow parent run {outcome.parent_run_id} (experiment fer-{args.network})")
     return 0
 

@@ -31,7 +31,8 @@ PLATFORM_IMAGE_DIR = "/opt/fer"  # WORKDIR of docker/Dockerfile, where the repos
 # The flows of prefect.yaml (owned by flows/), exactly these entrypoints.
 FLOW_ENTRYPOINTS = {
     "flows/ingest.py:ingest", "flows/train.py:train", "flows/au_rounds.py:au_noisy_rounds",
-    "flows/promote.py:promote", "flows/retrain_all.py:retrain_all",
+    "flows/promote.py:promote", "flows/retrain_all.py:retrain_all", "flows/protocols.py:loso",
+    "flows/protocols.py:loso_fold",
 }
 # FER_* variables that configure the stack or its worker script rather than fer_platform.settings.
 STACK_VARIABLES = {"FER_IMAGE", "FER_TORCH_TARGET", "FER_PUBLISH_HOST", "FER_TRITON_IMAGE", "FER_WORK_POOL",

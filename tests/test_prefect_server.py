@@ -45,6 +45,7 @@ def bench_run(tmp_path_factory):
         seen["logs"] = _post(env, "/logs/filter", {"logs": {"flow_run_id": {"any_": trains}, "level": {"ge_": 20}},
                                                    "limit": 200})
         seen["artifacts"] = _post(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["retrain-all-summary"]}}})
+        seen["loso"] = bench.loso_on_pool(env, tmp_path_factory.mktemp("loso"))
 
     result = bench.run(tmp_path_factory.mktemp("prefect-workers"), ("ca_resnet", "au_cotrain"), after=after)
     return result, seen
@@ -80,3 +81,19 @@ def test_documented_commands_flow_run_logs_and_summary_links(bench_run):
         assert f"#/models/fer-{network}/versions/1" in artifact["data"]
     assert "/#/experiments/" in artifact["data"] and "index.html" in artifact["data"]
     assert str(Path("/opt/fer")) not in json.dumps(seen["runs"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_loso_folds_run_in_parallel_on_the_work_pool(bench_run):
+    """``loso`` with ``dispatch="pool"``: every subject is its own ``loso-fold`` flow run, the two
+    workers train two at once, and the parent pools every fold (the pooling itself is checked against
+    the children's recorded predictions in tests/test_protocols.py)."""
+    _, seen = bench_run
+    loso = seen["loso"]
+    folds = loso["result"]["per_fold"]
+    assert len(folds) == 3 and sorted(r["name"] for r in loso["fold_runs"]) == \
+        sorted(f"loso-fold-micro_lsh-{s}" for s in folds)
+    assert all(r["state"] == "COMPLETED" for r in loso["fold_runs"]), loso["fold_runs"]
+    assert loso["overlap_s"] > 0, loso  # two folds trained at the same time
+    assert set(loso["result"]["child_run_ids"]) == set(folds) and 0 <= loso["result"]["pooled"]["uf1"] <= 1

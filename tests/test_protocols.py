@@ -161,3 +161,11 @@ def test_composite_refuses_a_part_in_other_classes(workspace, tmp_path):
     recipe = get_recipe("micro_lsh", "quick").with_overrides(TINY_MICRO)
     with pytest.raises(UsageError, match="classes=composite"):
         plan_loso("micro_lsh", refs, recipe, workspace=workspace)
+
+
+def test_several_data_are_only_for_the_loso_composite(workspace, capsys):
+    from fer_cli.main import EXIT_USAGE, main
+
+    assert main(["train", "ca_resnet", "-d", "fer@1", "-d", "fer@2"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "composite of --protocol loso" in err[0]
