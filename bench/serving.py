@@ -283,7 +283,15 @@ class _SharedMemoryWorkers:
 
         headers = self.server.endpoint().headers
         for handle, tag, client in self.regions:
-            client.unregister_system_shared_memory(tag, headers=headers)
+            # Triton can still hold the region for a moment after the last response ("currently in use").
+            for attempt in range(50):
+                try:
+                    client.unregister_system_shared_memory(tag, headers=headers)
+                    break
+                except Exception:  # noqa: BLE001 -- InferenceServerException
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.02)
             shm.destroy_shared_memory_region(handle)
 
 
