@@ -30,7 +30,15 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
 5. where NVIDIA's ``perf_analyzer`` is available (``bench/perf_tools.sh``, or ``$FER_PERF_ANALYZER``),
    its figures for both models at the same levels against the same server (``bench/perf_analyzer.py``
    does the input data and parsing; no validation here, that bench validates);
-6. ONNX Runtime vs PyTorch eager on whole batches (1 and 32).
+6. ONNX Runtime vs PyTorch eager on whole batches (1 and 32);
+7. ``ceiling`` (a workload, on by default): the Python-based backend's own limit, an ``Identity``
+   graph served with the network's very config (same backend, instances, threads, batching) through
+   the same gRPC client, beside the network's in-process threads; the CPU-bound limit that implies
+   (cores / (ORT's CPU + the identity's CPU per request)); and at the lowest concurrency a
+   per-request split (client + gRPC, batcher queue, Triton <-> stub input/output, the stub round
+   trip with execute) for the network and the identity, with ONNX Runtime's own batch-1 time.
+   With ``--shm`` the ensemble is also driven through :class:`serving.client.FERClient`, plain and
+   with ``shared_memory=True``.
 
 The repository is written with :class:`serving.tuning.ServingTuning` from the environment
 (``FER_TRITON_*``; defaults from this machine's cores); ``--untuned`` writes the configuration this
@@ -492,6 +500,23 @@ def main() -> None:
                     triton["load"] = os.getloadavg()[0]
                     after = stats_client.get_inference_statistics("", as_json=True)
                     splits[(workload, concurrency)] = statistics_delta(before, after)
+                    if workload == "ensemble" and args.shm:  # FERClient itself, plain and shared memory
+                        for path, shared in (("fercli", False), ("fercli_shm", True)):
+                            clients: list = []
+
+                            def fer_worker(i: int, shared: bool = shared, clients: list = clients):
+                                from serving.client import FERClient
+
+                                client = FERClient(server.grpc_url, key=server.key, shared_memory=shared)
+                                clients.append(client)
+                                data = [pngs[i % len(pngs)]]
+                                return lambda: client.predict(data, network=NETWORK, validate=False)
+                            r = _measured(served_meter, lambda: _run_threads(concurrency, fer_worker, args.seconds,
+                                                                             args.max_requests))
+                            for client in clients:
+                                client.close()
+                            r["load"] = os.getloadavg()[0]
+                            rows[(workload, path, concurrency)] = r
                     if workload == "network" and args.shm:
                         with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
                             shm = _measured(served_meter, lambda: _run_threads(
@@ -507,13 +532,14 @@ def main() -> None:
                         batched["load"] = os.getloadavg()[0]
                         rows.update({(workload, "threads", concurrency): threads,
                                      (workload, "batched", concurrency): batched})
-                    for path in ("triton", "shm", "threads", "batched"):
+                    for path in ("triton", "shm", "fercli", "fercli_shm", "threads", "batched"):
                         if (workload, path, concurrency) not in rows:
                             continue
                         r = rows[(workload, path, concurrency)]
                         label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
                                  f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
-                                 "shm": "Triton gRPC + shm (net)",
+                                 "shm": "Triton gRPC + shm (net)", "fercli": "FERClient (ensemble)",
+                                 "fercli_shm": "FERClient + shm (ens.)",
                                  "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
                         p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
                         print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
@@ -553,9 +579,18 @@ def main() -> None:
         for c, r in ceiling.items():
             other = rows.get(("network", "threads", c))
             if other:
-                verdict = "target out of reach of this backend" if r["throughput"] < 0.9 * other["throughput"] else "not the limit"
+                verdict = "below 0.9x: the serving path alone caps it" if r["throughput"] < 0.9 * other["throughput"] else "not below 0.9x"
                 print(f"  c={c:<3d} {r['throughput']:8.1f} / {other['throughput']:8.1f} req/s = "
                       f"{r['throughput'] / other['throughput']:.2f}  (load {r['load']:.2f} / {other['load']:.2f}: {verdict})")
+        # On a machine whose cores the clients share with the server, throughput is bounded by CPU:
+        # a served request costs at least ORT's CPU (in-process) plus what the identity costs.
+        print("CPU-bound limit of the network through this serving path (cores / (ORT CPU + identity CPU per request)):")
+        for c, r in ceiling.items():
+            other = rows.get(("network", "threads", c))
+            if other and r.get("cpu_ms"):
+                bound = (os.cpu_count() or 1) * 1e3 / (other["cpu_ms"] + r["cpu_ms"])
+                print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
+                      f"{bound / other['throughput']:.2f}x in-process threads (load {r['load']:.2f})")
     one = min(args.concurrency)
     net, ident = splits.get(("network", one), {}).get(NETWORK), splits.get(("ceiling", one), {}).get(IDENTITY)
     if net and ident and ("network", "triton", one) in rows:
@@ -574,7 +609,7 @@ def main() -> None:
     print("CPU cost per request, in-process threads / Triton (less load-sensitive than throughput):")
     for (workload, path, concurrency), r in rows.items():
         other = rows.get((workload, "threads", concurrency))
-        if path in ("triton", "shm") and other and r.get("cpu_ms"):
+        if path in ("triton", "shm", "fercli", "fercli_shm") and other and r.get("cpu_ms"):
             print(f"  {workload:8s} {path:6s} c={concurrency:<3d} {other['cpu_ms']:6.2f} / {r['cpu_ms']:6.2f} ms "
                   f"= {other['cpu_ms'] / r['cpu_ms']:.2f}")
     if perf_levels:

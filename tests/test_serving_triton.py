@@ -310,3 +310,20 @@ def test_shared_memory_inputs_match_the_plain_path(served, faces):
         with pytest.raises(ServingError, match="shared memory refused") as err:
             keyless.predict(encoded[:1], network="ca_resnet")
         assert "\n" not in str(err.value)
+
+
+def test_streaming_matches_the_plain_path(served, faces):
+    """FERClient(streaming=True): several clips (one request each) and several image batches on
+    one gRPC stream give exactly the plain answers, in order; an error on the stream is one line."""
+    server = served["server"]
+    clips = [np.stack([faces[i % 6]] * 3 + [faces[(i + 1) % 6]] * 3) for i in range(4)]
+    encoded = [encode_image(face) for face in faces]
+    with FERClient(server.grpc_url, batch_size=2) as plain, \
+            FERClient(server.grpc_url, batch_size=2, streaming=True) as streamed:
+        assert streamed.predict(clips, network="c3d_ecstfl") == plain.predict(clips, network="c3d_ecstfl")
+        assert streamed.predict(encoded, network="ca_resnet") == plain.predict(encoded, network="ca_resnet")
+        with pytest.raises(ServingError) as err:
+            streamed.predict([b"not an image", b"neither", b"nor"], network="ca_resnet", validate=False)  # 2 requests
+        assert "\n" not in str(err.value) and "ca_resnet" in str(err.value)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        FERClient(server.grpc_url, streaming=True, shared_memory=True)
