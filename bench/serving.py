@@ -425,6 +425,7 @@ def main() -> None:
     rows: dict[tuple[str, str, int], dict[str, float]] = {}
     splits: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
     ort_batch_ms: dict[int, float] = {}
+    streams: dict[bool, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(model, Path(tmp) / f"{NETWORK}.onnx")
         repo = ModelRepository(Path(tmp) / "models", face_detection="off", tuning=tuning)
@@ -545,6 +546,19 @@ def main() -> None:
                         print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
                               f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
                               flush=True)
+            if "ensemble" in args.workloads:  # one client, many requests per predict: plain vs one gRPC stream
+                from serving.client import FERClient
+
+                many = [pngs[i % len(pngs)] for i in range(64)]
+                for streaming in (False, True):
+                    with FERClient(server.grpc_url, batch_size=1, streaming=streaming) as client:
+                        client.predict(many[:4], network=NETWORK)
+                        times = []
+                        for _ in range(5):
+                            t0 = time.perf_counter()
+                            client.predict(many, network=NETWORK, validate=False)
+                            times.append(time.perf_counter() - t0)
+                    streams[streaming] = (64 / statistics.median(times), os.getloadavg()[0])
             perf_levels = _perf_analyzer_levels(server.grpc_url, Path(tmp), samples, pngs, args) \
                 if args.perf_analyzer else []
             # ORT's own time for the batch sizes Triton formed, to set beside its compute per execution.
@@ -612,6 +626,10 @@ def main() -> None:
         if path in ("triton", "shm", "fercli", "fercli_shm") and other and r.get("cpu_ms"):
             print(f"  {workload:8s} {path:6s} c={concurrency:<3d} {other['cpu_ms']:6.2f} / {r['cpu_ms']:6.2f} ms "
                   f"= {other['cpu_ms'] / r['cpu_ms']:.2f}")
+    if streams:
+        print(f"\nFERClient.predict of 64 images, one request each (batch_size=1), one client: plain "
+              f"{streams[False][0]:.0f} images/s (load {streams[False][1]:.2f}), one gRPC stream "
+              f"{streams[True][0]:.0f} images/s (load {streams[True][1]:.2f})")
     if perf_levels:
         print("\nNVIDIA perf_analyzer (gRPC, same server, same faces):")
         print(perf_levels[0])
