@@ -30,7 +30,15 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
 5. where NVIDIA's ``perf_analyzer`` is available (``bench/perf_tools.sh``, or ``$FER_PERF_ANALYZER``),
    its figures for both models at the same levels against the same server (``bench/perf_analyzer.py``
    does the input data and parsing; no validation here, that bench validates);
-6. ONNX Runtime vs PyTorch eager on whole batches (1 and 32).
+6. ONNX Runtime vs PyTorch eager on whole batches (1 and 32);
+7. ``ceiling`` (a workload, on by default): the Python-based backend's own limit, an ``Identity``
+   graph served with the network's very config (same backend, instances, threads, batching) through
+   the same gRPC client, beside the network's in-process threads; the CPU-bound limit that implies
+   (cores / (ORT's CPU + the identity's CPU per request)); and at the lowest concurrency a
+   per-request split (client + gRPC, batcher queue, Triton <-> stub input/output, the stub round
+   trip with execute) for the network and the identity, with ONNX Runtime's own batch-1 time.
+   With ``--shm`` the ensemble is also driven through :class:`serving.client.FERClient`, plain and
+   with ``shared_memory=True``.
 
 The repository is written with :class:`serving.tuning.ServingTuning` from the environment
 (``FER_TRITON_*``; defaults from this machine's cores); ``--untuned`` writes the configuration this
@@ -62,6 +70,7 @@ PROFILES = {"quick": {"layers": [1, 1, 1, 1], "width": 16}, "paper": {"layers": 
 NETWORK = "ca_resnet"
 ENSEMBLE = f"{NETWORK}_ensemble"
 STEPS = (f"{NETWORK}_preprocess", NETWORK, f"{NETWORK}_postprocess")
+IDENTITY = "fer_backend_ceiling"  # an Identity graph in the network's own config: see write_identity_model
 # The issue's targets (ratio name -> minimum).
 TARGETS = {
     "network / in-process threads, c=8": 0.9,
@@ -108,7 +117,8 @@ def _run_threads(concurrency: int, make_worker, seconds: float, max_requests: in
     timer.cancel()
     wall = time.perf_counter() - start
     p50, p95, p99 = _percentiles(latencies)
-    return {"requests": len(latencies), "throughput": len(latencies) / wall, "p50": p50, "p95": p95, "p99": p99}
+    return {"requests": len(latencies), "throughput": len(latencies) / wall, "p50": p50, "p95": p95, "p99": p99,
+            "mean": float(np.mean(latencies)) * 1e3 if latencies else 0.0}
 
 
 class _CpuMeter:
@@ -172,6 +182,8 @@ def statistics_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
             int(prior.get("inference_stats", {}).get("success", {}).get("count", 0)) if prior else \
             int(model["inference_stats"].get("success", {}).get("count", 0))
         queue = ns(model["inference_stats"], "queue") - ns(prior.get("inference_stats", {}), "queue")
+        # Time in the server per request, from arrival to response (Triton's "success" duration).
+        served = ns(model["inference_stats"], "success") - ns(prior.get("inference_stats", {}), "success")
         batches = {int(b["batch_size"]): b for b in model.get("batch_stats", [])}
         prior_batches = {int(b["batch_size"]): b for b in prior.get("batch_stats", [])}
         executions = samples = 0
@@ -186,6 +198,7 @@ def statistics_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
         out[name] = {
             "requests": requests, "executions": executions, "batch": samples / executions if executions else 0.0,
             "queue_us": queue / requests / 1e3 if requests else 0.0,
+            "request_us": served / requests / 1e3 if requests else 0.0,
             **{f"{k}_us": v / executions / 1e3 if executions else 0.0 for k, v in compute.items()},
         }
     return out
@@ -278,8 +291,44 @@ class _SharedMemoryWorkers:
 
         headers = self.server.endpoint().headers
         for handle, tag, client in self.regions:
-            client.unregister_system_shared_memory(tag, headers=headers)
+            # Triton can still hold the region for a moment after the last response ("currently in use").
+            for attempt in range(50):
+                try:
+                    client.unregister_system_shared_memory(tag, headers=headers)
+                    break
+                except Exception:  # noqa: BLE001 -- InferenceServerException
+                    if attempt == 49:
+                        raise
+                    time.sleep(0.02)
             shm.destroy_shared_memory_region(handle)
+
+
+def write_identity_model(repo, network: str = NETWORK, name: str = IDENTITY) -> str:
+    """The ceiling of the Python-based backend: ``name`` in ``repo``, the ``network``'s own
+    ``config.pbtxt`` (same backend, instances, ORT threads, dynamic batching) but an ONNX graph that
+    is one ``Identity`` (image in, the same image out as ``logits``), so what Triton spends on it
+    is gRPC, the batcher and the stub round trip, with next to nothing computed."""
+    import re
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    config = (repo.root / network / "config.pbtxt").read_text()
+    dims = re.search(r'\{ name: "image"[^}]*dims: (\[[^]]*\])', config).group(1)
+    config = re.sub(r'^name: "[^"]*"', f'name: "{name}"', config, count=1, flags=re.M)
+    config = re.sub(r'(\{ name: "logits"[^}]*dims: )\[[^]]*\]', lambda m: m.group(1) + dims, config)
+    config = re.sub(r'label_filename: "[^"]*"', "", config)
+    config = re.sub(r"versions: \[[^]]*\]", "versions: [1]", config)
+    shape = ["batch"] + [int(d) for d in dims.strip("[] ").split(",")]
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], name,
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (repo.root / name / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(repo.root / name / "1" / "model.onnx"))
+    (repo.root / name / "config.pbtxt").write_text(config)
+    return name
 
 
 def _perf_analyzer_levels(url: str, tmp: Path, samples: np.ndarray, pngs: list[bytes], args) -> list[str]:
@@ -339,7 +388,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per level")
     parser.add_argument("--max-requests", type=int, default=4000, help="request budget per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workloads", nargs="+", choices=["network", "ensemble"], default=["network", "ensemble"])
+    parser.add_argument("--workloads", nargs="+", choices=["network", "ceiling", "ensemble"],
+                        default=["network", "ceiling", "ensemble"],
+                        help="ceiling: an Identity graph in the network's own config (the Python backend's limit)")
     parser.add_argument("--untuned", action="store_true",
                         help="the configuration before serving.tuning (1 instance, ORT default threads, no delay)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
@@ -374,6 +425,7 @@ def main() -> None:
     rows: dict[tuple[str, str, int], dict[str, float]] = {}
     splits: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
     ort_batch_ms: dict[int, float] = {}
+    streams: dict[bool, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(model, Path(tmp) / f"{NETWORK}.onnx")
         repo = ModelRepository(Path(tmp) / "models", face_detection="off", tuning=tuning)
@@ -399,7 +451,8 @@ def main() -> None:
             (logits,) = session.run(["logits"], {"image": np.stack([p.tensor for p in prepared])})
             return processing.postprocess({"logits": logits}, metadata, np.stack([p.to_input for p in prepared]))
 
-        with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order()) as server:
+        extra = [write_identity_model(repo)] if "ceiling" in args.workloads else []
+        with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order() + extra) as server:
             stats_client = grpcclient.InferenceServerClient(server.grpc_url)
             served_meter, own_meter = _CpuMeter(server.process.pid), _CpuMeter()
             print(f"load average at start {os.getloadavg()[0]:.2f}\n")
@@ -407,14 +460,16 @@ def main() -> None:
                   f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
             for workload in args.workloads:
                 for concurrency in args.concurrency:
-                    if workload == "network":
-                        def triton_worker(i: int):
+                    if workload in ("network", "ceiling"):
+                        triton_model = NETWORK if workload == "network" else IDENTITY
+
+                        def triton_worker(i: int, model_name: str = triton_model):
                             client = grpcclient.InferenceServerClient(server.grpc_url)
                             x = samples[i % len(samples)][None]
                             tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
                             tensor.set_data_from_numpy(x)
                             output = grpcclient.InferRequestedOutput("logits")
-                            return lambda: client.infer(NETWORK, [tensor], outputs=[output])
+                            return lambda: client.infer(model_name, [tensor], outputs=[output])
 
                         def thread_worker(i: int):
                             x = samples[i % len(samples)][None]
@@ -422,7 +477,6 @@ def main() -> None:
 
                         batch = np.ascontiguousarray(np.resize(samples, (concurrency, *samples.shape[1:])))
                         batched_call = lambda: session.run(["logits"], {"image": batch})  # noqa: E731
-                        triton_model = NETWORK
                     else:
                         def triton_worker(i: int):
                             client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -447,34 +501,68 @@ def main() -> None:
                     triton["load"] = os.getloadavg()[0]
                     after = stats_client.get_inference_statistics("", as_json=True)
                     splits[(workload, concurrency)] = statistics_delta(before, after)
+                    if workload == "ensemble" and args.shm:  # FERClient itself, plain and shared memory
+                        for path, shared in (("fercli", False), ("fercli_shm", True)):
+                            clients: list = []
+
+                            def fer_worker(i: int, shared: bool = shared, clients: list = clients):
+                                from serving.client import FERClient
+
+                                client = FERClient(server.grpc_url, key=server.key, shared_memory=shared)
+                                clients.append(client)
+                                data = [pngs[i % len(pngs)]]
+                                return lambda: client.predict(data, network=NETWORK, validate=False)
+                            r = _measured(served_meter, lambda: _run_threads(concurrency, fer_worker, args.seconds,
+                                                                             args.max_requests))
+                            for client in clients:
+                                client.close()
+                            r["load"] = os.getloadavg()[0]
+                            rows[(workload, path, concurrency)] = r
                     if workload == "network" and args.shm:
                         with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
                             shm = _measured(served_meter, lambda: _run_threads(
                                 concurrency, shm_workers.make, args.seconds, args.max_requests))
                         shm["load"] = os.getloadavg()[0]
                         rows[(workload, "shm", concurrency)] = shm
-                    threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
-                                                                        args.max_requests))
-                    threads["load"] = os.getloadavg()[0]
-                    batched = _measured(own_meter, lambda: _run_batched(batched_call, concurrency, args.seconds))
-                    batched["load"] = os.getloadavg()[0]
-                    rows.update({(workload, "triton", concurrency): triton, (workload, "threads", concurrency): threads,
-                                 (workload, "batched", concurrency): batched})
-                    for path in ("triton", "shm", "threads", "batched"):
+                    rows[(workload, "triton", concurrency)] = triton
+                    if workload != "ceiling":  # its in-process side is the network's
+                        threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
+                                                                            args.max_requests))
+                        threads["load"] = os.getloadavg()[0]
+                        batched = _measured(own_meter, lambda: _run_batched(batched_call, concurrency, args.seconds))
+                        batched["load"] = os.getloadavg()[0]
+                        rows.update({(workload, "threads", concurrency): threads,
+                                     (workload, "batched", concurrency): batched})
+                    for path in ("triton", "shm", "fercli", "fercli_shm", "threads", "batched"):
                         if (workload, path, concurrency) not in rows:
                             continue
                         r = rows[(workload, path, concurrency)]
-                        label = {"triton": f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
-                                 "shm": "Triton gRPC + shm (net)",
+                        label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
+                                 f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
+                                 "shm": "Triton gRPC + shm (net)", "fercli": "FERClient (ensemble)",
+                                 "fercli_shm": "FERClient + shm (ens.)",
                                  "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
                         p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
                         print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
                               f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
                               flush=True)
+            if "ensemble" in args.workloads:  # one client, many requests per predict: plain vs one gRPC stream
+                from serving.client import FERClient
+
+                many = [pngs[i % len(pngs)] for i in range(64)]
+                for streaming in (False, True):
+                    with FERClient(server.grpc_url, batch_size=1, streaming=streaming) as client:
+                        client.predict(many[:4], network=NETWORK)
+                        times = []
+                        for _ in range(5):
+                            t0 = time.perf_counter()
+                            client.predict(many, network=NETWORK, validate=False)
+                            times.append(time.perf_counter() - t0)
+                    streams[streaming] = (64 / statistics.median(times), os.getloadavg()[0])
             perf_levels = _perf_analyzer_levels(server.grpc_url, Path(tmp), samples, pngs, args) \
                 if args.perf_analyzer else []
             # ORT's own time for the batch sizes Triton formed, to set beside its compute per execution.
-            sizes = {max(1, round(s[NETWORK]["batch"])) for s in splits.values() if s.get(NETWORK, {}).get("executions")}
+            sizes = {1} | {max(1, round(s[NETWORK]["batch"])) for s in splits.values() if s.get(NETWORK, {}).get("executions")}
             for size in sorted(sizes):
                 one = np.ascontiguousarray(np.resize(samples, (size, *samples.shape[1:])))
                 ort_batch_ms[size] = _run_batched(lambda: session.run(["logits"], {"image": one}), size, 1.0)["p50"]
@@ -483,7 +571,7 @@ def main() -> None:
     print(f"{'workload':9s} {'conc':>4s} {'model':22s} {'execs':>6s} {'batch':>6s} {'queue':>8s} "
           f"{'input':>7s} {'infer':>8s} {'output':>7s}   ORT alone on that batch")
     for (workload, concurrency), split in splits.items():
-        for name in (STEPS if workload == "ensemble" else (NETWORK,)):
+        for name in {"ensemble": STEPS, "ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
             s = split.get(name)
             if not s or not s["executions"]:
                 continue
@@ -499,12 +587,49 @@ def main() -> None:
         if value == value:  # not NaN: both sides measured
             verdict = "met" if value >= TARGETS[name] else "MISSED"
             print(f"  {name:38s} {value:5.2f}  (target >= {TARGETS[name]:.1f}: {verdict})")
+    ceiling = {c: rows[("ceiling", "triton", c)] for c in args.concurrency if ("ceiling", "triton", c) in rows}
+    if ceiling:
+        print("the Python backend's ceiling (Identity graph, the network's config) / in-process threads (network):")
+        for c, r in ceiling.items():
+            other = rows.get(("network", "threads", c))
+            if other:
+                verdict = "below 0.9x: the serving path alone caps it" if r["throughput"] < 0.9 * other["throughput"] else "not below 0.9x"
+                print(f"  c={c:<3d} {r['throughput']:8.1f} / {other['throughput']:8.1f} req/s = "
+                      f"{r['throughput'] / other['throughput']:.2f}  (load {r['load']:.2f} / {other['load']:.2f}: {verdict})")
+        # On a machine whose cores the clients share with the server, throughput is bounded by CPU:
+        # a served request costs at least ORT's CPU (in-process) plus what the identity costs.
+        print("CPU-bound limit of the network through this serving path (cores / (ORT CPU + identity CPU per request)):")
+        for c, r in ceiling.items():
+            other = rows.get(("network", "threads", c))
+            if other and r.get("cpu_ms"):
+                bound = (os.cpu_count() or 1) * 1e3 / (other["cpu_ms"] + r["cpu_ms"])
+                print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
+                      f"{bound / other['throughput']:.2f}x in-process threads (load {r['load']:.2f})")
+    one = min(args.concurrency)
+    net, ident = splits.get(("network", one), {}).get(NETWORK), splits.get(("ceiling", one), {}).get(IDENTITY)
+    if net and ident and ("network", "triton", one) in rows:
+        client_ms = rows[("network", "triton", one)]["mean"]
+        ident_ms = rows[("ceiling", "triton", one)]["mean"]
+        print(f"\nper-request latency at c={one}, mean ms (network | identity): client-side {client_ms:.3f} | {ident_ms:.3f}")
+        for label, key in (("in the server (arrival to response)", "request_us"), ("queue (batcher wait)", "queue_us"),
+                           ("compute input (Triton -> stub)", "compute_input_us"),
+                           ("compute infer (stub round trip + execute)", "compute_infer_us"),
+                           ("compute output (stub -> Triton)", "compute_output_us")):
+            print(f"  {label:42s} {net[key] / 1e3:7.3f} | {ident[key] / 1e3:7.3f}")
+        print(f"  {'client + gRPC (client-side - in the server)':42s} {client_ms - net['request_us'] / 1e3:7.3f} | "
+              f"{ident_ms - ident['request_us'] / 1e3:7.3f}")
+        if 1 in ort_batch_ms:
+            print(f"  {'ONNX Runtime alone, batch 1, in-process':42s} {ort_batch_ms[1]:7.3f}")
     print("CPU cost per request, in-process threads / Triton (less load-sensitive than throughput):")
     for (workload, path, concurrency), r in rows.items():
         other = rows.get((workload, "threads", concurrency))
-        if path in ("triton", "shm") and other and r.get("cpu_ms"):
+        if path in ("triton", "shm", "fercli", "fercli_shm") and other and r.get("cpu_ms"):
             print(f"  {workload:8s} {path:6s} c={concurrency:<3d} {other['cpu_ms']:6.2f} / {r['cpu_ms']:6.2f} ms "
                   f"= {other['cpu_ms'] / r['cpu_ms']:.2f}")
+    if streams:
+        print(f"\nFERClient.predict of 64 images, one request each (batch_size=1), one client: plain "
+              f"{streams[False][0]:.0f} images/s (load {streams[False][1]:.2f}), one gRPC stream "
+              f"{streams[True][0]:.0f} images/s (load {streams[True][1]:.2f})")
     if perf_levels:
         print("\nNVIDIA perf_analyzer (gRPC, same server, same faces):")
         print(perf_levels[0])

@@ -8,7 +8,11 @@ unreachable server, unknown network, malformed/oversized image, wrong dtype or s
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -26,6 +30,8 @@ __all__ = ["FERClient", "Prediction", "ServingError", "ImageInput", "encode_imag
 ImageInput = Union[bytes, str, Path, np.ndarray]
 _VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+_SHM_MIN_BYTES = 1 << 20  # the first region; it grows (re-registered) for larger requests
+_shm_ids = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -97,22 +103,86 @@ class FERClient:
     """Client of a Triton serving this platform's ensembles (gRPC by default, or HTTP)."""
 
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", batch_size: int = 16,
-                 timeout_s: float = 60.0, key: str | None = None) -> None:
+                 timeout_s: float = 60.0, key: str | None = None, shared_memory: bool = False,
+                 streaming: bool = False) -> None:
         """``key``: the workspace's control key (:func:`serving.server.control_key`); needed over HTTP,
-        where the platform's Triton serves key holders only, and to list networks."""
+        where the platform's Triton serves key holders only, and to list networks.
+
+        ``shared_memory`` (opt-in, for a client on the server's machine): the encoded inputs travel
+        through a POSIX shared-memory region (``tritonclient.utils.shared_memory``) registered with
+        the server once, instead of inside each gRPC/HTTP message; the outputs come back as usual.
+        Registering is a restricted API on the platform's Triton: it needs ``key``. One request is in
+        flight per client at a time on this path (the region is reused): use one client per thread.
+
+        ``streaming`` (gRPC only): a :meth:`predict` that needs several requests (a video network's
+        clips go one per request; images in batches of ``batch_size``) sends them all on one gRPC
+        stream (``stream_infer``) without waiting for each answer, then collects the answers by
+        request id; a single request goes the plain way. Not combinable with ``shared_memory``.
+        """
+        if streaming and shared_memory:
+            raise ValueError("streaming and shared_memory cannot be combined (one region, many requests in flight)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.endpoint = TritonEndpoint(url, protocol, timeout_s=timeout_s, key=key)
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self._configs: dict[str, tuple[ModelMetadata, int, int]] = {}
+        self.shared_memory = shared_memory
+        self.streaming = streaming
+        if streaming and self.endpoint.protocol != "grpc":
+            raise ValueError("streaming needs the gRPC protocol")
+        self._shm: tuple[Any, str, int] | None = None  # (handle, registered name, byte size)
+        self._shm_lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return self.endpoint.url
 
     def close(self) -> None:
+        with self._shm_lock:
+            self._release_region()
         self.endpoint.close()
+
+    def _release_region(self) -> None:
+        if self._shm is None:
+            return
+        import tritonclient.utils.shared_memory as shm
+
+        handle, name, _ = self._shm
+        self._shm = None
+        # Triton can hold a region a moment after the last response ("currently in use"): retry for
+        # up to a second; a server that is gone or keeps refusing does not stop the region being freed.
+        for _ in range(50):
+            try:
+                self.endpoint.client.unregister_system_shared_memory(name, headers=self.endpoint.headers)
+                break
+            except Exception as exc:  # noqa: BLE001 -- InferenceServerException, gRPC errors
+                if "in use" not in str(exc):
+                    break
+                time.sleep(0.02)
+        shm.destroy_shared_memory_region(handle)
+
+    def _region(self, size: int) -> tuple[Any, str]:
+        """A registered region of at least ``size`` bytes (caller holds ``_shm_lock``)."""
+        if self._shm is not None and self._shm[2] >= size:
+            return self._shm[0], self._shm[1]
+        import tritonclient.utils.shared_memory as shm
+
+        self._release_region()
+        size = max(_SHM_MIN_BYTES, 1 << (size - 1).bit_length())
+        name = f"fer-client-{os.getpid()}-{next(_shm_ids)}"
+        try:
+            handle = shm.create_shared_memory_region(name, f"/{name}", size)
+        except Exception as exc:  # noqa: BLE001 -- SharedMemoryException
+            raise ServingError(f"cannot create a shared-memory region of {size} bytes: {_one_line(exc)}") from None
+        try:
+            self.endpoint.client.register_system_shared_memory(name, f"/{name}", size, headers=self.endpoint.headers)
+        except Exception as exc:  # noqa: BLE001
+            shm.destroy_shared_memory_region(handle)
+            hint = "" if self.endpoint.headers else " (registering needs the workspace's control key)"
+            raise ServingError(f"shared memory refused by {self.url}: {_one_line(exc)}{hint}") from None
+        self._shm = (handle, name, size)
+        return handle, name
 
     def __enter__(self) -> "FERClient":
         return self
@@ -205,25 +275,79 @@ class FERClient:
                         raise ServingError(f"input {i}: image of {len(data)} bytes exceeds the limit of {max_bytes}")
         # Clips of different lengths cannot share one tensor: one request per clip.
         step = 1 if video else min(self.batch_size, max_batch)
+        chunks = [(start, samples[start : start + step]) for start in range(0, len(samples), step)]
+        if self.streaming and len(chunks) > 1:
+            return self._infer_stream(network, metadata, chunks)
         results: list[Prediction] = []
-        for start in range(0, len(samples), step):
-            results += self._infer(network, metadata, samples[start : start + step], start)
+        for start, chunk in chunks:
+            results += self._infer(network, metadata, chunk, start)
         return results
 
-    def _infer(self, network: str, metadata: ModelMetadata, samples: list[list[bytes]], offset: int) -> list[Prediction]:
-        module = self.endpoint.module
+    def _input(self, metadata: ModelMetadata, samples: list[list[bytes]]) -> tuple[Any, np.ndarray]:
         name = "FRAMES" if is_video_network(metadata) else "IMAGE"
         array = np.empty((len(samples), len(samples[0])), dtype=object)
         for i, sample in enumerate(samples):
             array[i, :] = sample
-        tensor = module.InferInput(name, list(array.shape), "BYTES")
-        tensor.set_data_from_numpy(array)
+        return self.endpoint.module.InferInput(name, list(array.shape), "BYTES"), array
+
+    def _infer_stream(self, network: str, metadata: ModelMetadata,
+                      chunks: list[tuple[int, list[list[bytes]]]]) -> list[Prediction]:
+        """All ``chunks`` on one gRPC stream, answers matched by request id (= the chunk's offset)."""
+        import queue
+
+        answers: "queue.Queue[tuple[Any, Any]]" = queue.Queue()
+        client = self.endpoint.client
+        where = f"inputs 0-{chunks[-1][0] + len(chunks[-1][1]) - 1}"
         try:
-            result = self.endpoint.client.infer(f"{network}_ensemble", [tensor], headers=self.endpoint.headers)
+            client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                                headers=self.endpoint.headers)
+        except Exception as exc:  # noqa: BLE001
+            raise ServingError(f"{network}: cannot open a gRPC stream at {self.url}: {_one_line(exc)}") from None
+        results: dict[int, Any] = {}
+        try:
+            for offset, chunk in chunks:
+                tensor, array = self._input(metadata, chunk)
+                tensor.set_data_from_numpy(array)
+                client.async_stream_infer(f"{network}_ensemble", [tensor], request_id=str(offset))
+            while len(results) < len(chunks):
+                try:
+                    result, error = answers.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise ServingError(f"{network}: {where}: no answer on the stream within {self.timeout_s:.0f}s") from None
+                if error is not None:
+                    raise ServingError(f"{network}: {where}: {_one_line(error)}")
+                results[int(result.get_response().id)] = result
+        except ServingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- tritonclient / gRPC errors while sending
+            raise ServingError(f"{network}: {where}: {_one_line(exc)}") from None
+        finally:
+            client.stop_stream()
+        return [p for offset, _ in chunks for p in _predictions(network, metadata, results[offset])]
+
+    def _infer(self, network: str, metadata: ModelMetadata, samples: list[list[bytes]], offset: int) -> list[Prediction]:
+        tensor, array = self._input(metadata, samples)
+        if not self.shared_memory:
+            tensor.set_data_from_numpy(array)
+            return _predictions(network, metadata, self._send(network, [tensor], samples, offset))
+        import tritonclient.utils as tritonutils
+        import tritonclient.utils.shared_memory as shm
+
+        serialized = tritonutils.serialize_byte_tensor(array)
+        size = tritonutils.serialized_byte_size(serialized)
+        with self._shm_lock:
+            handle, region = self._region(size)
+            shm.set_shared_memory_region(handle, [serialized])
+            tensor.set_shared_memory(region, size)
+            result = self._send(network, [tensor], samples, offset)
+        return _predictions(network, metadata, result)
+
+    def _send(self, network: str, tensors: list[Any], samples: list[list[bytes]], offset: int) -> Any:
+        try:
+            return self.endpoint.client.infer(f"{network}_ensemble", tensors, headers=self.endpoint.headers)
         except Exception as exc:  # noqa: BLE001 -- tritonclient's InferenceServerException and gRPC errors
             where = f"input {offset}" if len(samples) == 1 else f"inputs {offset}-{offset + len(samples) - 1}"
             raise ServingError(f"{network}: {where}: {_one_line(exc)}") from None
-        return _predictions(network, metadata, result)
 
 
 def _predictions(network: str, metadata: ModelMetadata, result: Any) -> list[Prediction]:

@@ -1,7 +1,8 @@
 """Recognizers for :mod:`fer_core.video`: face crops in, :class:`~serving.client.Prediction` out.
 
 * :class:`TritonRecognizer` asks the champion's ensemble through :class:`~serving.client.FERClient`
-  (``fer app --url`` / ``fer annotate --url``);
+  (``fer app --url`` / ``fer annotate --url``; over gRPC with ``streaming=True``: several clip
+  windows of one call go out on one gRPC stream);
 * :class:`OnnxRecognizer` runs an exported ONNX file in-process with ONNX Runtime, through the very
   pre- and post-processing functions the ensemble's Python steps call
   (:mod:`serving.ensembles.processing`), so a local answer equals Triton's.
@@ -55,7 +56,9 @@ class TritonRecognizer:
         from serving.client import FERClient
 
         protocol = "http" if url.startswith("http://") else "grpc"
-        self.client = FERClient(url, protocol=protocol, batch_size=batch_size, timeout_s=timeout_s)
+        # Over gRPC a clip network's windows (one request per tracked face) go out on one stream.
+        self.client = FERClient(url, protocol=protocol, batch_size=batch_size, timeout_s=timeout_s,
+                                streaming=protocol == "grpc")
         self.network = network
         self.metadata = self.client._network(network)[0]  # ServingError: unreachable / unknown network
         self.clip_window = default_clip_window(self.metadata)

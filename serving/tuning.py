@@ -11,7 +11,7 @@ variable                            ``KIND_CPU`` default        ``KIND_GPU`` def
 ``FER_TRITON_INTRA_OP_THREADS``     1                           1
 ``FER_TRITON_INTER_OP_THREADS``     1                           1
 ``FER_TRITON_ALLOW_SPINNING``       0                           0
-``FER_TRITON_QUEUE_DELAY_US``       ``auto``                    ``auto``
+``FER_TRITON_QUEUE_DELAY_US``       0                           ``auto``
 ``FER_TRITON_PREFERRED_BATCH``      (none)                      8,16,32
 ``FER_TRITON_PREPROCESS_INSTANCES`` cores (1..4)                cores (1..4)
 ``FER_TRITON_POSTPROCESS_INSTANCES`` 1                          1
@@ -23,10 +23,15 @@ Why these defaults (measured with ``bench/serving.py`` on the 2-core machine thi
   thread per core whose threads spin while waiting) fights the Python-backend stubs, Triton's own
   threads and the clients for the same cores; with two stubs, one can compute while the other
   marshals its batch.
-* ``max_queue_delay_microseconds`` is *derived from measured latency*: ``auto`` times the network
+* ``max_queue_delay_microseconds`` is 0 on CPU, *measured*: Triton's batcher waits the full delay
+  even for a lone request, so at concurrency 1 every request paid it (0.64 ms of a 2.2 ms round trip
+  at a derived 522 us), and on 2 cores a wait never paid back: in back-to-back ``bench/serving.py``
+  runs delay 0 beat the derived delay at every level (network 558/1467/1821 vs 436/835/1038 req/s
+  at concurrency 1/8/32, ensemble 262/748/882 vs 227/566/464). With no delay, batches still form
+  from what queued while both instances were busy (2.2 samples per execution at 8, 5.7 at 32).
+  ``auto`` (the ``KIND_GPU`` default, or ``FER_TRITON_QUEUE_DELAY_US=auto``) times the network
   (ONNX Runtime, batch 1, the configured threads) when its version is installed and waits about
-  one such execution (:func:`queue_delay_from_latency`). Waiting much less forms no batches when an
-  instance is idle; much longer (2 ms was tried) costs more latency than batching saves.
+  one such execution (:func:`queue_delay_from_latency`): where a batch of 8 costs about one of 1.
 * No preferred batch sizes on CPU: there a batch of any size costs about its samples' time, so
   cutting a batch at a preferred size buys nothing; on a GPU a batch of 8..32 costs about one of 1.
 
@@ -122,7 +127,7 @@ class ServingTuning:
         cores = max(1, min(MAX_DEFAULT_INSTANCES, cpu_count or os.cpu_count() or 1))
         gpu = instance_kind == "KIND_GPU"
         return cls(instances=2 if gpu else cores, intra_op_threads=1, inter_op_threads=1, allow_spinning=False,
-                   max_queue_delay_us=None, preferred_batch_sizes=(8, 16, 32) if gpu else (),
+                   max_queue_delay_us=None if gpu else 0, preferred_batch_sizes=(8, 16, 32) if gpu else (),
                    preprocess_instances=cores, postprocess_instances=1)
 
     @classmethod
@@ -146,7 +151,9 @@ class ServingTuning:
                 raise UsageError(f"{ENV['allow_spinning']} must be 0 or 1, got {spinning!r}")
             values["allow_spinning"] = spinning in ("1", "true", "yes")
         delay = env.get(ENV["max_queue_delay_us"], "").strip().lower()
-        if delay and delay != "auto":
+        if delay == "auto":
+            base = cls(**{**base.__dict__, "max_queue_delay_us": None})
+        elif delay:
             values["max_queue_delay_us"] = _int(env, "max_queue_delay_us", 0)
         preferred = env.get(ENV["preferred_batch_sizes"], "").strip()
         if preferred:

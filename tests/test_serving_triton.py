@@ -281,3 +281,49 @@ def test_restart_after_crash_reloads_models(served, faces):
     assert (server.http_port, server.grpc_port, server.metrics_port) == ports
     with FERClient(server.grpc_url) as client:
         assert client.predict([encode_image(faces[0])], network="ca_resnet")[0].label
+
+
+def test_shared_memory_inputs_match_the_plain_path(served, faces):
+    """FERClient(shared_memory=True): inputs through a registered system shared-memory region give
+    exactly the plain gRPC answers (images, in batches that grow the region, and a clip); without
+    the control key the server refuses the registration with one line."""
+    server = served["server"]
+    noise = np.random.default_rng(0).integers(0, 256, (720, 720, 3), dtype=np.uint8)
+    big = [encode_image(noise)]  # about 1.5 MB of PNG: more than the first region holds
+    assert len(big[0]) > (1 << 20)
+    encoded = [encode_image(face) for face in faces]
+    clip = np.stack([faces[0]] * 3 + [faces[1]] * 3)
+    with FERClient(server.grpc_url, batch_size=4) as plain, \
+            FERClient(server.grpc_url, batch_size=4, key=server.key, shared_memory=True) as shared:
+        sizes = []
+        for network, inputs in (("ca_resnet", encoded), ("ca_resnet", big + encoded), ("c3d_ecstfl", [clip])):
+            assert shared.predict(inputs, network=network) == plain.predict(inputs, network=network)
+            sizes.append(shared._shm[2])
+        assert sizes[0] < sizes[1] == sizes[2]  # the region grew once for the large image, then was reused
+        region = shared._shm[1]
+        status = server.endpoint().client.get_system_shared_memory_status(headers=server.endpoint().headers,
+                                                                          as_json=True)
+        assert region in json.dumps(status)
+    status = server.endpoint().client.get_system_shared_memory_status(headers=server.endpoint().headers, as_json=True)
+    assert region not in json.dumps(status)  # close() unregistered it
+    with FERClient(server.grpc_url, shared_memory=True) as keyless:
+        with pytest.raises(ServingError, match="shared memory refused") as err:
+            keyless.predict(encoded[:1], network="ca_resnet")
+        assert "\n" not in str(err.value)
+
+
+def test_streaming_matches_the_plain_path(served, faces):
+    """FERClient(streaming=True): several clips (one request each) and several image batches on
+    one gRPC stream give exactly the plain answers, in order; an error on the stream is one line."""
+    server = served["server"]
+    clips = [np.stack([faces[i % 6]] * 3 + [faces[(i + 1) % 6]] * 3) for i in range(4)]
+    encoded = [encode_image(face) for face in faces]
+    with FERClient(server.grpc_url, batch_size=2) as plain, \
+            FERClient(server.grpc_url, batch_size=2, streaming=True) as streamed:
+        assert streamed.predict(clips, network="c3d_ecstfl") == plain.predict(clips, network="c3d_ecstfl")
+        assert streamed.predict(encoded, network="ca_resnet") == plain.predict(encoded, network="ca_resnet")
+        with pytest.raises(ServingError) as err:
+            streamed.predict([b"not an image", b"neither", b"nor"], network="ca_resnet", validate=False)  # 2 requests
+        assert "\n" not in str(err.value) and "ca_resnet" in str(err.value)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        FERClient(server.grpc_url, streaming=True, shared_memory=True)

@@ -26,11 +26,11 @@ def ca_onnx(tmp_path_factory):
 def test_defaults_follow_the_cores_and_the_instance_kind():
     cpu = ServingTuning.defaults("KIND_CPU", cpu_count=2)
     assert (cpu.instances, cpu.intra_op_threads, cpu.allow_spinning) == (2, 1, False)
-    assert cpu.max_queue_delay_us is None and cpu.preferred_batch_sizes == () and cpu.preprocess_instances == 2
+    assert cpu.max_queue_delay_us == 0 and cpu.preferred_batch_sizes == () and cpu.preprocess_instances == 2
     assert ServingTuning.defaults("KIND_CPU", cpu_count=1).instances == 1
     assert ServingTuning.defaults("KIND_CPU", cpu_count=64).instances == 4  # capped: stubs cost memory
     gpu = ServingTuning.defaults("KIND_GPU", cpu_count=64)
-    assert gpu.instances == 2 and gpu.preferred_batch_sizes == (8, 16, 32)
+    assert gpu.instances == 2 and gpu.preferred_batch_sizes == (8, 16, 32) and gpu.max_queue_delay_us is None
     assert gpu.preferred_for(16) == (8, 16)
 
 
