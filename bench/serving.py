@@ -363,13 +363,14 @@ def _perf_analyzer_levels(url: str, tmp: Path, samples: np.ndarray, pngs: list[b
 
 
 def _tuning(args):
+    from fer_platform.settings import Settings
     from serving.tuning import ServingTuning
 
     if args.untuned:  # the configuration written before serving.tuning existed
         return ServingTuning(instances=1, intra_op_threads=0, inter_op_threads=0, allow_spinning=True,
                              max_queue_delay_us=0, preferred_batch_sizes=(), preprocess_instances=1,
                              postprocess_instances=1)
-    return ServingTuning.load()
+    return ServingTuning.load(env=Settings.load().serving_tuning)  # this entry point's settings
 
 
 def _config_summary(repo) -> str:

@@ -104,7 +104,8 @@ def _repository(args: argparse.Namespace):
     except ValueError as exc:  # a malformed value in the environment or the file
         raise CommandError(f"settings: {exc}", EXIT_USAGE) from None
     repository = ModelRepository.of_workspace(workspace) if not args.repository else \
-        ModelRepository(args.repository, face_detection=workspace.face_detection_override)
+        ModelRepository(args.repository, face_detection=workspace.face_detection_override,
+                        tuning_env=workspace.settings.serving_tuning)
     return workspace, repository
 
 

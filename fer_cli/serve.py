@@ -76,7 +76,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     workspace = Workspace.load().ensure()  # this command's platform context
     repository = ModelRepository.of_workspace(workspace) if not args.repository else \
-        ModelRepository(args.repository, face_detection=workspace.face_detection_override)
+        ModelRepository(args.repository, face_detection=workspace.face_detection_override,
+                        tuning_env=workspace.settings.serving_tuning)
     if args.url:
         return _check_external(args.url, repository)
     repository.root.mkdir(parents=True, exist_ok=True)

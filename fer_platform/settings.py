@@ -58,6 +58,11 @@ _PATH_SETTINGS = ("home", "artifact_root", "dvc_remote", "model_repository")
 # `required_credentials`); their values are never read into the settings object.
 S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+# Per-machine serving performance variables (their meaning and defaults: serving.tuning). Read here,
+# once, with the rest of the settings; the model repository gets them from the platform context.
+SERVING_TUNING_VARS = ("FER_TRITON_INSTANCES", "FER_TRITON_INTRA_OP_THREADS", "FER_TRITON_INTER_OP_THREADS",
+                       "FER_TRITON_ALLOW_SPINNING", "FER_TRITON_QUEUE_DELAY_US", "FER_TRITON_PREFERRED_BATCH",
+                       "FER_TRITON_PREPROCESS_INSTANCES", "FER_TRITON_POSTPROCESS_INSTANCES")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class Settings:
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     """Names of the fields set by the environment or the file (the rest are defaults)."""
     config_file: Path | None = field(default=None, compare=False, repr=False)
+    serving_tuning: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """The ``FER_TRITON_*`` serving performance variables set in the environment
+    (:data:`SERVING_TUNING_VARS`), parsed and checked by ``serving.tuning.ServingTuning.load``."""
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -139,7 +147,9 @@ class Settings:
             "s3_endpoint_url": pick("s3_endpoint_url") or "",
             "face_detection": pick("face_detection") or "off",
         }
-        settings = cls(**values, explicit=frozenset(from_env) | frozenset(from_file), config_file=path)
+        tuning = {name: env[name] for name in SERVING_TUNING_VARS if env.get(name, "").strip()}
+        settings = cls(**values, explicit=frozenset(from_env) | frozenset(from_file), config_file=path,
+                       serving_tuning=tuning)
         settings._validate()
         return settings
 
@@ -200,7 +210,7 @@ class Settings:
 
 def setting_names() -> tuple[str, ...]:
     """Names of the settings (the YAML keys; ``FER_<NAME>`` in the environment)."""
-    return tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("explicit", "config_file"))
+    return tuple(f.name for f in dataclasses.fields(Settings) if f.name not in ("explicit", "config_file", "serving_tuning"))
 
 
 def env_var(name: str) -> str:

@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from fer_core.metadata import ModelMetadata
 from fer_platform.settings import FACE_DETECTION_MODES, is_remote
@@ -340,16 +340,21 @@ class ModelRepository:
     ``instance_kind`` is the default ``instance_group`` kind of the networks (``KIND_CPU`` here;
     NVIDIA's container can use ``KIND_GPU``). Pre/post-processing models always run on CPU.
     ``tuning`` (instances, ONNX Runtime threads, dynamic batching) defaults to
-    :meth:`serving.tuning.ServingTuning.load` for the kind written, read when a config is written.
+    :meth:`serving.tuning.ServingTuning.load` of ``tuning_env`` for the kind written, read when a
+    config is written. Entry points pass ``tuning_env`` from the platform context
+    (``Settings.serving_tuning``, as :meth:`of_workspace` does); without it (a repository built
+    outside an entry point: benches, tests) the process environment is read.
     """
 
     def __init__(self, root: str | Path, *, instance_kind: str = "KIND_CPU", face_detection: str | None = None,
-                 tuning: ServingTuning | None = None, mirror: "S3Mirror | None" = None) -> None:
+                 tuning: ServingTuning | None = None, tuning_env: "Mapping[str, str] | None" = None,
+                 mirror: "S3Mirror | None" = None) -> None:
         if instance_kind not in INSTANCE_KINDS:
             raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {instance_kind!r}")
         self.root = Path(root).resolve()
         self.instance_kind = instance_kind
         self._tuning = tuning
+        self._tuning_env = tuning_env
         # A deployment-wide face handling override (see the module docstring); None = each version's own.
         # Entry points pass the settings' explicit FER_FACE_DETECTION (Workspace.face_detection_override).
         if face_detection is not None and face_detection not in FACE_DETECTION_MODES:
@@ -368,6 +373,7 @@ class ModelRepository:
         mirror = S3Mirror(workspace.triton_repository, location, workspace.settings.s3_endpoint_url) \
             if is_remote(location) else None
         kwargs.setdefault("face_detection", workspace.face_detection_override)
+        kwargs.setdefault("tuning_env", workspace.settings.serving_tuning)
         return cls(workspace.triton_repository, mirror=mirror, **kwargs)
 
     @property
@@ -381,8 +387,9 @@ class ModelRepository:
             self.mirror.publish()
 
     def tuning(self, instance_kind: str | None = None) -> ServingTuning:
-        """The performance settings configs are written with (the environment's, unless given)."""
-        return self._tuning or ServingTuning.load(instance_kind or self.instance_kind)
+        """The performance settings configs are written with: ``tuning``, else those of ``tuning_env``
+        (the platform context's), else those of the process environment."""
+        return self._tuning or ServingTuning.load(instance_kind or self.instance_kind, env=self._tuning_env)
 
     def _queue_delay_us(self, tuning: ServingTuning, onnx_path: Path, metadata: ModelMetadata,
                         instance_kind: str) -> int:

@@ -133,7 +133,8 @@ class ServingTuning:
     @classmethod
     def load(cls, instance_kind: str = "KIND_CPU", env: Mapping[str, str] | None = None,
              cpu_count: int | None = None) -> "ServingTuning":
-        """The ``FER_TRITON_*`` variables of ``env`` (default ``os.environ``) over :meth:`defaults`.
+        """The ``FER_TRITON_*`` variables of ``env`` over :meth:`defaults`. Entry points pass
+        ``Settings.serving_tuning`` (the platform context); ``None`` reads ``os.environ``.
 
         A malformed value raises :class:`fer_core.errors.UsageError` (a ``ValueError``; the CLI
         prints it as one line, exit 2) naming the variable.

@@ -105,3 +105,84 @@ def test_the_layering_checks_detect_a_settings_import_in_fer_core(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from fer_platform.settings import Settings\ns = Settings.load()\n")
     assert "fer_platform" in _imported_roots(bad) and _ambient_loads(bad) == [2]
+
+
+# What starts a real server in a test: the embedded Triton, the temporary Prefect API, the moto S3
+# server, ``mlflow models serve`` (tests/mlflow_serve.py). A test reaching one of them, itself or
+# through the module's fixtures, must be marked ``integration`` (pyproject's definition), so the
+# fast lane (``make test-fast``) never starts one.
+SERVER_STARTERS = frozenset({"EmbeddedTriton", "LocalPrefectServer", "wait_for_ping", "ThreadedMotoServer"})
+SERVER_STRINGS = frozenset({"moto.server"})
+TESTS = Path(__file__).resolve().parent
+
+
+def _marks(decorators: list[ast.expr]) -> set[str]:
+    """The ``pytest.mark.X`` names among ``decorators`` (or a ``pytestmark`` value's elements)."""
+    found = set()
+    for node in decorators:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Attribute) and sub.value.attr == "mark":
+                found.add(sub.attr)
+    return found
+
+
+def _starts_server(node: ast.AST) -> bool:
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and sub.id in SERVER_STARTERS:
+            return True
+        if isinstance(sub, ast.Attribute) and sub.attr in SERVER_STARTERS:
+            return True
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value in SERVER_STRINGS:
+            return True
+    return False
+
+
+def _unmarked_server_tests(path: Path) -> list[str]:
+    """Tests of the module at ``path`` that start a server (directly or through the module's
+    fixtures, transitively) without the ``integration`` marker."""
+    tree = ast.parse(path.read_text(), str(path))
+    module_marks: set[str] = set()
+    functions: dict[str, ast.FunctionDef] = {}
+    tests: list[tuple[ast.FunctionDef, set[str]]] = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            module_marks |= _marks([node.value])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions[node.name] = node
+            if node.name.startswith("test"):
+                tests.append((node, _marks(node.decorator_list)))
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name.startswith("test"):
+                    tests.append((item, _marks(node.decorator_list) | _marks(item.decorator_list)))
+    memo: dict[str, bool] = {}
+
+    def reaches(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        if name in memo:
+            return memo[name]
+        fn = functions[name]
+        params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
+        hit = _starts_server(fn) or any(p in functions and p not in seen and reaches(p, seen | {name}) for p in params)
+        memo[name] = hit
+        return hit
+
+    return [f"{path.name}::{fn.name}" for fn, marks in tests
+            if "integration" not in module_marks | marks and reaches(fn.name)]
+
+
+def test_every_test_that_starts_a_server_is_marked_integration():
+    offenders = [t for p in sorted(TESTS.glob("test_*.py")) for t in _unmarked_server_tests(p)]
+    assert not offenders, f"tests that start a server without @pytest.mark.integration: {offenders}"
+
+
+def test_the_marker_check_detects_a_server_reached_through_a_fixture(tmp_path):
+    bad = tmp_path / "test_bad.py"
+    bad.write_text("import pytest\nfrom serving.server import EmbeddedTriton\n\n"
+                   "@pytest.fixture\ndef served(tmp_path):\n    return EmbeddedTriton(tmp_path)\n\n"
+                   "@pytest.fixture\ndef client(served):\n    return served\n\n"
+                   "def test_a(client):\n    pass\n\n"
+                   "@pytest.mark.integration\ndef test_b(client):\n    pass\n\n"
+                   "def test_c(tmp_path):\n    pass\n")
+    assert _unmarked_server_tests(bad) == ["test_bad.py::test_a"]
+    bad.write_text("import pytest\npytestmark = [pytest.mark.integration]\n" + bad.read_text())
+    assert _unmarked_server_tests(bad) == []

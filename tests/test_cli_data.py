@@ -13,6 +13,8 @@ from fer_cli.main import main
 from fer_core.data.formats import list_formats
 from registry.datasets import DatasetStore
 
+pytestmark = pytest.mark.integration  # `fer data` drives DVC (a real remote) and GX, mostly in subprocesses
+
 FORMATS = [f.name for f in list_formats() if f.write_synthetic is not None]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -14,6 +15,7 @@ TINY = ["--set", "epochs=2", "--set", "max_steps_per_epoch=3", "--set", "batch_s
         "--set", "model_kwargs.width=8"]
 
 
+@pytest.mark.slow  # trains twice through the CLI (~15 s)
 def test_fer_train_logs_a_complete_run_and_guards_reruns(workspace, tmp_path, capsys):
     main(["data", "synth", "fer2013", str(tmp_path / "src"), "--size", "140"])
     source = Path(capsys.readouterr().out.split("data to ")[1].split(" in ")[0])

@@ -25,6 +25,8 @@ import pytest
 from data_checks.docs import VENDOR, vendor_data_docs, vendor_site
 from fer_core.data.formats import get_format
 
+pytestmark = pytest.mark.slow  # the module fixture runs `fer data add` twice in subprocesses (~20 s)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 NODE = shutil.which("node")

@@ -24,6 +24,8 @@ from fer_core.data.formats import get_format
 from fer_platform.workspace import Workspace
 from registry.datasets import DatasetStore
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # DVC remotes, git and GX in concurrent CLI subprocesses; tens of seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 

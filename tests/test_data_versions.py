@@ -14,6 +14,8 @@ import pytest
 from fer_core.data.manifest import DatasetCard, content_hash, write_prepared
 from registry.datasets import DatasetStore, parse_ref
 
+pytestmark = pytest.mark.integration  # DVC: a real remote, add and pull
+
 
 def _prepared(root: Path, seed: int, n: int = 6) -> Path:
     rng = np.random.default_rng(seed)

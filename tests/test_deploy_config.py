@@ -343,6 +343,7 @@ def test_overridden_entrypoints_are_tools_the_image_installs():
             assert entry[0] in allowed and allowed[entry[0]] in platform, f"{name}: unknown entrypoint {entry}"
 
 
+@pytest.mark.slow  # runs the prefect CLI in subprocesses (~15 s)
 def test_worker_script_uses_prefect_commands_that_exist():
     import subprocess
     import sys

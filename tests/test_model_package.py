@@ -30,6 +30,8 @@ from serving.ensembles import processing
 from serving.export import export_onnx
 from serving.package import ModelPackage, PackageError, PackageRunner, write_package
 
+pytestmark = pytest.mark.slow  # the module fixture builds and packages every network (~35 s)
+
 # network -> (format, write_synthetic kwargs, adapt kwargs, recipe overrides)
 NETWORKS = {
     "ca_resnet": ("fer2013", {"size": 60}, {}, {"model_kwargs.width": 4}),

@@ -9,6 +9,7 @@ from fer_core.models.registry import list_networks
 from model_checks import check_network
 
 
+@pytest.mark.slow  # trains and exports every network
 @pytest.mark.parametrize("name", list_networks())
 def test_network_spec_builds_trains_and_exports(name, tmp_path):
     check_network(name, tmp_path)

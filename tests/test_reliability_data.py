@@ -33,6 +33,7 @@ def _catalogue(source: Path, tmp: Path) -> list:
     return [c for c in applicable(prepared) if c.bounds is None]  # the CLI gates with default bounds
 
 
+@pytest.mark.slow  # `fer data add` once per corruption (~20 s)
 def test_every_corruption_stops_at_fer_data_add_and_nothing_is_versioned(workspace, source, tmp_path, monkeypatch,
                                                                          capsys):
     from registry.datasets import DatasetStore

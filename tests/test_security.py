@@ -304,6 +304,7 @@ SECRET_STRINGS = ["s3cr3t-aws-Zq81vKp0oQ", SECRETS["AWS_ACCESS_KEY_ID"], "mlflow
 # Not a secret: MLflow records MLFLOW_TRACKING_USERNAME as the run's user (who ran it), by design.
 
 
+@pytest.mark.slow  # a whole train/register run (~20 s)
 def test_secrets_in_the_environment_never_reach_logs_or_tracking(workspace, tmp_path, capfd, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -14,6 +14,8 @@ from serving.export import (
     read_onnx_exporter, read_onnx_metadata,
 )
 
+pytestmark = pytest.mark.slow  # torch.export (dynamo) of every network: seconds each
+
 TINY = {
     "ca_resnet": dict(width=8, img_size=24),
     "resnet18": dict(width=4),

@@ -20,7 +20,8 @@ from serving.tuning import (FALLBACK_QUEUE_DELAY_US, MAX_QUEUE_DELAY_US, MIN_QUE
 def ca_onnx(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("ca_resnet", width=4)
-    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "ca.onnx"), model.metadata
+    # TorchScript: seconds less than dynamo, same graph interface (the dynamo export: test_serving_export).
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "ca.onnx", exporter="torchscript"), model.metadata
 
 
 def test_defaults_follow_the_cores_and_the_instance_kind():
@@ -119,6 +120,31 @@ def test_repository_reads_the_environment_when_writing(tmp_path, ca_onnx, monkey
     with pytest.raises(ValueError, match="FER_TRITON_INSTANCES must be an integer"):
         repo.write_model("ca_resnet", 2, path)
     assert repo.versions("ca_resnet") == [1]  # the bad setting stopped before anything was installed
+
+
+def test_the_settings_read_exactly_the_tuning_variables(tmp_path):
+    from fer_platform.settings import SERVING_TUNING_VARS, Settings
+    from serving.tuning import ENV as tuning_env
+
+    assert tuple(tuning_env.values()) == SERVING_TUNING_VARS
+    settings = Settings.load(env={"FER_HOME": str(tmp_path), "FER_TRITON_INSTANCES": "3", "FER_TRITON_QUEUE_DELAY_US": " ",
+                                  "FER_TRITONX": "1"})
+    assert dict(settings.serving_tuning) == {"FER_TRITON_INSTANCES": "3"}
+
+
+def test_the_workspace_repository_is_tuned_by_the_platform_context_not_the_process_environment(
+        tmp_path, ca_onnx, monkeypatch):
+    from fer_platform.settings import Settings
+    from fer_platform.workspace import Workspace
+
+    path, _ = ca_onnx
+    monkeypatch.setenv("FER_TRITON_INSTANCES", "3")  # what the process says now: not the context's
+    settings = Settings.load(env={"FER_HOME": str(tmp_path / "home"), "FER_TRITON_INSTANCES": "1",
+                                  "FER_TRITON_QUEUE_DELAY_US": "77"})
+    repo = ModelRepository.of_workspace(Workspace.from_settings(settings).ensure(), face_detection="off")
+    repo.write_model("ca_resnet", 1, path)
+    config = (repo.root / "ca_resnet" / "config.pbtxt").read_text()
+    assert "max_queue_delay_microseconds: 77 " in config and "count: 1 " in config
 
 
 @pytest.mark.integration  # starts the embedded tritonserver

@@ -45,6 +45,7 @@ def test_the_sixth_network_passes_every_network_check(tmp_path):
     check_network(NAME, tmp_path, size=60)
 
 
+@pytest.mark.slow  # CLI subprocesses over every network (~9 s)
 def test_it_is_listed_by_fer_train_and_the_pipeline(tmp_path):
     listed = _fer("train", "--list", home=tmp_path)
     assert listed.returncode == 0, listed.stderr
