@@ -110,11 +110,13 @@ def test_fer_annotate_labels_sliding_windows_of_each_track(network, video, tmp_p
         start = int(row.window_start)
         (p,) = recognizer.predict([clip(row.Identity, start)])
         assert p.label == row.label
-        assert np.allclose([p.probabilities[n] for n in names], [getattr(row, c) for c in columns], atol=1e-6)
+        # 1e-5: `fer annotate` runs windows batched, this one alone; ONNX Runtime picks other float32
+        # kernels per batch size (measured up to 6e-6 apart for micro_lsh on this CPU).
+        assert np.allclose([p.probabilities[n] for n in names], [getattr(row, c) for c in columns], atol=1e-5)
     # ...and not the answer on the window one frame later (so the check above tells windows apart)
     row = windows.iloc[0]
     (shifted,) = recognizer.predict([clip(row["Identity"], int(row["window_start"]) + 1)])
     gap = np.abs(np.array([shifted.probabilities[n] for n in names]) - row[columns].to_numpy(float)).max()
     print(f"{network}: answer on the window one frame later differs by {gap:.1e}")
-    assert gap > 100 * 1e-6, f"the network barely tells a clip from the next one ({gap:.1e})"
+    assert gap > 10 * 1e-5, f"the network barely tells a clip from the next one ({gap:.1e})"
 
