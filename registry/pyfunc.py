@@ -36,6 +36,8 @@ from serving.package import ModelPackage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CODE_PATHS = [str(PROJECT_ROOT / name) for name in ("fer_core", "serving", "registry")]
+# Models-from-code: the pyfunc is this file's FERImageModel, not a cloudpickle of it.
+MODEL_FILE = str(Path(__file__).with_name("pyfunc_model.py"))
 # Third-party packages the pyfunc imports at load/predict time (pinned to what is installed here).
 _RUNTIME_PACKAGES = ("numpy", "pandas", "onnx", "onnxruntime", "opencv-python-headless", "pydantic-settings",
                      "PyYAML", "filelock")
@@ -152,7 +154,7 @@ class _PackageFlavor:
         import onnx
 
         mlflow.pyfunc.save_model(
-            path=path, mlflow_model=mlflow_model, python_model=FERImageModel(),
+            path=path, mlflow_model=mlflow_model, python_model=MODEL_FILE,
             artifacts={ARTIFACT_PACKAGE: str(package.root)}, code_paths=CODE_PATHS,
             signature=signature_for(package), input_example=input_example(package),
             pip_requirements=pip_requirements(), **kwargs,

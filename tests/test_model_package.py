@@ -164,6 +164,11 @@ def test_training_decode_and_pyfunc_agree_on_raw_inputs(built, pyfuncs, network)
         direct = model.unwrap_python_model().predict(None, np.stack(arrays) if len({a.shape for a in arrays}) == 1
                                                       else arrays)
         assert np.abs(np.array(direct["probabilities"].tolist()) - training).max() <= 1e-4
+    # Models-from-code: the pyfunc is registry/pyfunc_model.py, not a cloudpickled object.
+    import yaml
+
+    conf = yaml.safe_load((Path(pyfuncs[network]) / "MLmodel").read_text())["flavors"]["python_function"]
+    assert conf.get("model_code_path") and "python_model" not in conf, conf
     # The same MLflow model has the onnx flavour over the package's own file.
     onnx_model = mlflow.onnx.load_model(str(pyfuncs[network]))
     assert [i.name for i in onnx_model.graph.input] == [item.package.metadata.input.name]
