@@ -119,7 +119,9 @@ ref = DatasetStore(Workspace.load().ensure()).add("casme2", work / "casme2-prep"
 result = loso("micro_lsh", ref, overrides=json.loads(sys.argv[2]), dispatch="pool")
 print("LOSO=" + json.dumps({k: result[k] for k in ("pooled", "per_fold", "parent_run_id", "child_run_ids")}))
 """
-TINY_MICRO = {"device": "cpu", "epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "early_stopping_patience": 0,
+# 6 epochs: a fold long enough (tens of seconds) that the second worker picks up the next fold while
+# the first still trains, whatever the workers' polling interval.
+TINY_MICRO = {"device": "cpu", "epochs": 6, "batch_size": 8, "max_steps_per_epoch": 1, "early_stopping_patience": 0,
               "model_kwargs.img_size": 24, "model_kwargs.width": 4, "model_kwargs.magnifier_width": 4,
               "model_kwargs.num_mag_frames": 3, "model_kwargs.head_hidden": 16, "augment": {}}
 

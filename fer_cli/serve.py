@@ -278,6 +278,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     key_file = Workspace.load().triton_repository.parent / CONTROL_KEY_FILE
     key = key_file.read_text().strip() if key_file.is_file() else None  # HTTP needs it; gRPC inference does not
+    count, inputs = 0, []
     try:
         client = FERClient(args.url, protocol=args.protocol or ("http" if args.url.startswith("http://") else "grpc"),
                            batch_size=args.batch_size, key=key)
