@@ -41,14 +41,24 @@ def _no_tracking_uri_leaks(monkeypatch):
     tracking_utils._tracking_uri, registry_utils._registry_uri = saved
 
 
+# Variables that would point a test's platform somewhere other than its own fresh $FER_HOME.
+PLATFORM_ENV_VARS = ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+                     "FER_DVC_REMOTE", "FER_CONFIG", "FER_ARTIFACT_ROOT", "FER_S3_ENDPOINT_URL", "FER_TRITON_URL",
+                     "FER_MODEL_REPOSITORY", "FER_FACE_DETECTION")
+
+
+def isolated_home(mp: pytest.MonkeyPatch, root):
+    """Point ``$FER_HOME`` at ``root``, clear :data:`PLATFORM_ENV_VARS`, return the ensured workspace
+    (module fixtures call it inside ``pytest.MonkeyPatch.context()``)."""
+    from fer_platform.workspace import Workspace
+
+    mp.setenv("FER_HOME", str(root))
+    for var in PLATFORM_ENV_VARS:
+        mp.delenv(var, raising=False)
+    return Workspace(root).ensure()
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """A fresh ``$FER_HOME`` for the test."""
-    from fer_platform.workspace import Workspace
-
-    root = tmp_path / "fer-home"
-    monkeypatch.setenv("FER_HOME", str(root))
-    for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "FER_DVC_REMOTE",
-                "FER_CONFIG", "FER_ARTIFACT_ROOT", "FER_S3_ENDPOINT_URL", "FER_TRITON_URL", "FER_MODEL_REPOSITORY"):
-        monkeypatch.delenv(var, raising=False)
-    return Workspace(root).ensure()
+    return isolated_home(monkeypatch, tmp_path / "fer-home")

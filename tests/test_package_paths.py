@@ -21,11 +21,11 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import isolated_home
 import torch
 
 from fer_core.data.formats import adapt, get_format
 from fer_core.models.registry import get_network, list_networks
-from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore
 from registry.export import export_and_register, held_out_split, raw_sample
@@ -55,11 +55,7 @@ def platform(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("package-paths")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FER_HOME", str(root / "home"))
-        for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
-                    "FER_DVC_REMOTE", "FER_TRITON_URL", "FER_FACE_DETECTION", "FER_CONFIG"):
-            mp.delenv(var, raising=False)
-        ws = Workspace(root / "home").ensure()
+        ws = isolated_home(mp, root / "home")
         versions, outcomes = {}, {}
         for network in NETWORKS:
             spec = get_network(network)

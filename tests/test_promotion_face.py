@@ -16,12 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import isolated_home
 import torch
 
 from fer_cli.main import main
 from fer_core.data.formats import adapt, get_format
 from fer_core.data.synthfacs import SynthFACS
-from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.datasets import DatasetStore
 from registry.export import export_and_register
@@ -59,11 +59,7 @@ def platform(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("promotion-face")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FER_HOME", str(root / "home"))
-        for var in ("FER_TRACKING_URI", "FER_REGISTRY_URI", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
-                    "FER_DVC_REMOTE", "FER_TRITON_URL", "FER_FACE_DETECTION", "FER_CONFIG"):
-            mp.delenv(var, raising=False)
-        ws = Workspace(root / "home").ensure()
+        ws = isolated_home(mp, root / "home")
         source = get_format("fer2013").write_synthetic(root / "src", size=140)
         adapt("fer2013", source, root / "prepared", name="fer")
         data = DatasetStore(ws).add("fer", root / "prepared")
