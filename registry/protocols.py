@@ -23,7 +23,6 @@ k-fold (DFEW: mean ± std of the folds' test metrics).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +38,6 @@ from registry.tracking import get_or_create_experiment, setup_tracking
 from registry.training import run_dir_for
 
 PARENT_ID_FILE = "protocol_run_id"
-PLAN_FILE = "protocol_plan.json"
 
 
 @dataclass(frozen=True)
@@ -131,9 +129,7 @@ def plan_loso(network: str, data_refs: str | Sequence[str], recipe: Recipe, *, s
         parent_id = run.info.run_id
         client.log_param(parent_id, "num_folds", len(chosen))
         id_file.write_text(parent_id)
-    plan = LosoPlan(network, label, str(root), str(run_dir), chosen, parent_id, parts)
-    (run_dir / PLAN_FILE).write_text(json.dumps(plan.__dict__, indent=2))
-    return plan
+    return LosoPlan(network, label, str(root), str(run_dir), chosen, parent_id, parts)
 
 
 def _fold_dir(plan: LosoPlan, subject: str) -> Path:
