@@ -219,7 +219,7 @@ def build_repository(root: Path, faces: int, face: str):
     from fer_core.data.preprocess import HaarFaceDetector
     from fer_core.data.synthfacs import SynthFACS
     from fer_core.models import create_model
-    from fer_core.models.registry import get_network
+    from fer_core.models.catalog import get_network
     from serving.client import encode_image
     from serving.ensembles.processing import prepare_image
     from serving.export import export_onnx

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_core.data.formats import adapt, get_format  # noqa: E402
 from fer_core.models import create_model  # noqa: E402
-from fer_core.models.registry import get_network, list_networks  # noqa: E402
+from fer_core.models.catalog import get_network, list_networks  # noqa: E402
 from fer_core.training.tasks import create_task, get_recipe  # noqa: E402
 from fer_core.training.trainer import Trainer, _collate  # noqa: E402
 

@@ -37,7 +37,7 @@ def _au_rounds(args: argparse.Namespace) -> int:
     from fer_core.training.recipe import parse_set_options
     from fer_core.training.tasks import get_recipe
     from fer_platform.workspace import Workspace
-    from registry.au_rounds import run_tracked_au_rounds
+    from registry.tracked_refinement import run_tracked_au_rounds
 
     if args.rounds < 0:
         raise ValueError(f"--rounds must be >= 0, got {args.rounds}")

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _generate_sources(sources: dict[str, tuple[str, str, str]], networks: list[str]) -> None:
     from fer_core.data.formats import get_format
-    from fer_core.models.registry import get_network
+    from fer_core.models.catalog import get_network
 
     for network in networks:
         _, fmt, path = sources[network]

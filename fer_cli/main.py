@@ -33,7 +33,7 @@ from fer_platform.workspace import PRIVATE_UMASK
 
 # Command-group modules, in help order.
 _COMMAND_MODULES = ("fer_cli.data", "fer_cli.train", "fer_cli.evaluate", "fer_cli.au", "fer_cli.serve",
-                    "fer_cli.app", "fer_cli.registry", "fer_cli.pipeline", "fer_cli.demo")
+                    "fer_cli.app", "fer_cli.models", "fer_cli.pipeline", "fer_cli.demo")
 
 EXIT_ERROR = EXIT_FAILED  # the command ran and failed (e.g. a data gate refused the data)
 __all__ = ["CommandError", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_DATA", "EXIT_STATE", "EXIT_SERVICE",

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from fer_core.models.registry import list_networks
+    from fer_core.models.catalog import list_networks
     from fer_core.training.recipe import PROFILES
 
     p.add_argument("--networks", "-n", nargs="+", default=None, metavar="NETWORK",
@@ -59,7 +59,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _check_networks(networks: list[str] | None) -> None:
     if networks:
         from fer_core.errors import UsageError
-        from fer_core.models.registry import list_networks
+        from fer_core.models.catalog import list_networks
 
         unknown = sorted(set(networks) - set(list_networks()))
         if unknown:

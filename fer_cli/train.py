@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fer_core.models.registry import network_specs
+    from fer_core.models.catalog import network_specs
     from fer_core.training.recipe import parse_set_options
     from fer_core.training.tasks import get_task_kind
 
@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_loso(args: argparse.Namespace, data_refs: list[str], recipe, workspace) -> int:
-    from fer_core.models.registry import get_network
+    from fer_core.models.catalog import get_network
 
     if get_network(args.network).task != "micro":
         raise UsageError(f"--protocol loso is for micro-expression networks; {args.network} is not one")

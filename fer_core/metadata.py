@@ -1,7 +1,7 @@
 """Model metadata without torch: tensor specs, :class:`ModelMetadata` and its JSON form.
 
 Everything that reads a model package (serving's Triton stubs, the MLflow pyfunc, promotion) needs
-the metadata but not torch, so the metadata lives here and :mod:`fer_core.models.registry`
+the metadata but not torch, so the metadata lives here and :mod:`fer_core.models.catalog`
 re-exports it for the model zoo.
 """
 

@@ -4,8 +4,8 @@ Flows (the entrypoints ``prefect.yaml`` deploys):
 
 * ``flows/ingest.py:ingest``                 adapt a real-format source → data gate → DVC version
 * ``flows/train.py:train``                   tracked training → ONNX export + parity → registered version
-* ``flows/au_rounds.py:au_noisy_rounds``     AU co-training, then K label-refinement rounds
-* ``flows/au_rounds.py:train_au_rounds``     the same, then the last round's model registered (retrain_all, au_rounds=K)
+* ``flows/refine_au_labels.py:au_noisy_rounds``     AU co-training, then K label-refinement rounds
+* ``flows/refine_au_labels.py:train_au_rounds``     the same, then the last round's model registered (retrain_all, au_rounds=K)
 * ``flows/promote.py:promote``               gated promotion into Triton; rollback if the switch misbehaves
 * ``flows/retrain_all.py:retrain_all``       the scheduled job over every network
 

@@ -49,7 +49,7 @@ def find_rounds_version(data_ref: str, recipe: Recipe, rounds: int,
                         workspace: Workspace) -> reg.ModelVersion | None:
     """The newest ``au_cotrain`` version registered from ``rounds`` AU label-refinement rounds that
     started from ``data_ref`` with ``recipe`` and the network's current code, or None."""
-    from registry.au_rounds import ROUNDS_BASE_DATA_TAG, ROUNDS_BASE_RECIPE_TAG, ROUNDS_TAG
+    from registry.tracked_refinement import ROUNDS_BASE_DATA_TAG, ROUNDS_BASE_RECIPE_TAG, ROUNDS_TAG
 
     fingerprint = recipe_on_data("au_cotrain", data_ref, recipe, workspace).fingerprint()
     code = code_fingerprint("au_cotrain")

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from fer_platform.workspace import Workspace
-from flows.tasks import adapt_source, data_gate, push_dataset, version_dataset
+from flows.steps import adapt_source, data_gate, push_dataset, version_dataset
 from registry.datasets import DatasetVersion, check_dataset_name
 
 

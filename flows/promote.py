@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 
 from fer_platform.workspace import Workspace
-from flows.tasks import ensemble_serves, model_version, promote_version, rollback_network, start_triton, stop_triton
+from flows.steps import ensemble_serves, model_version, promote_version, rollback_network, start_triton, stop_triton
 from registry.promotion import PromotionResult
 
 

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from fer_platform.workspace import Workspace
 from flows.dispatch import train_on_pool, wait_for
-from flows.tasks import finish_loso_protocol, plan_loso_protocol, recipe_for, train_loso_fold_task
+from flows.steps import finish_loso_protocol, plan_loso_protocol, recipe_for, train_loso_fold_task
 
 FOLD_DEPLOYMENT = "loso-fold/loso-fold"
 

@@ -20,17 +20,17 @@ from typing import Any
 
 from prefect import flow
 
-from fer_core.models.registry import list_networks, network_specs
+from fer_core.models.catalog import list_networks, network_specs
 from fer_platform.workspace import Workspace
 from flows.ingest import ingest
 from flows.promote import promote
 from flows.dispatch import submit_training, train_on_pool, wait_for
-from flows.tasks import (champion_of, data_docs_link, evaluate_version, find_rounds_version, find_trained_version,
+from flows.steps import (champion_of, data_docs_link, evaluate_version, find_rounds_version, find_trained_version,
                          mlflow_links, publish_summary, recipe_for, start_triton, stop_triton, test_sets_for)
-from flows.au_rounds import train_au_rounds
+from flows.refine_au_labels import train_au_rounds
 from flows.train import train
 
-# The default networks and their sources come from the network specs (fer_core.models.registry):
+# The default networks and their sources come from the network specs (fer_core.models.catalog):
 # data in each network's real format, expected under <FER_HOME>/sources/<format> (`fer demo`
 # generates it there).
 TABLE_KEY = "retrain-all-summary"
@@ -93,7 +93,7 @@ def retrain_all(
     (parallel over workers), ``local`` as in-process sub-flows, ``auto`` the pool when Prefect runs
     on a server with that deployment (``flows.dispatch``).
     ``au_rounds``: K > 0 trains ``au_cotrain`` with K noisy-label refinement rounds
-    (``flows.au_rounds.train_au_rounds``, in-process) and registers the last round's model; its cache
+    (``flows.refine_au_labels.train_au_rounds``, in-process) and registers the last round's model; its cache
     key adds K to (data, recipe, code).
     """
     workspace = Workspace.load().ensure()  # this flow run's platform context

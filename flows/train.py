@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow
 
 from fer_platform.workspace import Workspace
-from flows.tasks import recipe_for, register_model, train_network
+from flows.steps import recipe_for, register_model, train_network
 from registry.models import ModelVersion
 
 

@@ -1,6 +1,6 @@
 """``fer evaluate``: run a registered model version on a dataset version and record the result.
 
-One wiring for the CLI and the Prefect task (:func:`flows.tasks.evaluate_version_task`):
+One wiring for the CLI and the Prefect task (:func:`flows.steps.evaluate_version_task`):
 
 1. resolve the version (``--version N``, ``--alias champion``; default the champion, else the newest);
 2. restore the dataset version from DVC and take its ``test`` split (an evaluation-only set is all

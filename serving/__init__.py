@@ -2,7 +2,7 @@
 
 * :mod:`serving.export` -- ``export_onnx``, ``check_parity``, ``export_checkpoint``;
 * :mod:`serving.repository` -- ``ModelRepository`` (atomic installs, served versions, ensembles,
-  ``set_champion``), config generation from :class:`~fer_core.models.registry.ModelMetadata`;
+  ``set_champion``), config generation from :class:`~fer_core.models.catalog.ModelMetadata`;
 * :mod:`serving.server` -- ``EmbeddedTriton`` (pytriton's ``tritonserver`` binary) and
   ``TritonEndpoint`` (tritonclient gRPC/HTTP);
 * :mod:`serving.ensembles` -- the pre/post-processing steps (numpy functions + Triton Python models);

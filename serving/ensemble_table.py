@@ -87,7 +87,7 @@ def build_reference_repository(root: str | Path, networks: Sequence[str] | None 
     import torch
 
     from fer_core.models import create_model
-    from fer_core.models.registry import get_network, list_networks
+    from fer_core.models.catalog import get_network, list_networks
     from serving.export import export_onnx
 
     root = Path(root)

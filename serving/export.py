@@ -11,7 +11,7 @@ with the reason; it is then exported by the TorchScript tracer (``dynamo=False``
 No network needs it today (``micro_lsh``'s ``chunk(2)`` of a ``2B`` batch raised a guard
 torch.export could not prove, ``(3B - 1) // B == 2``; the model splits by an explicit ``(2, B)``
 view instead). The exporter used is written into the file (``metadata_props`` key
-``fer_exporter``) beside the model's :class:`~fer_core.models.registry.ModelMetadata` (key
+``fer_exporter``) beside the model's :class:`~fer_core.models.catalog.ModelMetadata` (key
 ``fer_metadata``), so a repository can be rebuilt from the ONNX file alone.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fer_core.metadata import ModelMetadata, metadata_from_json, metadata_to_json
-from fer_core.models.registry import FERModel
+from fer_core.models.catalog import FERModel
 
 METADATA_KEY = "fer_metadata"
 EXPORTER_KEY = "fer_exporter"

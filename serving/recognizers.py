@@ -7,7 +7,7 @@
   pre- and post-processing functions the ensemble's Python steps call
   (:mod:`serving.ensembles.processing`), so a local answer equals Triton's.
 
-Both read the model's :class:`~fer_core.models.registry.ModelMetadata` (Triton: the ensemble's
+Both read the model's :class:`~fer_core.models.catalog.ModelMetadata` (Triton: the ensemble's
 ``fer_metadata`` parameter; ONNX: the file's ``fer_metadata`` property) and expose the table layout.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fer_core.data.preprocess import HaarFaceDetector
-from fer_core.models.registry import ModelMetadata
+from fer_core.models.catalog import ModelMetadata
 from fer_core.video.output import TableLayout
 from serving.ensembles import processing
 from serving.export import METADATA_KEY, metadata_from_json

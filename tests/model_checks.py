@@ -75,7 +75,7 @@ def check_network(name: str, tmp_path: Path, size: int | None = None) -> None:
     export with embedded metadata and PyTorch/ONNX Runtime parity."""
     from fer_core.data.formats import adapt, get_format
     from fer_core.models import create_model
-    from fer_core.models.registry import get_network
+    from fer_core.models.catalog import get_network
     from fer_core.training.recipe import PROFILES, Recipe
     from fer_core.training.tasks import create_task, get_task_kind
     from fer_core.training.trainer import _collate, effective_recipe

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_network
+from fer_core.models.catalog import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_network
 from fer_core.training.recipe import Recipe
 
 NAME = "tiny_fer6"

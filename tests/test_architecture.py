@@ -66,7 +66,7 @@ ROOT = CORE.parent
 # Library tiers take the platform context as an argument; only entry points (fer_cli commands,
 # Prefect flow functions, scripts) build it from the environment.
 LIBRARY_FILES = [p for d in ("registry", "serving", "data_checks") for p in (ROOT / d).rglob("*.py")] + [
-    ROOT / "flows" / name for name in ("tasks.py", "cache.py", "dispatch.py", "local_server.py")]
+    ROOT / "flows" / name for name in ("steps.py", "cache.py", "dispatch.py", "local_server.py")]
 
 
 def test_fer_core_never_imports_the_platform_tiers():

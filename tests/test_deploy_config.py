@@ -30,7 +30,7 @@ PUBLISHED = {"mlflow": {5000}, "prefect-server": {4200}, "triton": {8000, 8001}}
 PLATFORM_IMAGE_DIR = "/opt/fer"  # WORKDIR of docker/Dockerfile, where the repository is copied
 # The flows of prefect.yaml (owned by flows/), exactly these entrypoints.
 FLOW_ENTRYPOINTS = {
-    "flows/ingest.py:ingest", "flows/train.py:train", "flows/au_rounds.py:au_noisy_rounds",
+    "flows/ingest.py:ingest", "flows/train.py:train", "flows/refine_au_labels.py:au_noisy_rounds",
     "flows/promote.py:promote", "flows/retrain_all.py:retrain_all", "flows/protocols.py:loso",
     "flows/protocols.py:loso_fold",
 }

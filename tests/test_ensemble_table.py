@@ -45,7 +45,7 @@ def test_documented_ensemble_table_matches_the_generated_configs(repo):
 
 @pytest.mark.slow
 def test_every_default_network_has_its_ensemble_in_the_table(repo):
-    from fer_core.models.registry import list_networks
+    from fer_core.models.catalog import list_networks
 
     table = markdown_table(repo)
     for network in list_networks(default_only=True):

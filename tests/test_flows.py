@@ -216,7 +216,7 @@ def test_retrain_all_with_au_rounds_registers_the_last_rounds_model_and_caches_i
 
     from flows.retrain_all import retrain_all
     from registry import models as reg
-    from registry.au_rounds import ROUNDS_TAG
+    from registry.tracked_refinement import ROUNDS_TAG
     from registry.tracking import setup_tracking
 
     ws = env["workspace"]

@@ -1,11 +1,11 @@
-"""Every registered network, from its spec alone (``fer_core.models.registry``): a new network file
+"""Every registered network, from its spec alone (``fer_core.models.catalog``): a new network file
 is checked here without editing this test."""
 
 from __future__ import annotations
 
 import pytest
 
-from fer_core.models.registry import list_networks
+from fer_core.models.catalog import list_networks
 from model_checks import check_network
 
 

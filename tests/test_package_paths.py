@@ -25,7 +25,7 @@ from conftest import isolated_home
 import torch
 
 from fer_core.data.formats import adapt, get_format
-from fer_core.models.registry import get_network, list_networks
+from fer_core.models.catalog import get_network, list_networks
 from registry import models as reg
 from registry.datasets import DatasetStore
 from registry.export import export_and_register, held_out_split, raw_sample

@@ -51,7 +51,7 @@ def test_no_op_override_keeps_the_fingerprint():
 
 
 def test_every_profile_is_typed_and_round_trips():
-    from fer_core.models.registry import list_networks
+    from fer_core.models.catalog import list_networks
 
     for network in list_networks():
         for profile in ("quick", "paper"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fer_core.models import create_model
-from fer_core.models.registry import list_networks
+from fer_core.models.catalog import list_networks
 from serving.export import (
     TORCHSCRIPT_FALLBACK, check_parity, export_checkpoint, export_onnx, exporter_for, metadata_to_json,
     read_onnx_exporter, read_onnx_metadata,

@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
-    from fer_core.models import registry
+    from fer_core.models import catalog
 
     module = importlib.import_module("sixth_network")
-    registry.register_network(module.SPEC)  # idempotent when the import just registered it
+    catalog.register_network(module.SPEC)  # idempotent when the import just registered it
     yield
-    registry._NETWORKS.pop(NAME, None)  # leave the registry as the other test modules expect it
-    registry._MODEL_FACTORIES.pop(NAME, None)
-    registry._PROFILES.pop(NAME, None)
+    catalog._NETWORKS.pop(NAME, None)  # leave the registry as the other test modules expect it
+    catalog._MODEL_FACTORIES.pop(NAME, None)
+    catalog._PROFILES.pop(NAME, None)
 
 
 def _fer(*argv: str, home: Path) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Model zoo: one model family per module, built through :func:`create_model`."""
 
-from fer_core.models.registry import (
+from fer_core.models.catalog import (
     FERModel,
     ModelMetadata,
     TensorSpec,

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from fer_core.data.labels import AU_NAMES
-from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.models.catalog import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
 from fer_core.training.recipe import Recipe
 from fer_core.models.resnet import ResNetTrunk
 

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_core.data.labels import CASME2_CLASSES, SMIC_CLASSES
-from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.models.catalog import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
 from fer_core.training.recipe import Recipe
 from fer_core.models.resnet import ResNetTrunk
 

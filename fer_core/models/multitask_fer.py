@@ -63,7 +63,7 @@ from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
 from fer_core.metrics.landmarks import IBUG_OUTER_EYE_CORNERS, decode_heatmaps
-from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.models.catalog import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
 from fer_core.training.recipe import Recipe
 
 NUM_LANDMARKS = 68

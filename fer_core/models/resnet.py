@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fer_core.data.labels import EXPRESSIONS
-from fer_core.models.registry import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
+from fer_core.models.catalog import FERModel, ModelMetadata, NetworkSpec, TensorSpec, register_model, register_network
 from fer_core.training.recipe import Recipe
 
 

@@ -22,7 +22,7 @@ from types import ModuleType
 
 SHARED_MODULES = (
     "fer_core.metadata",
-    "fer_core.models.registry",
+    "fer_core.models.catalog",
     "fer_core.data.pipeline",
     "fer_core.data.preprocess",
     "fer_core.data.samples",
@@ -46,7 +46,7 @@ def code_modules(network: str) -> list[str]:
     """Names of the modules whose source makes up the fingerprint of ``network``, sorted."""
     import importlib
 
-    from fer_core.models.registry import get_network
+    from fer_core.models.catalog import get_network
     from fer_core.training.tasks import get_task_kind
 
     spec = get_network(network)  # the network's own file: model, profiles, metadata

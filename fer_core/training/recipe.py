@@ -7,7 +7,7 @@ augmentation, seed, device). It is logged as flat params, stored in every checkp
 Values are *typed*: every top-level field is coerced by its annotation (``lr=3e-4`` from YAML 1.1,
 which reads it as a string, becomes the float 0.0003; ``epochs=abc`` or ``batch_size=true`` is
 refused). The four option mappings are checked against the network's spec
-(:mod:`fer_core.models.registry`): ``model_kwargs`` against the model class's signature, ``data``,
+(:mod:`fer_core.models.catalog`): ``model_kwargs`` against the model class's signature, ``data``,
 ``loss_kwargs`` and ``augment`` against its task's frozen option dataclasses
 (:class:`fer_core.training.tasks.TaskKind`). Only keys that are set are stored (defaults live in the
 option dataclasses), so a no-op override (setting a value to what it already is) keeps the

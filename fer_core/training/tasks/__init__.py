@@ -5,7 +5,7 @@ package, found by scanning it) says which manifest task it consumes, how to buil
 :class:`~fer_core.training.task.Task` from a prepared dataset, and the typed options it reads:
 frozen dataclasses for ``data.*``, ``loss_kwargs.*`` and ``augment.*``. Which kind trains a network,
 and the network's ``quick``/``paper`` profiles, live in the network's own file
-(:class:`fer_core.models.registry.NetworkSpec`); this module joins the two.
+(:class:`fer_core.models.catalog.NetworkSpec`); this module joins the two.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from fer_core.errors import UsageError
-from fer_core.models.registry import NetworkSpec, get_network, list_networks, registry_loading
+from fer_core.models.catalog import NetworkSpec, get_network, list_networks, registry_loading
 
 if TYPE_CHECKING:
     from fer_core.training.recipe import Recipe

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from fer_core.data.formats import adapt, get_format
 from fer_core.data.manifest import read_card, read_manifest
 from fer_core.models import create_model
-from fer_core.training.au_rounds import label_agreement, refine_noisy_labels, run_au_rounds
+from fer_core.training.label_refinement import label_agreement, refine_noisy_labels, run_au_rounds
 from fer_core.training.checkpoint import load_checkpoint
 from fer_core.training.tasks import create_task, get_recipe
 from fer_core.training.tasks.au import au_matrix

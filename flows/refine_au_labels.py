@@ -1,7 +1,7 @@
 """Flow ``au_noisy_rounds``: AU co-training, then K rounds that refine the noisy labels.
 
 Each round's refined label table is a DVC dataset version (parent = the previous round) and each
-round an MLflow child run of one parent run (``registry.au_rounds``).
+round an MLflow child run of one parent run (``registry.tracked_refinement``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from fer_platform.workspace import Workspace
-from flows.tasks import recipe_for, register_final_round, run_au_rounds
+from flows.steps import recipe_for, register_final_round, run_au_rounds
 from registry.models import ModelVersion
 
 

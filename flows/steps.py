@@ -172,7 +172,7 @@ def rollback_network(network: str, triton_url: str, workspace: Workspace) -> pro
 def run_au_rounds(data_ref: str, recipe: Recipe, rounds: int, gamma: float, retrain: str,
                   round_epochs: int | None, workspace: Workspace) -> Any:
     """AU co-training then ``rounds`` refinement rounds (DVC version + MLflow child run per round)."""
-    from registry.au_rounds import run_tracked_au_rounds
+    from registry.tracked_refinement import run_tracked_au_rounds
 
     return run_tracked_au_rounds(data_ref, recipe, rounds, gamma=gamma, retrain=retrain, round_epochs=round_epochs,
                                  workspace=workspace)
@@ -187,7 +187,7 @@ def find_rounds_version(data_ref: str, recipe: Recipe, rounds: int, workspace: W
 @task(name="register-final-round", cache_policy=NO_CACHE)
 def register_final_round(tracked: Any, data_ref: str, recipe: Recipe, workspace: Workspace) -> reg.ModelVersion:
     """Export, parity-check, package and register the last AU round's model (tagged with its rounds)."""
-    from registry.au_rounds import register_final_round as register
+    from registry.tracked_refinement import register_final_round as register
 
     fingerprint = cache.recipe_on_data("au_cotrain", data_ref, recipe, workspace).fingerprint()
     return register(tracked, data_ref, fingerprint, workspace=workspace)
@@ -196,7 +196,7 @@ def register_final_round(tracked: Any, data_ref: str, recipe: Recipe, workspace:
 @task(name="test-sets", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def test_sets_for(network: str, workspace: Workspace) -> list[str]:
     """Registered evaluation-only test sets of the network's data task."""
-    from fer_core.models.registry import get_network
+    from fer_core.models.catalog import get_network
     from fer_core.training.tasks import get_task_kind
     from registry.evaluation import registered_test_sets
 

@@ -1,7 +1,7 @@
 """AU noisy-label rounds with data versions and tracking: DVC for each refined label table, MLflow
 for each round.
 
-:func:`run_tracked_au_rounds` runs :func:`fer_core.training.au_rounds.run_au_rounds` on a versioned
+:func:`run_tracked_au_rounds` runs :func:`fer_core.training.label_refinement.run_au_rounds` on a versioned
 dataset with these hooks:
 
 * every round's refined label table is added to the workspace's :class:`~registry.datasets.DatasetStore`
@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from fer_core.data.manifest import MANIFEST_FILE
-from fer_core.training.au_rounds import AURoundsResult, RoundHooks, RoundResult, run_au_rounds
+from fer_core.training.label_refinement import AURoundsResult, RoundHooks, RoundResult, run_au_rounds
 from fer_core.training.callbacks import Callback
 from fer_core.training.recipe import Recipe
 from fer_platform.workspace import Workspace

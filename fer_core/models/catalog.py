@@ -167,7 +167,7 @@ def _network_module_names() -> list[str]:
     import fer_core.models as package
 
     names = [f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
-             if info.name != "registry"]
+             if info.name != "catalog"]
     names += [ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)]
     names += [m.strip() for m in os.environ.get(NETWORK_MODULES_ENV, "").split(",") if m.strip()]
     return names

@@ -25,14 +25,14 @@ Round 0 trains the network to convergence on the dataset as given (one
    since the clean heads then cannot change (the served output stays the same by construction),
    picks the epoch by ``val/loss`` (min);
    an equal-epochs *control* is the same rounds with ``gamma = 1`` (labels never change, so only the
-   extra epochs act): ``bench/au_rounds.py`` runs it beside the refining rounds;
+   extra epochs act): ``bench/label_refinement.py`` runs it beside the refining rounds;
 5. evaluates: the Trainer's final split metrics (test, else val) of the round's best weights, plus
    how the round's label table compares with the previous one and, where the manifest keeps the
    truth (``true_aus``), the agreement of the noisy rows' labels with it.
 
 The library knows nothing about DVC or MLflow: :class:`RoundHooks` lets the caller version each
 round's table (``publish``), give each round's Trainer its callbacks (``callbacks``, e.g. an MLflow
-child run) and see each finished round (``on_round_end``); see :mod:`registry.au_rounds`.
+child run) and see each finished round (``on_round_end``); see :mod:`registry.tracked_refinement`.
 """
 
 from __future__ import annotations

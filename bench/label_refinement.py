@@ -3,7 +3,7 @@
 SynthFACS renders a co-training set (:func:`fer_core.data.formats.au_table.write_synthetic`) with
 ``--flip-rate`` of the noisy rows' AU labels flipped and no unknown cells, so the clean rows' labels
 are the truth. A third of the clean rows is marked ``test`` (same identities as training, unseen
-images). For each retrain mode the script runs :func:`fer_core.training.au_rounds.run_au_rounds`
+images). For each retrain mode the script runs :func:`fer_core.training.label_refinement.run_au_rounds`
 and reports per round:
 
 * ``agree``: agreement of that round's noisy-row labels with the kept-aside truth (round 0 = the
@@ -11,7 +11,7 @@ and reports per round:
 * ``test_f1``: the clean heads' mean F1 on the test rows, i.e. against the truth;
 * ``changed``: noisy label cells that differ from the previous round.
 
-Usage: ``python bench/au_rounds.py [--size 600] [--rounds 3] [--modes noisy_heads full] [--json out.json]``
+Usage: ``python bench/label_refinement.py [--size 600] [--rounds 3] [--modes noisy_heads full] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_core.data.formats import adapt, get_format  # noqa: E402
-from fer_core.training.au_rounds import run_au_rounds  # noqa: E402
+from fer_core.training.label_refinement import run_au_rounds  # noqa: E402
 from fer_core.training.tasks import get_recipe  # noqa: E402
 
 
