@@ -47,6 +47,7 @@ RUN --mount=type=secret,id=ca,required=false --mount=type=bind,from=wheels,targe
         numpy onnxruntime opencv-python-headless pyyaml pillow filelock
 
 COPY fer_core/ fer_core/
+COPY fer_platform/ fer_platform/
 COPY serving/ serving/
 COPY docker/scripts/triton.sh /opt/fer/docker/scripts/triton.sh
 COPY --from=scrubber /src/libferscrub.so /opt/fer/lib/libferscrub.so

@@ -26,6 +26,7 @@ COPY requirements/constraints.txt /tmp/constraints.txt
 RUN pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" -c /tmp/constraints.txt \
         numpy opencv-python-headless pyyaml torch
 COPY fer_core/ /opt/fer/fer_core/
+COPY fer_platform/ /opt/fer/fer_platform/
 COPY serving/ /opt/fer/serving/
 COPY --from=scrubber /src/libferscrub.so /opt/fer/lib/libferscrub.so
 # The Python-backend stub ignores PYTHONPATH; the repository's models read this instead.

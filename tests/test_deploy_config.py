@@ -242,6 +242,41 @@ def test_triton_runs_nvidias_container_with_explicit_model_control():
         assert f"COPY --from=scrubber /src/libferscrub.so {library}" in steps
 
 
+def _first_party_closure(start: str) -> set[str]:
+    """Top-level first-party packages that ``start``'s modules import, followed through first-party code."""
+    roots = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    seen: set[Path] = set()
+    found: set[str] = set()
+    queue = list((ROOT / start).rglob("*.py"))
+    while queue:
+        path = queue.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                if name.split(".")[0] not in roots:
+                    continue
+                found.add(name.split(".")[0])
+                target = ROOT.joinpath(*name.split("."))
+                queue += [target / "__init__.py"] if target.is_dir() else [target.with_suffix(".py")]
+    return {r for r in found if (ROOT / r).is_dir()}
+
+
+def test_triton_images_copy_every_package_the_serving_code_imports():
+    # The fer_platform move once broke the Triton image build (ModuleNotFoundError in its RUN step),
+    # found only by make stack-test: a static check catches it in the fast lane.
+    needed = _first_party_closure("serving") - {"serving"} | {"serving"}
+    assert {"fer_core", "fer_platform"} <= needed
+    for dockerfile in ("triton.Dockerfile", "triton-local.Dockerfile"):
+        copied = {rest.split()[0].rstrip("/") for word, rest in _dockerfile_instructions(DOCKER / dockerfile)
+                  if word == "COPY" and not rest.startswith("--")}
+        missing = sorted(needed - copied)
+        assert not missing, f"{dockerfile} does not COPY {missing}"
+
+
 def _compose_with_tags(path: Path) -> dict:
     """A compose file that uses Compose's merge tags (!reset, !override), read with plain YAML."""
 
