@@ -1,7 +1,7 @@
 """Seed fidelity: each changed mechanism before and after, on generated data, quick profiles (not a test).
 
 One run trains every arm on SynthFACS data written in the real on-disk formats and prints one
-Markdown table (``--out`` writes it, e.g. ``docs/readme/fidelity.md``) plus a JSON of all numbers:
+Markdown table (``--out`` writes it, e.g. ``/tmp/fidelity.md``, pasted into the README) plus a JSON of all numbers:
 
 * ``ca_resnet``: the target-class focal loss (before) vs the method's two-sided form (after);
   metric test accuracy.
@@ -21,7 +21,7 @@ Markdown table (``--out`` writes it, e.g. ``docs/readme/fidelity.md``) plus a JS
 Quick profiles with short schedules on a shared 2-core CPU: the numbers are single seeds on small
 generated sets, so small differences are noise; the table says what was run.
 
-Usage: ``python bench/fidelity.py [--only ca_resnet micro ...] [--out docs/readme/fidelity.md]``
+Usage: ``python bench/fidelity.py [--only ca_resnet micro ...] [--out /tmp/fidelity.md]``
 """
 
 from __future__ import annotations
