@@ -11,7 +11,7 @@ then ``retrain_all(dispatch="pool")`` over a few networks on tiny generated data
 plus tiny overrides: the machine is shared). Reports the wall time, each ``train`` flow run's
 start/end and the overlap of the trainings. ``tests/test_prefect_server.py`` runs it.
 
-    python bench/prefect_workers.py [--networks ca_resnet au_cotrain] [--out DIR]
+    python bench/prefect_workers.py [--networks ca_resnet au_cotrain | --networks all] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ if str(ROOT) not in sys.path:
 
 from flows.local_server import LocalPrefectServer  # noqa: E402  (no Prefect import)
 
+from fer_core.models.catalog import network_specs  # noqa: E402
+
 POOL = "fer-training"
-SIZES = {"fer2013": 140, "au_table": 64, "affectnet": 64}
-DATASETS = {"ca_resnet": ("fer", "fer2013"), "au_cotrain": ("au", "au_table"), "multitask_fer": ("aff", "affectnet")}
+# every default network of the catalog: its dataset name and source format, and a tenth of its
+# demo size of generated samples (the machine is shared; the recipes below are tiny anyway)
+DATASETS = {spec.name: (spec.dataset, spec.data_format) for spec in network_specs(default_only=True)}
+SIZES = {spec.data_format: max(32, spec.demo_size // 10) for spec in network_specs(default_only=True)}
 TINY = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16}
-OVERRIDES = {"ca_resnet": {**TINY, "model_kwargs.width": 8}, "au_cotrain": TINY, "multitask_fer": TINY}
+OVERRIDES = {name: {**TINY, "model_kwargs.width": 8} if name == "ca_resnet" else TINY for name in DATASETS}
 GATES = {"floor": 0.0, "latency_budget_ms": 5000.0, "smoke_samples": 4, "latency_requests": 3}
 
 
@@ -119,18 +123,56 @@ ref = DatasetStore(Workspace.load().ensure()).add("casme2", work / "casme2-prep"
 result = loso("micro_lsh", ref, overrides=json.loads(sys.argv[2]), dispatch="pool")
 print("LOSO=" + json.dumps({k: result[k] for k in ("pooled", "per_fold", "parent_run_id", "child_run_ids")}))
 """
-# 6 epochs: a fold long enough (tens of seconds) that the second worker picks up the next fold while
-# the first still trains, whatever the workers' polling interval.
-TINY_MICRO = {"device": "cpu", "epochs": 6, "batch_size": 8, "max_steps_per_epoch": 1, "early_stopping_patience": 0,
+# A fold must stay RUNNING longer than the gap between the two workers' polls (up to the 10 s query
+# interval, plus ~10 s of imports): with 6 epochs a fold trained for 4 s and two folds never were
+# RUNNING at once although both workers held one (measured 2026-12-02); 40 epochs keeps one RUNNING
+# for tens of seconds.
+TINY_MICRO = {"device": "cpu", "epochs": 40, "batch_size": 8, "max_steps_per_epoch": 1, "early_stopping_patience": 0,
               "model_kwargs.img_size": 24, "model_kwargs.width": 4, "model_kwargs.magnifier_width": 4,
               "model_kwargs.num_mag_frames": 3, "model_kwargs.head_hidden": 16, "augment": {}}
 
 
+ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING"]
+
+
+def active_runs(env: dict[str, str]) -> list[dict]:
+    """Flow runs not yet final: those a worker holds or is about to take."""
+    import urllib.request
+
+    body = {"flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}}, "limit": 100}
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def free_the_workers(env: dict[str, str], timeout_s: float = 300) -> list[str]:
+    """Cancel every unfinished flow run with Prefect's own CLI (``prefect flow-run cancel``) and wait
+    until no worker holds one, so a measurement that needs both workers gets both. Returns the
+    ids of the runs cancelled."""
+    cancelled: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    # a loop, not one pass: a parent cancelled while it dispatches may still create a child run
+    while active := active_runs(env):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"flow runs still active after {timeout_s} s: "
+                               f"{[(r['name'], r['state_type']) for r in active]}")
+        for run in active:
+            if run["state_type"] != "CANCELLING" and run["id"] not in cancelled:
+                prefect("flow-run", "cancel", run["id"], env=env)
+                cancelled.append(run["id"])
+        time.sleep(2)
+    return cancelled
+
+
 def loso_on_pool(env: dict[str, str], work: Path) -> dict:
     """A LOSO protocol whose folds the pool's workers train (``loso`` with ``dispatch="pool"``); its
-    pooled result, the ``loso-fold`` flow runs and how long two of them overlapped."""
+    pooled result, the ``loso-fold`` flow runs and how long two of them overlapped. Earlier runs
+    still on the pool are cancelled first (each worker takes one run at a time): the overlap
+    measures whether two folds train at once, not what else the pool was doing."""
     from datetime import datetime
 
+    cancelled = free_the_workers(env)
     proc = subprocess.run([sys.executable, "-c", LOSO_DRIVER, str(work), json.dumps(TINY_MICRO)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=1800)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("LOSO=")), None)
@@ -139,10 +181,22 @@ def loso_on_pool(env: dict[str, str], work: Path) -> dict:
     runs = [r for r in train_runs(env, flow="loso-fold")]
     spans = sorted((datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"]))
                    for r in runs if r.get("start_time") and r.get("end_time"))
-    overlap = max((min(a[1], b[1]) - max(a[0], b[0])).total_seconds() for i, a in enumerate(spans)
-                  for b in spans[i + 1:]) if len(spans) > 1 else 0.0
+    overlap, _ = concurrency_of(spans)
     return {"result": json.loads(line[5:]), "fold_runs": [{"name": r["name"], "state": r["state_type"]} for r in runs],
-            "overlap_s": round(max(overlap, 0.0), 1)}
+            "overlap_s": round(overlap, 1), "cancelled_first": cancelled}
+
+
+def concurrency_of(spans: list[tuple]) -> tuple[float, int]:
+    """Seconds during which at least two of the (start, end) spans ran, and the most that ran at once."""
+    events = sorted([(t0, 1) for t0, _ in spans] + [(t1, -1) for _, t1 in spans], key=lambda e: (e[0], e[1]))
+    running, most, together, since = 0, 0, 0.0, None
+    for when, step in events:
+        if running >= 2 and since is not None:
+            together += (when - since).total_seconds()
+        running += step
+        most = max(most, running)
+        since = when
+    return together, most
 
 
 def train_runs(env: dict[str, str], flow: str = "train") -> list[dict]:
@@ -195,16 +249,12 @@ def run(work: Path, networks: tuple[str, ...] = ("ca_resnet", "au_cotrain"), aft
                           "start": t0, "end": t1,
                           "seconds": (datetime.fromisoformat(t1) - datetime.fromisoformat(t0)).total_seconds()
                           if t0 and t1 else None})
-        done = [s for s in spans if s["start"] and s["end"]]
-        overlap = 0.0
-        if len(done) >= 2:
-            starts = [datetime.fromisoformat(s["start"]) for s in done]
-            ends = [datetime.fromisoformat(s["end"]) for s in done]
-            overlap = max(0.0, (min(ends) - max(starts)).total_seconds())
+        overlap, most = concurrency_of([(datetime.fromisoformat(s["start"]), datetime.fromisoformat(s["end"]))
+                                        for s in spans if s["start"] and s["end"]])
         if after is not None:
             after(env)
         return {"wall_s": round(wall, 1), "state": out["STATE"].strip(), "rows": json.loads(out.get("ROWS", "[]")),
-                "train_runs": spans, "overlap_s": round(overlap, 1), "networks": list(networks),
+                "train_runs": spans, "overlap_s": round(overlap, 1), "most_at_once": most, "networks": list(networks),
                 "load_average": os.getloadavg(), "worker_logs": [str(work / f"worker-{i}.log") for i in (1, 2)]}
     finally:
         for worker in workers:
@@ -214,10 +264,13 @@ def run(work: Path, networks: tuple[str, ...] = ("ca_resnet", "au_cotrain"), aft
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--networks", nargs="+", default=["ca_resnet", "au_cotrain"], choices=sorted(DATASETS))
+    parser.add_argument("--networks", nargs="+", default=["ca_resnet", "au_cotrain"], choices=["all", *sorted(DATASETS)],
+                        help="networks retrain_all trains on the pool (all: every default network)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fer-prefect-workers"))
     args = parser.parse_args()
-    result = run(args.out, tuple(args.networks))
+    networks = sorted(DATASETS) if "all" in args.networks else args.networks
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    result = run(args.out, tuple(networks))
     print(json.dumps(result, indent=2, default=str))
     return 0 if result["state"].startswith("COMPLETED") else 1
 
