@@ -37,6 +37,9 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
    (cores / (ORT's CPU + the identity's CPU per request)); and at the lowest concurrency a
    per-request split (client + gRPC, batcher queue, Triton <-> stub input/output, the stub round
    trip with execute) for the network and the identity, with ONNX Runtime's own batch-1 time.
+   ``ensemble_ceiling`` (also on by default) does the same for the ensemble: three identities
+   chained in an ensemble (as many stub crossings and hand-offs as pre-process -> network ->
+   post-process, nothing computed), and the bound cores / (in-process pipeline CPU + its CPU).
    With ``--shm`` the ensemble is also driven through :class:`serving.client.FERClient`, plain and
    with ``shared_memory=True``.
 
@@ -61,8 +64,9 @@ import time
 from pathlib import Path
 
 # Run as a script, this file's folder is sys.path[0] and its name would shadow the ``serving``
-# package: put the project root there instead.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# package: put the project root there instead (imported, as the tests do, sys.path stays as it is).
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np  # noqa: E402
 
@@ -71,6 +75,7 @@ NETWORK = "ca_resnet"
 ENSEMBLE = f"{NETWORK}_ensemble"
 STEPS = (f"{NETWORK}_preprocess", NETWORK, f"{NETWORK}_postprocess")
 IDENTITY = "fer_backend_ceiling"  # an Identity graph in the network's own config: see write_identity_model
+IDENTITY_ENSEMBLE = "fer_ensemble_ceiling"  # three identity steps chained: see write_identity_ensemble
 # The issue's targets (ratio name -> minimum).
 TARGETS = {
     "network / in-process threads, c=8": 0.9,
@@ -331,6 +336,30 @@ def write_identity_model(repo, network: str = NETWORK, name: str = IDENTITY) -> 
     return name
 
 
+def write_identity_ensemble(repo, step: str = IDENTITY, name: str = IDENTITY_ENSEMBLE, steps: int = 3) -> str:
+    """The ceiling of the ensemble path: ``name`` chains ``steps`` copies of the identity model
+    ``step`` (written by :func:`write_identity_model`), so a request crosses as many Python stubs and
+    ensemble hand-offs as the real ensemble's pre-process -> network -> post-process, with nothing
+    decoded or computed. It carries the network's input tensor (a few KB) where the real ensemble
+    carries a PNG in and a label out: a lower bound on the ensemble's serving cost, not its copy."""
+    import re
+
+    config = (repo.root / step / "config.pbtxt").read_text()
+    dims = re.search(r'\{ name: "image"[^}]*dims: (\[[^]]*\])', config).group(1)
+    max_batch = re.search(r"max_batch_size: (\d+)", config).group(1)
+    names = ["image"] + [f"hop{i}" for i in range(1, steps)] + ["logits"]
+    chained = ",\n".join(
+        f'  {{ model_name: "{step}" model_version: -1 input_map {{ key: "image" value: "{names[i]}" }} '
+        f'output_map {{ key: "logits" value: "{names[i + 1]}" }} }}' for i in range(steps))
+    (repo.root / name / "1").mkdir(parents=True, exist_ok=True)
+    (repo.root / name / "config.pbtxt").write_text(
+        f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+        f'input [ {{ name: "image" data_type: TYPE_FP32 dims: {dims} }} ]\n'
+        f'output [ {{ name: "logits" data_type: TYPE_FP32 dims: {dims} }} ]\n'
+        f"ensemble_scheduling {{\n step [\n{chained}\n ]\n}}\n")
+    return name
+
+
 def _perf_analyzer_levels(url: str, tmp: Path, samples: np.ndarray, pngs: list[bytes], args) -> list[str]:
     """perf_analyzer's table for the network and the ensemble, or nothing when the tool is absent."""
     import importlib.util
@@ -389,9 +418,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per level")
     parser.add_argument("--max-requests", type=int, default=4000, help="request budget per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workloads", nargs="+", choices=["network", "ceiling", "ensemble"],
-                        default=["network", "ceiling", "ensemble"],
-                        help="ceiling: an Identity graph in the network's own config (the Python backend's limit)")
+    parser.add_argument("--workloads", nargs="+", choices=["network", "ceiling", "ensemble", "ensemble_ceiling"],
+                        default=["network", "ceiling", "ensemble", "ensemble_ceiling"],
+                        help="ceiling: an Identity graph in the network's own config (the Python backend's "
+                             "limit); ensemble_ceiling: three of them chained in an ensemble (the ensemble's)")
     parser.add_argument("--untuned", action="store_true",
                         help="the configuration before serving.tuning (1 instance, ORT default threads, no delay)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
@@ -452,7 +482,9 @@ def main() -> None:
             (logits,) = session.run(["logits"], {"image": np.stack([p.tensor for p in prepared])})
             return processing.postprocess({"logits": logits}, metadata, np.stack([p.to_input for p in prepared]))
 
-        extra = [write_identity_model(repo)] if "ceiling" in args.workloads else []
+        extra = [write_identity_model(repo)] if {"ceiling", "ensemble_ceiling"} & set(args.workloads) else []
+        if "ensemble_ceiling" in args.workloads:
+            extra.append(write_identity_ensemble(repo))
         with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order() + extra) as server:
             stats_client = grpcclient.InferenceServerClient(server.grpc_url)
             served_meter, own_meter = _CpuMeter(server.process.pid), _CpuMeter()
@@ -461,8 +493,8 @@ def main() -> None:
                   f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
             for workload in args.workloads:
                 for concurrency in args.concurrency:
-                    if workload in ("network", "ceiling"):
-                        triton_model = NETWORK if workload == "network" else IDENTITY
+                    if workload in ("network", "ceiling", "ensemble_ceiling"):
+                        triton_model = {"network": NETWORK, "ceiling": IDENTITY, "ensemble_ceiling": IDENTITY_ENSEMBLE}[workload]
 
                         def triton_worker(i: int, model_name: str = triton_model):
                             client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -526,7 +558,7 @@ def main() -> None:
                         shm["load"] = os.getloadavg()[0]
                         rows[(workload, "shm", concurrency)] = shm
                     rows[(workload, "triton", concurrency)] = triton
-                    if workload != "ceiling":  # its in-process side is the network's
+                    if workload not in ("ceiling", "ensemble_ceiling"):  # their in-process sides are the real ones
                         threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
                                                                             args.max_requests))
                         threads["load"] = os.getloadavg()[0]
@@ -539,6 +571,7 @@ def main() -> None:
                             continue
                         r = rows[(workload, path, concurrency)]
                         label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
+                                 "Triton gRPC (3 identities)" if workload == "ensemble_ceiling" else
                                  f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
                                  "shm": "Triton gRPC + shm (net)", "fercli": "FERClient (ensemble)",
                                  "fercli_shm": "FERClient + shm (ens.)",
@@ -572,7 +605,7 @@ def main() -> None:
     print(f"{'workload':9s} {'conc':>4s} {'model':22s} {'execs':>6s} {'batch':>6s} {'queue':>8s} "
           f"{'input':>7s} {'infer':>8s} {'output':>7s}   ORT alone on that batch")
     for (workload, concurrency), split in splits.items():
-        for name in {"ensemble": STEPS, "ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
+        for name in {"ensemble": STEPS, "ceiling": (IDENTITY,), "ensemble_ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
             s = split.get(name)
             if not s or not s["executions"]:
                 continue
@@ -606,6 +639,20 @@ def main() -> None:
                 bound = (os.cpu_count() or 1) * 1e3 / (other["cpu_ms"] + r["cpu_ms"])
                 print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
                       f"{bound / other['throughput']:.2f}x in-process threads (load {r['load']:.2f})")
+    ens_ceiling = {c: rows[("ensemble_ceiling", "triton", c)] for c in args.concurrency
+                   if ("ensemble_ceiling", "triton", c) in rows}
+    if ens_ceiling:
+        # The same bound for the ensemble: a served request costs at least the in-process pipeline's
+        # CPU (decode + preprocess + ORT + postprocess) plus what three chained identities cost.
+        print("CPU-bound limit of the ensemble through this serving path "
+              "(cores / (in-process pipeline CPU + 3-identity ensemble CPU per request)):")
+        for c, r in ens_ceiling.items():
+            other = rows.get(("ensemble", "threads", c))
+            if other and r.get("cpu_ms"):
+                bound = (os.cpu_count() or 1) * 1e3 / (other["cpu_ms"] + r["cpu_ms"])
+                print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
+                      f"{bound / other['throughput']:.2f}x in-process threads; 3-identity ensemble alone "
+                      f"{r['throughput']:.0f} req/s (load {r['load']:.2f})")
     one = min(args.concurrency)
     net, ident = splits.get(("network", one), {}).get(NETWORK), splits.get(("ceiling", one), {}).get(IDENTITY)
     if net and ident and ("network", "triton", one) in rows:

@@ -185,3 +185,37 @@ def test_tuned_configs_load_and_concurrent_requests_are_batched_per_step(tmp_pat
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) < 1e-5
     sizes = {m["name"]: {int(b["batch_size"]) for b in m.get("batch_stats", [])} for m in stats["model_stats"]}
     assert max(sizes["ca_resnet"]) > 1 and max(sizes["ca_resnet_postprocess"]) > 1
+
+
+@pytest.mark.integration  # starts the embedded tritonserver
+def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_path, ca_onnx):
+    """bench/serving.py's two ceilings, in the real tritonserver: the identity in the network's own
+    config returns its input, and the identity ensemble returns it too after running the identity
+    once per step (3 executions per request: as many stub crossings as the real ensemble)."""
+    pytest.importorskip("pytriton")
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import numpy as np
+
+    from bench.serving import IDENTITY, IDENTITY_ENSEMBLE, write_identity_ensemble, write_identity_model
+    from serving.server import EmbeddedTriton
+
+    path, metadata = ca_onnx
+    repo = ModelRepository(tmp_path / "models", face_detection="off",
+                           tuning=ServingTuning(instances=1, intra_op_threads=1, inter_op_threads=1,
+                                                allow_spinning=False, max_queue_delay_us=0, preferred_batch_sizes=(),
+                                                preprocess_instances=1, postprocess_instances=1))
+    repo.install("ca_resnet", 1, path)
+    extra = [write_identity_model(repo), write_identity_ensemble(repo)]
+    x = np.random.default_rng(0).random((2, *metadata.input.shape), dtype=np.float32)
+    with EmbeddedTriton(repo, tmp_path / "workspace", models=["ca_resnet", *extra]) as server:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        outputs = {}
+        for name in (IDENTITY, IDENTITY_ENSEMBLE):
+            tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            outputs[name] = client.infer(name, [tensor]).as_numpy("logits")
+        stats = client.get_inference_statistics(IDENTITY, as_json=True)["model_stats"][0]
+    for name, out in outputs.items():
+        np.testing.assert_array_equal(out, x, err_msg=name)
+    # one request of 2 straight to the identity, one through the 3-step ensemble: 4 executions of it
+    assert int(stats["inference_stats"]["success"]["count"]) == 4, stats
