@@ -214,7 +214,14 @@ def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_pa
             tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
             outputs[name] = client.infer(name, [tensor]).as_numpy("logits")
-        stats = client.get_inference_statistics(IDENTITY, as_json=True)["model_stats"][0]
+        # Triton updates a step's statistics after the ensemble has answered: wait for the last one.
+        import time
+        deadline = time.monotonic() + 10
+        while True:
+            stats = client.get_inference_statistics(IDENTITY, as_json=True)["model_stats"][0]
+            if int(stats["inference_stats"]["success"]["count"]) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     for name, out in outputs.items():
         np.testing.assert_array_equal(out, x, err_msg=name)
     # one request of 2 straight to the identity, one through the 3-step ensemble: 4 executions of it
