@@ -36,8 +36,9 @@ from fer_core.models.catalog import network_specs  # noqa: E402
 POOL = "fer-training"
 # every default network of the catalog: its dataset name and source format, and a tenth of its
 # demo size of generated samples (the machine is shared; the recipes below are tiny anyway)
-DATASETS = {spec.name: (spec.dataset, spec.data_format) for spec in network_specs(default_only=True)}
-SIZES = {spec.data_format: max(32, spec.demo_size // 10) for spec in network_specs(default_only=True)}
+_SPECS = network_specs(default_only=True)
+DATASETS = {spec.name: (spec.dataset, spec.data_format) for spec in _SPECS}
+SIZES = {spec.data_format: max(32, spec.demo_size // 10) for spec in _SPECS}
 TINY = {"epochs": 1, "max_steps_per_epoch": 3, "batch_size": 16}
 OVERRIDES = {name: {**TINY, "model_kwargs.width": 8} if name == "ca_resnet" else TINY for name in DATASETS}
 GATES = {"floor": 0.0, "latency_budget_ms": 5000.0, "smoke_samples": 4, "latency_requests": 3}
@@ -135,15 +136,19 @@ TINY_MICRO = {"device": "cpu", "epochs": 40, "batch_size": 8, "max_steps_per_epo
 ACTIVE_STATES = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING"]
 
 
-def active_runs(env: dict[str, str]) -> list[dict]:
-    """Flow runs not yet final: those a worker holds or is about to take."""
+def filter_flow_runs(env: dict[str, str], body: dict) -> list[dict]:
+    """The server's ``POST /flow_runs/filter`` with ``body`` (Prefect's REST filter)."""
     import urllib.request
 
-    body = {"flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}}, "limit": 100}
     request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def active_runs(env: dict[str, str]) -> list[dict]:
+    """Flow runs not yet final: those a worker holds or is about to take."""
+    return filter_flow_runs(env, {"flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}}, "limit": 100})
 
 
 def free_the_workers(env: dict[str, str], timeout_s: float = 300) -> list[str]:
@@ -200,13 +205,7 @@ def concurrency_of(spans: list[tuple]) -> tuple[float, int]:
 
 
 def train_runs(env: dict[str, str], flow: str = "train") -> list[dict]:
-    import urllib.request
-
-    body = {"flows": {"name": {"any_": [flow]}}, "limit": 50}
-    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    return filter_flow_runs(env, {"flows": {"name": {"any_": [flow]}}, "limit": 50})
 
 
 def run(work: Path, networks: tuple[str, ...] = ("ca_resnet", "au_cotrain"), after=None) -> dict:

@@ -308,6 +308,19 @@ class _SharedMemoryWorkers:
             shm.destroy_shared_memory_region(handle)
 
 
+def _image_dims(config: str) -> str:
+    """The ``dims`` of the ``image`` input in a ``config.pbtxt``, as written there (``[1, 48, 48]``)."""
+    import re
+
+    return re.search(r'\{ name: "image"[^}]*dims: (\[[^]]*\])', config).group(1)
+
+
+def _cpu_bound(own_ms: float, serving_ms: float) -> float:
+    """Requests/s the cores allow when each costs ``own_ms`` of work plus ``serving_ms`` of serving,
+    clients and server sharing the cores."""
+    return (os.cpu_count() or 1) * 1e3 / (own_ms + serving_ms)
+
+
 def write_identity_model(repo, network: str = NETWORK, name: str = IDENTITY) -> str:
     """The ceiling of the Python-based backend: ``name`` in ``repo``, the ``network``'s own
     ``config.pbtxt`` (same backend, instances, ORT threads, dynamic batching) but an ONNX graph that
@@ -319,7 +332,7 @@ def write_identity_model(repo, network: str = NETWORK, name: str = IDENTITY) -> 
     from onnx import TensorProto, helper
 
     config = (repo.root / network / "config.pbtxt").read_text()
-    dims = re.search(r'\{ name: "image"[^}]*dims: (\[[^]]*\])', config).group(1)
+    dims = _image_dims(config)
     config = re.sub(r'^name: "[^"]*"', f'name: "{name}"', config, count=1, flags=re.M)
     config = re.sub(r'(\{ name: "logits"[^}]*dims: )\[[^]]*\]', lambda m: m.group(1) + dims, config)
     config = re.sub(r'label_filename: "[^"]*"', "", config)
@@ -345,7 +358,7 @@ def write_identity_ensemble(repo, step: str = IDENTITY, name: str = IDENTITY_ENS
     import re
 
     config = (repo.root / step / "config.pbtxt").read_text()
-    dims = re.search(r'\{ name: "image"[^}]*dims: (\[[^]]*\])', config).group(1)
+    dims = _image_dims(config)
     max_batch = re.search(r"max_batch_size: (\d+)", config).group(1)
     names = ["image"] + [f"hop{i}" for i in range(1, steps)] + ["logits"]
     chained = ",\n".join(
@@ -636,7 +649,7 @@ def main() -> None:
         for c, r in ceiling.items():
             other = rows.get(("network", "threads", c))
             if other and r.get("cpu_ms"):
-                bound = (os.cpu_count() or 1) * 1e3 / (other["cpu_ms"] + r["cpu_ms"])
+                bound = _cpu_bound(other["cpu_ms"], r["cpu_ms"])
                 print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
                       f"{bound / other['throughput']:.2f}x in-process threads (load {r['load']:.2f})")
     ens_ceiling = {c: rows[("ensemble_ceiling", "triton", c)] for c in args.concurrency
@@ -649,7 +662,7 @@ def main() -> None:
         for c, r in ens_ceiling.items():
             other = rows.get(("ensemble", "threads", c))
             if other and r.get("cpu_ms"):
-                bound = (os.cpu_count() or 1) * 1e3 / (other["cpu_ms"] + r["cpu_ms"])
+                bound = _cpu_bound(other["cpu_ms"], r["cpu_ms"])
                 print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
                       f"{bound / other['throughput']:.2f}x in-process threads; 3-identity ensemble alone "
                       f"{r['throughput']:.0f} req/s (load {r['load']:.2f})")
