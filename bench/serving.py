@@ -73,7 +73,9 @@ import numpy as np  # noqa: E402
 PROFILES = {"quick": {"layers": [1, 1, 1, 1], "width": 16}, "paper": {"layers": [2, 2, 2, 2]}}
 NETWORK = "ca_resnet"
 ENSEMBLE = f"{NETWORK}_ensemble"
-STEPS = (f"{NETWORK}_preprocess", NETWORK, f"{NETWORK}_postprocess")
+# The other ensemble layout (FER_TRITON_ENSEMBLE: fused / steps) is served beside the configured
+# one under this stem, so one run measures both: <network>_other_ensemble.
+OTHER_STEM = f"{NETWORK}_other"
 IDENTITY = "fer_backend_ceiling"  # an Identity graph in the network's own config: see write_identity_model
 IDENTITY_ENSEMBLE = "fer_ensemble_ceiling"  # three identity steps chained: see write_identity_ensemble
 # The issue's targets (ratio name -> minimum).
@@ -421,8 +423,16 @@ def _config_summary(repo) -> str:
     text = (repo.root / NETWORK / "config.pbtxt").read_text()
     parts = [m.group(0) for m in re.finditer(r"count: \d+|max_queue_delay_microseconds: \d+|preferred_batch_size: \[[^]]*\]", text)]
     parts += [f"{k}={v}" for k, v in re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text)]
-    pre = re.search(r"count: \d+", (repo.root / STEPS[0] / "config.pbtxt").read_text())
-    return f"{NETWORK}: " + ", ".join(parts) + f"; preprocess instances {pre.group(0) if pre else '?'}"
+    first = repo.step_models(NETWORK)[0]
+    pre = re.search(r"count: \d+", (repo.root / first / "config.pbtxt").read_text())
+    return (f"{NETWORK}: " + ", ".join(parts) + f"; ensemble layout {repo.ensemble_layout()} "
+            f"({first} instances {pre.group(0) if pre else '?'})")
+
+
+def _layout_models(repo, stem: str) -> tuple[str, ...]:
+    """The models one ensemble request runs through (Triton statistics per step)."""
+    steps = repo.step_models(stem)
+    return (steps[0], NETWORK, steps[1]) if len(steps) == 2 else tuple(steps)
 
 
 def main() -> None:
@@ -431,10 +441,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per level")
     parser.add_argument("--max-requests", type=int, default=4000, help="request budget per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workloads", nargs="+", choices=["network", "ceiling", "ensemble", "ensemble_ceiling"],
-                        default=["network", "ceiling", "ensemble", "ensemble_ceiling"],
+    parser.add_argument("--workloads", nargs="+",
+                        choices=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling"],
+                        default=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling"],
                         help="ceiling: an Identity graph in the network's own config (the Python backend's "
-                             "limit); ensemble_ceiling: three of them chained in an ensemble (the ensemble's)")
+                             "limit); ensemble: the configured layout (FER_TRITON_ENSEMBLE); ensemble_other: the "
+                             "other layout, served beside it; ensemble_ceiling: three identities chained in an "
+                             "ensemble (the steps layout's stub crossings)")
     parser.add_argument("--untuned", action="store_true",
                         help="the configuration before serving.tuning (1 instance, ORT default threads, no delay)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
@@ -495,7 +508,17 @@ def main() -> None:
             (logits,) = session.run(["logits"], {"image": np.stack([p.tensor for p in prepared])})
             return processing.postprocess({"logits": logits}, metadata, np.stack([p.to_input for p in prepared]))
 
-        extra = [write_identity_model(repo)] if {"ceiling", "ensemble_ceiling"} & set(args.workloads) else []
+        other_layout = "steps" if repo.ensemble_layout() == "fused" else "fused"
+        extra = []
+        if "ensemble_other" in args.workloads:
+            import dataclasses
+
+            other_repo = ModelRepository(repo.root, face_detection="off",
+                                         tuning=dataclasses.replace(tuning, ensemble_layout=other_layout))
+            other_repo.write_ensemble(NETWORK, 1, stem=OTHER_STEM)
+            extra += [*other_repo.step_models(OTHER_STEM), f"{OTHER_STEM}_ensemble"]
+        if {"ceiling", "ensemble_ceiling"} & set(args.workloads):
+            extra.append(write_identity_model(repo))
         if "ensemble_ceiling" in args.workloads:
             extra.append(write_identity_ensemble(repo))
         with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order() + extra) as server:
@@ -524,13 +547,15 @@ def main() -> None:
                         batch = np.ascontiguousarray(np.resize(samples, (concurrency, *samples.shape[1:])))
                         batched_call = lambda: session.run(["logits"], {"image": batch})  # noqa: E731
                     else:
-                        def triton_worker(i: int):
+                        triton_model = ENSEMBLE if workload == "ensemble" else f"{OTHER_STEM}_ensemble"
+
+                        def triton_worker(i: int, model_name: str = triton_model):
                             client = grpcclient.InferenceServerClient(server.grpc_url)
                             x = np.array([[pngs[i % len(pngs)]]], dtype=object)
                             tensor = grpcclient.InferInput("IMAGE", list(x.shape), "BYTES")
                             tensor.set_data_from_numpy(x)
                             output = grpcclient.InferRequestedOutput("LABEL")
-                            return lambda: client.infer(ENSEMBLE, [tensor], outputs=[output])
+                            return lambda: client.infer(model_name, [tensor], outputs=[output])
 
                         def thread_worker(i: int):
                             encoded = [pngs[i % len(pngs)]]
@@ -538,7 +563,6 @@ def main() -> None:
 
                         batch_pngs = [pngs[i % len(pngs)] for i in range(concurrency)]
                         batched_call = lambda: in_process_ensemble(batch_pngs)  # noqa: E731
-                        triton_model = ENSEMBLE
                     if concurrency == args.concurrency[0]:  # every instance's first run allocates: untimed
                         _run_threads(8, triton_worker, 1.0, 400)
                     before = stats_client.get_inference_statistics("", as_json=True)
@@ -571,7 +595,7 @@ def main() -> None:
                         shm["load"] = os.getloadavg()[0]
                         rows[(workload, "shm", concurrency)] = shm
                     rows[(workload, "triton", concurrency)] = triton
-                    if workload not in ("ceiling", "ensemble_ceiling"):  # their in-process sides are the real ones
+                    if workload not in ("ceiling", "ensemble_ceiling", "ensemble_other"):  # their in-process sides: the real ones
                         threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
                                                                             args.max_requests))
                         threads["load"] = os.getloadavg()[0]
@@ -585,7 +609,9 @@ def main() -> None:
                         r = rows[(workload, path, concurrency)]
                         label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
                                  "Triton gRPC (3 identities)" if workload == "ensemble_ceiling" else
-                                 f"Triton gRPC ({triton_model.split('_')[-1] if workload == 'ensemble' else 'net'})",
+                                 f"Triton gRPC ({other_layout})" if workload == "ensemble_other" else
+                                 f"Triton gRPC ({repo.ensemble_layout()})" if workload == "ensemble" else
+                                 "Triton gRPC (net)",
                                  "shm": "Triton gRPC + shm (net)", "fercli": "FERClient (ensemble)",
                                  "fercli_shm": "FERClient + shm (ens.)",
                                  "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
@@ -606,6 +632,9 @@ def main() -> None:
                             client.predict(many, network=NETWORK, validate=False)
                             times.append(time.perf_counter() - t0)
                     streams[streaming] = (64 / statistics.median(times), os.getloadavg()[0])
+            layout_models = {"ensemble": _layout_models(repo, NETWORK),
+                             "ensemble_other": _layout_models(other_repo, OTHER_STEM)
+                             if "ensemble_other" in args.workloads else ()}
             perf_levels = _perf_analyzer_levels(server.grpc_url, Path(tmp), samples, pngs, args) \
                 if args.perf_analyzer else []
             # ORT's own time for the batch sizes Triton formed, to set beside its compute per execution.
@@ -618,7 +647,8 @@ def main() -> None:
     print(f"{'workload':9s} {'conc':>4s} {'model':22s} {'execs':>6s} {'batch':>6s} {'queue':>8s} "
           f"{'input':>7s} {'infer':>8s} {'output':>7s}   ORT alone on that batch")
     for (workload, concurrency), split in splits.items():
-        for name in {"ensemble": STEPS, "ceiling": (IDENTITY,), "ensemble_ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
+        for name in {"ensemble": layout_models["ensemble"], "ensemble_other": layout_models["ensemble_other"],
+                     "ceiling": (IDENTITY,), "ensemble_ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
             s = split.get(name)
             if not s or not s["executions"]:
                 continue
@@ -652,6 +682,14 @@ def main() -> None:
                 bound = _cpu_bound(other["cpu_ms"], r["cpu_ms"])
                 print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
                       f"{bound / other['throughput']:.2f}x in-process threads (load {r['load']:.2f})")
+    for c in args.concurrency:
+        alt, threads = rows.get(("ensemble_other", "triton", c)), rows.get(("ensemble", "threads", c))
+        mine = rows.get(("ensemble", "triton", c))
+        if alt and threads and mine:
+            print(f"ensemble layouts at c={c}: {repo.ensemble_layout()} (configured) {mine['throughput']:.0f} req/s = "
+                  f"{mine['throughput'] / threads['throughput']:.2f}x in-process threads, {mine['cpu_ms']:.2f} ms CPU/req; "
+                  f"{other_layout} {alt['throughput']:.0f} req/s = {alt['throughput'] / threads['throughput']:.2f}x, "
+                  f"{alt['cpu_ms']:.2f} ms CPU/req (load {mine['load']:.2f} / {alt['load']:.2f})")
     ens_ceiling = {c: rows[("ensemble_ceiling", "triton", c)] for c in args.concurrency
                    if ("ensemble_ceiling", "triton", c) in rows}
     if ens_ceiling:

@@ -20,11 +20,13 @@ RUN gcc -shared -fPIC -O2 -o /src/libferscrub.so /src/scrub_argv.c
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 # torch here only supplies the model-metadata classes for pre/post-processing; inference does not
-# use it, so the small CPU build is enough even on a GPU host.
+# use it, so the small CPU build is enough even on a GPU host. onnxruntime (CPU) is for the fused
+# ensemble layout (FER_TRITON_ENSEMBLE=fused, the KIND_CPU default), whose one Python step runs the
+# champion itself; the networks use the image's native onnxruntime backend.
 # Versions from the platform's lock, like every other environment of the project.
 COPY requirements/constraints.txt /tmp/constraints.txt
 RUN pip install --no-cache-dir --extra-index-url "$TORCH_CPU_INDEX" -c /tmp/constraints.txt \
-        numpy opencv-python-headless pyyaml torch
+        numpy onnxruntime opencv-python-headless pyyaml torch
 COPY fer_core/ /opt/fer/fer_core/
 COPY fer_platform/ /opt/fer/fer_platform/
 COPY serving/ /opt/fer/serving/

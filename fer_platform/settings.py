@@ -60,9 +60,10 @@ S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 # Per-machine serving performance variables (their meaning and defaults: serving.tuning). Read here,
 # once, with the rest of the settings; the model repository gets them from the platform context.
+# (tests/test_serving_tuning.py keeps this list equal to serving.tuning.ENV; fer_platform imports nothing of serving)
 SERVING_TUNING_VARS = ("FER_TRITON_INSTANCES", "FER_TRITON_INTRA_OP_THREADS", "FER_TRITON_INTER_OP_THREADS",
                        "FER_TRITON_ALLOW_SPINNING", "FER_TRITON_QUEUE_DELAY_US", "FER_TRITON_PREFERRED_BATCH",
-                       "FER_TRITON_PREPROCESS_INSTANCES", "FER_TRITON_POSTPROCESS_INSTANCES")
+                       "FER_TRITON_PREPROCESS_INSTANCES", "FER_TRITON_POSTPROCESS_INSTANCES", "FER_TRITON_ENSEMBLE")
 
 
 @dataclass(frozen=True)

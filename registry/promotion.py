@@ -55,7 +55,7 @@ from fer_platform.workspace import Workspace
 from registry import models as reg
 from registry.export import PACKAGE_ARTIFACT, PACKAGE_DIGEST_PARAM
 from serving.package import ModelPackage, PackageError
-from serving.repository import ModelRepository, atomic_write_bytes
+from serving.repository import STEP_SUFFIXES, ModelRepository, atomic_write_bytes
 from serving.server import ServingError, TritonEndpoint, control_key
 
 __all__ = ["PromotionGates", "RetentionPolicy", "GateResult", "PromotionResult", "RollbackResult",
@@ -455,7 +455,7 @@ def _smoke_gate(endpoint: TritonEndpoint, repository: ModelRepository, package: 
     The champion's ensemble is not touched; the candidate ensemble is removed afterwards."""
     network = package.network
     stem = repository.candidate_stem(network)
-    steps = [f"{stem}_preprocess", f"{stem}_postprocess", f"{stem}_ensemble"]
+    steps = [*repository.step_models(stem), f"{stem}_ensemble"]
     samples = package.smoke_samples()[: gates.smoke_samples]
     expected = package.expected()["PROBABILITIES"][: len(samples)]
     if not samples:
@@ -504,8 +504,9 @@ def _latency_gate(endpoint: TritonEndpoint, network: str, version: int, metadata
 
 # -- repository snapshot ---------------------------------------------------------------------------
 
-def _step_models(network: str) -> tuple[str, str, str]:
-    return f"{network}_preprocess", f"{network}_postprocess", f"{network}_ensemble"
+def _step_models(network: str) -> tuple[str, ...]:
+    """Every model of the network's ensemble in either layout, the ensemble last."""
+    return (*(f"{network}{suffix}" for suffix in STEP_SUFFIXES), f"{network}_ensemble")
 
 
 @dataclass

@@ -216,9 +216,7 @@ class FERClient:
             params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
             if "fer_metadata" not in params:
                 raise ServingError(f"{model} at {self.url} is not a FER ensemble (no fer_metadata)")
-            pre = self.endpoint.model_config(f"{network}_preprocess")
-            pre_params = {k: v.get("string_value", "") for k, v in pre.get("parameters", {}).items()}
-            max_bytes = int(pre_params.get("max_image_bytes", MAX_IMAGE_BYTES))
+            max_bytes = int(params.get("max_image_bytes", MAX_IMAGE_BYTES))
             self._configs[network] = (metadata_from_json(params["fer_metadata"]),
                                       int(config.get("max_batch_size", 1)) or 1, max_bytes)
         return self._configs[network]

@@ -122,6 +122,9 @@ def _ensemble_pin(config: Mapping, network: str) -> int | None:
         if step.get("model_name") == network:
             with contextlib.suppress(TypeError, ValueError):
                 return int(step.get("model_version", -1))
+    # The fused layout: the one step holds the champion; the ensemble records it as a parameter.
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        return int(config["parameters"]["champion_version"]["string_value"])
     return None
 
 
@@ -168,8 +171,7 @@ def reconcile(endpoint: TritonEndpoint, repository: ModelRepository,
             except ServingError as exc:
                 messages.append(f"ALERT {network}: reload failed: {exc}")
         champion = repository.champion(network)
-        steps = [f"{network}_preprocess", f"{network}_postprocess"]
-        for step in steps:
+        for step in repository.step_models(network):
             if step in known and step not in ready:
                 messages.append(f"{step}: not loaded: reloading")
                 with contextlib.suppress(ServingError):

@@ -8,7 +8,10 @@ Layout (one folder per Triton model; hidden entries are the repository's own boo
     <root>/<network>/<version>/package.json  the version's package manifest (metadata, input pipeline, hashes)
     <root>/<network>_preprocess/             Python backend: encoded bytes -> model input
     <root>/<network>_postprocess/            Python backend: outputs -> label, probabilities, extras
-    <root>/<network>_ensemble/               preprocess -> <network> (pinned champion) -> postprocess
+    <root>/<network>_ensemble/               layout "steps": preprocess -> <network> (pinned champion) -> postprocess
+                                             layout "fused": one step, <network>_pipeline
+    <root>/<network>_pipeline/1/model.onnx   Python backend: bytes -> label in one execute, with its own
+                                             copy of the champion's ONNX (FER_TRITON_ENSEMBLE, serving.tuning)
     <root>/../.<root name>.staging/          where versions are built before being renamed into place
     <root>/.deployment.json                  per-network deployment choices (face handling override)
 
@@ -26,6 +29,7 @@ deletes them, plus any version folder without its model file (written by other m
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -40,7 +44,7 @@ from serving.ensembles import processing
 from fer_core.data.pipeline import InputPipeline
 from fer_core.metadata import metadata_from_dict, metadata_to_json
 from serving.package import MANIFEST, ModelPackage, PackageError, read_onnx_metadata
-from serving.tuning import ServingTuning, measure_latency, queue_delay_from_latency
+from serving.tuning import ENSEMBLE_LAYOUTS, ServingTuning, measure_latency, queue_delay_from_latency
 
 if TYPE_CHECKING:
     from fer_platform.workspace import Workspace
@@ -53,6 +57,8 @@ __all__ = [
     "preprocess_config",
     "postprocess_config",
     "ensemble_config",
+    "pipeline_config",
+    "step_models",
     "INSTANCE_KINDS",
     "PROJECT_ROOT",
     "PYTHONPATH_ENV",
@@ -78,6 +84,17 @@ _CLASSIFICATION_KINDS = ("logits", "probabilities", "multilabel_logits")
 _NETWORK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _VERSION_POLICY = re.compile(r"^version_policy: .*$", re.MULTILINE)
 _PINNED_VERSION = re.compile(r'model_name: "(?P<name>[^"]+)" model_version: (?P<version>-?\d+)')
+_CHAMPION_PARAMETER = re.compile(r'key: "champion_version" value: \{ string_value: "(?P<version>\d+)" \}')
+# Every Python step an ensemble of either layout can have (snapshots and load order cover them all).
+STEP_SUFFIXES = ("_preprocess", "_postprocess", "_pipeline")
+
+
+def step_models(stem: str, layout: str) -> list[str]:
+    """The Python-backend steps of ``<stem>_ensemble`` in ``layout``; the first one holds the
+    pre-processing parameters (face handling, image limits, the input pipeline)."""
+    if layout not in ENSEMBLE_LAYOUTS:
+        raise ValueError(f"ensemble layout must be one of {ENSEMBLE_LAYOUTS}, got {layout!r}")
+    return [f"{stem}_pipeline"] if layout == "fused" else [f"{stem}_preprocess", f"{stem}_postprocess"]
 
 
 def _quote(text: str) -> str:
@@ -178,14 +195,19 @@ def network_config(
         _block("output", [_tensor(s.name, s.dtype, s.shape, labels.get(s.name, "")) for s in metadata.outputs]),
         *_common_tail(max_batch_size, instances, instance_kind, max_queue_delay_us, preferred_batch_sizes),
     ]
+    lines += _parameters(_ort_parameters(intra_op_threads, inter_op_threads, allow_spinning))
+    return "\n".join(lines) + "\n"
+
+
+def _ort_parameters(intra_op_threads: int, inter_op_threads: int, allow_spinning: bool | None) -> dict[str, str]:
+    """ONNX Runtime's thread settings as config parameters (the native backend's names; 0 = ORT's default)."""
     if intra_op_threads < 0 or inter_op_threads < 0:
         raise ValueError(f"thread counts must be >= 0, got intra {intra_op_threads}, inter {inter_op_threads}")
     threads = {"intra_op_thread_count": intra_op_threads, "inter_op_thread_count": inter_op_threads}
     values = {k: str(int(v)) for k, v in threads.items() if v}
     if allow_spinning is not None:
         values["session.intra_op.allow_spinning"] = "1" if allow_spinning else "0"
-    lines += _parameters(values)
-    return "\n".join(lines) + "\n"
+    return values
 
 
 def _ensemble_input(metadata: ModelMetadata) -> tuple[str, tuple[int, ...]]:
@@ -255,14 +277,54 @@ def postprocess_config(metadata: ModelMetadata, *, max_batch_size: int = 32, ins
     return "\n".join(lines) + "\n"
 
 
+def pipeline_config(
+    metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32, instances: int = 1,
+    intra_op_threads: int = 1, inter_op_threads: int = 1, allow_spinning: bool | None = False,
+    max_image_bytes: int = processing.MAX_IMAGE_BYTES, max_image_pixels: int = processing.MAX_IMAGE_PIXELS,
+    face_detection: str = "off", pipeline: InputPipeline | None = None, stem: str | None = None,
+) -> str:
+    """``config.pbtxt`` of ``<stem>_pipeline``: the fused layout's one step (Python backend, CPU).
+
+    Encoded bytes in, what the steps layout's ensemble answers out (``FACE_FOUND`` and the
+    post-processing outputs): decode + pre-process per sample, one ONNX Runtime call (its own copy
+    of the champion's ``model.onnx`` in the version folder, ``champion_version`` recorded here) and
+    one post-processing call per dynamic batch. Pre-processing parameters as :func:`preprocess_config`.
+    """
+    if int(champion_version) < 1:
+        raise ValueError(f"champion_version must be >= 1, got {champion_version}")
+    if pipeline is not None:
+        pipeline = pipeline.with_face(face_detection)
+    if face_detection not in FACE_DETECTION_MODES:
+        raise ValueError(f"face_detection must be one of {FACE_DETECTION_MODES}, got {face_detection!r}")
+    _check_common(max_batch_size, instances, "KIND_CPU")
+    input_name, input_dims = _ensemble_input(metadata)
+    outputs = [_tensor("FACE_FOUND", "bool", (1,))]
+    outputs += [_tensor(n, dtype, shape) for n, (dtype, shape) in processing.postprocess_outputs(metadata).items()]
+    lines = [
+        f"name: {_quote((stem or metadata.name) + '_pipeline')}",
+        'backend: "python"',
+        f"max_batch_size: {int(max_batch_size)}",
+        _block("input", [_tensor(input_name, "BYTES", input_dims)]),
+        _block("output", outputs),
+        *_common_tail(max_batch_size, instances, "KIND_CPU", 0),
+        *_python_parameters(metadata, max_image_bytes, max_image_pixels, face_detection, pipeline),
+        *_parameters({"champion_version": str(int(champion_version)),
+                      **_ort_parameters(intra_op_threads, inter_op_threads, allow_spinning)}),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _map(key: str, pairs: Iterable[tuple[str, str]]) -> str:
     return " ".join(f"{key} {{ key: {_quote(k)} value: {_quote(v)} }}" for k, v in pairs)
 
 
 def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch_size: int = 32,
-                    stem: str | None = None) -> str:
-    """``config.pbtxt`` of ``<stem>_ensemble`` (stem = the network by default); the network step pins
-    ``champion_version``, the pre/post steps are ``<stem>_preprocess`` / ``<stem>_postprocess``."""
+                    stem: str | None = None, layout: str = "steps",
+                    max_image_bytes: int = processing.MAX_IMAGE_BYTES) -> str:
+    """``config.pbtxt`` of ``<stem>_ensemble`` (stem = the network by default). Layout ``steps``: the
+    network step pins ``champion_version``, the pre/post steps are ``<stem>_preprocess`` /
+    ``<stem>_postprocess``; ``fused``: one step, ``<stem>_pipeline`` (which holds that version).
+    Either way the champion and the image size limit are parameters, so clients read them here."""
     if int(champion_version) < 1:
         raise ValueError(f"champion_version must be >= 1, got {champion_version}")
     network = metadata.name
@@ -271,7 +333,13 @@ def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch
     post_outputs = processing.postprocess_outputs(metadata)
     raw = processing.postprocess_inputs(metadata)
     model_input = metadata.input.name
-    steps = [
+    step_models(stem, layout)  # checks the layout
+    fused = [
+        f'  {{ model_name: {_quote(stem + "_pipeline")} model_version: -1 '
+        + _map("input_map", [(input_name, input_name)]) + " "
+        + _map("output_map", [("FACE_FOUND", "FACE_FOUND"), *((n, n) for n in post_outputs)]) + " }",
+    ]
+    steps = fused if layout == "fused" else [
         f'  {{ model_name: {_quote(stem + "_preprocess")} model_version: -1 '
         + _map("input_map", [(input_name, input_name)]) + " "
         + _map("output_map", [(model_input, "model_input"), ("FACE_FOUND", "FACE_FOUND"), ("TO_INPUT", "to_input")])
@@ -292,7 +360,8 @@ def ensemble_config(metadata: ModelMetadata, champion_version: int, *, max_batch
         _block("input", [_tensor(input_name, "BYTES", input_dims)]),
         _block("output", outputs),
         "ensemble_scheduling {\n step [\n" + ",\n".join(steps) + "\n ]\n}",
-        *_parameters({"fer_metadata": metadata_to_json(metadata), "champion_version": str(int(champion_version))}),
+        *_parameters({"fer_metadata": metadata_to_json(metadata), "champion_version": str(int(champion_version)),
+                      "ensemble_layout": layout, "max_image_bytes": str(int(max_image_bytes))}),
     ]
     return "\n".join(lines) + "\n"
 
@@ -441,7 +510,7 @@ class ModelRepository:
         pre/post-processing steps), then anything else."""
         models = self.models()
         ensembles = [m for m in models if m.endswith("_ensemble")]
-        steps = {f"{e[: -len('_ensemble')]}{s}" for e in ensembles for s in ("_preprocess", "_postprocess")}
+        steps = {f"{e[: -len('_ensemble')]}{s}" for e in ensembles for s in STEP_SUFFIXES}
         networks = self.networks()
         others = [m for m in models if m not in networks and m not in ensembles and m not in steps]
         return networks + ensembles + others
@@ -558,10 +627,12 @@ class ModelRepository:
         config = self._network_dir(network + "_ensemble") / "config.pbtxt"
         if not config.is_file():
             return None
-        for match in _PINNED_VERSION.finditer(config.read_text()):
+        text = config.read_text()
+        for match in _PINNED_VERSION.finditer(text):
             if match.group("name") == network:
                 return int(match.group("version"))
-        return None
+        parameter = _CHAMPION_PARAMETER.search(text)  # the fused layout: no network step to pin
+        return int(parameter.group("version")) if parameter else None
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -687,6 +758,43 @@ class ModelRepository:
             changed = True
         return self._write_if_changed(folder / "config.pbtxt", config) or changed
 
+    def _write_pipeline_model(self, name: str, config: str, onnx_path: Path) -> bool:
+        """Write the fused layout's model: ``model.py`` and a copy of ``onnx_path`` in ``1/``
+        (its own copy: Triton loads each model folder on its own, from a bucket too). Returns whether
+        anything changed."""
+        folder = self.root / name
+        version_dir = folder / "1"
+        source = _python_model_source("PipelineModel")
+        current = version_dir / PYTHON_MODEL_FILE
+        changed = False
+        if not (current.is_file() and current.read_text() == source and (version_dir / MODEL_FILE).is_file()
+                and filecmp.cmp(version_dir / MODEL_FILE, onnx_path, shallow=False)):
+            staged = self._stage(name)
+            (staged / PYTHON_MODEL_FILE).write_text(source)
+            shutil.copyfile(onnx_path, staged / MODEL_FILE)
+            _fsync_file(staged / MODEL_FILE)
+            if version_dir.exists():
+                old = self._stage(f"replaced-{name}")
+                os.rename(version_dir, old / "1")
+                shutil.rmtree(old, ignore_errors=True)
+            self._install_dir(staged, version_dir)
+            changed = True
+        return self._write_if_changed(folder / "config.pbtxt", config) or changed
+
+    def ensemble_layout(self) -> str:
+        """The layout :meth:`write_ensemble` writes (``FER_TRITON_ENSEMBLE``; default by the networks'
+        instance kind, see :mod:`serving.tuning`)."""
+        return self.tuning().ensemble_layout
+
+    def step_models(self, stem: str) -> list[str]:
+        """The Python steps of ``<stem>_ensemble`` as written now (its config's layout; without a
+        config, the layout :meth:`write_ensemble` would write)."""
+        config = self.root / f"{stem}_ensemble" / "config.pbtxt"
+        text = config.read_text() if config.is_file() else ""
+        layout = "fused" if f'model_name: "{stem}_pipeline"' in text else \
+            "steps" if text else self.ensemble_layout()
+        return step_models(stem, layout)
+
     @staticmethod
     def _write_if_changed(path: Path, text: str) -> bool:
         if path.is_file() and path.read_text() == text:
@@ -707,16 +815,20 @@ class ModelRepository:
         stem: str | None = None,
         face: str | None = None,
     ) -> list[str]:
-        """Write ``<network>_preprocess``, ``_postprocess`` and ``_ensemble`` pinned to ``champion_version``.
+        """Write ``<network>_ensemble`` and its steps, pinned to ``champion_version``.
 
+        Layout (:meth:`ensemble_layout`) ``steps``: ``<network>_preprocess`` and ``_postprocess``
+        around the network; ``fused``: ``<network>_pipeline`` with its own copy of the champion's ONNX.
         Pre/post-processing is generated from the champion's package (metadata and input-pipeline
         spec, face handling per :meth:`face_handling`). Writes the ensemble last, so it never
-        references a step that does not exist yet. Returns the models whose files changed.
-        ``stem`` names the three models ``<stem>_preprocess`` … instead of ``<network>_…`` (the
-        promotion's candidate ensemble, :meth:`candidate_stem`); ``face`` forces the face handling.
+        references a step that does not exist yet, then removes the other layout's steps. Returns
+        the models whose files changed. ``stem`` names the models ``<stem>_preprocess`` … instead
+        of ``<network>_…`` (the promotion's candidate ensemble, :meth:`candidate_stem`); ``face``
+        forces the face handling.
         """
         stem = stem or network
-        tuning = self.tuning("KIND_CPU")  # pre/post-processing always run on CPU
+        layout = self.ensemble_layout()
+        tuning = self.tuning("KIND_CPU")  # pre/post-processing (and the fused pipeline) always run on CPU
         preprocess_instances = tuning.preprocess_instances if preprocess_instances is None else preprocess_instances
         postprocess_instances = tuning.postprocess_instances if postprocess_instances is None else postprocess_instances
         champion_version = int(champion_version)
@@ -724,15 +836,24 @@ class ModelRepository:
             raise ValueError(f"{network} has no version {champion_version} on disk (has {self.versions(network)})")
         metadata = self.metadata(network, champion_version)
         pipeline = self.pipeline(network, champion_version)
+        face = face or self.face_handling(network, champion_version)
         changed = []
-        if self._write_python_model(
+        if layout == "fused":
+            config = pipeline_config(
+                metadata, champion_version, max_batch_size=max_batch_size, instances=preprocess_instances,
+                intra_op_threads=tuning.intra_op_threads, inter_op_threads=tuning.inter_op_threads,
+                allow_spinning=tuning.allow_spinning, max_image_bytes=max_image_bytes,
+                max_image_pixels=max_image_pixels, face_detection=face, pipeline=pipeline, stem=stem)
+            onnx_path = self._network_dir(network) / str(champion_version) / MODEL_FILE
+            if self._write_pipeline_model(f"{stem}_pipeline", config, onnx_path):
+                changed.append(f"{stem}_pipeline")
+        elif self._write_python_model(
                 f"{stem}_preprocess", "PreprocessModel",
                 preprocess_config(metadata, max_batch_size=max_batch_size, instances=preprocess_instances,
                                   max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                                  face_detection=face or self.face_handling(network, champion_version), pipeline=pipeline,
-                                  stem=stem)):
+                                  face_detection=face, pipeline=pipeline, stem=stem)):
             changed.append(f"{stem}_preprocess")
-        if self._write_python_model(
+        if layout == "steps" and self._write_python_model(
                 f"{stem}_postprocess", "PostprocessModel",
                 postprocess_config(metadata, max_batch_size=max_batch_size, instances=postprocess_instances,
                                    stem=stem)):
@@ -741,8 +862,10 @@ class ModelRepository:
         (ensemble_dir / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder, even empty
         if self._write_if_changed(ensemble_dir / "config.pbtxt",
                                   ensemble_config(metadata, champion_version, max_batch_size=max_batch_size,
-                                                  stem=stem)):
+                                                  stem=stem, layout=layout, max_image_bytes=max_image_bytes)):
             changed.append(f"{stem}_ensemble")
+        # The other layout's steps (a changed FER_TRITON_ENSEMBLE): unreferenced now, so removed.
+        self.remove_models([m for s in ENSEMBLE_LAYOUTS if s != layout for m in step_models(stem, s)])
         return changed
 
     def candidate_stem(self, network: str) -> str:
@@ -782,9 +905,12 @@ class ModelRepository:
             self.publish()  # an s3:// repository: Triton reloads from the bucket
             if not endpoint.model_ready(network, version):
                 endpoint.load(network)
-            steps = [m for m in (f"{network}_preprocess", f"{network}_postprocess") if m in changed]
+            steps = [m for m in self.step_models(network) if m in changed]
             for name in steps + [f"{network}_ensemble"]:
                 endpoint.load(name)
+            for name in {m for s in ENSEMBLE_LAYOUTS for m in step_models(network, s)} - set(self.step_models(network)):
+                if endpoint.model_ready(name):  # the other layout's steps, no longer referenced
+                    endpoint.unload(name)
 
     def install(
         self,

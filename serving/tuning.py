@@ -15,6 +15,7 @@ variable                            ``KIND_CPU`` default        ``KIND_GPU`` def
 ``FER_TRITON_PREFERRED_BATCH``      (none)                      8,16,32
 ``FER_TRITON_PREPROCESS_INSTANCES`` cores (1..4)                cores (1..4)
 ``FER_TRITON_POSTPROCESS_INSTANCES`` 1                          1
+``FER_TRITON_ENSEMBLE``             ``fused``                   ``steps``
 ==================================  ==========================  =====================================
 
 Why these defaults (measured with ``bench/serving.py`` on the 2-core machine this was built on):
@@ -32,6 +33,13 @@ Why these defaults (measured with ``bench/serving.py`` on the 2-core machine thi
   ``auto`` (the ``KIND_GPU`` default, or ``FER_TRITON_QUEUE_DELAY_US=auto``) times the network
   (ONNX Runtime, batch 1, the configured threads) when its version is installed and waits about
   one such execution (:func:`queue_delay_from_latency`): where a batch of 8 costs about one of 1.
+* The ensemble's layout: ``fused`` on CPU, one Python-backend model ``<net>_pipeline`` that decodes,
+  pre-processes, runs ONNX Runtime and post-processes a whole dynamic batch in one execute (one
+  stub crossing per batch); ``steps`` on GPU, ``<net>_preprocess`` -> the network on its own
+  backend (NVIDIA's native ``onnxruntime`` on the GPU there) -> ``<net>_postprocess``. On 2 shared
+  cores every stub crossing costs CPU the pipeline needs (three identity steps chained cost
+  0.9-1.1 ms per request, as much as two thirds of the whole pipeline's work in-process); on a GPU
+  the network step belongs on the GPU's backend, not in a CPU stub.
 * No preferred batch sizes on CPU: there a batch of any size costs about its samples' time, so
   cutting a batch at a preferred size buys nothing; on a GPU a batch of 8..32 costs about one of 1.
 
@@ -47,7 +55,7 @@ from typing import Mapping
 
 from fer_core.errors import UsageError
 
-__all__ = ["ServingTuning", "queue_delay_from_latency", "measure_latency", "FALLBACK_QUEUE_DELAY_US", "ENV"]
+__all__ = ["ServingTuning", "ENSEMBLE_LAYOUTS", "queue_delay_from_latency", "measure_latency", "FALLBACK_QUEUE_DELAY_US", "ENV"]
 
 FALLBACK_QUEUE_DELAY_US = 500
 # The derived delay stays within these bounds: below ~50 us Triton's batcher hardly waits at all,
@@ -64,7 +72,9 @@ ENV = {
     "preferred_batch_sizes": "FER_TRITON_PREFERRED_BATCH",
     "preprocess_instances": "FER_TRITON_PREPROCESS_INSTANCES",
     "postprocess_instances": "FER_TRITON_POSTPROCESS_INSTANCES",
+    "ensemble_layout": "FER_TRITON_ENSEMBLE",
 }
+ENSEMBLE_LAYOUTS = ("fused", "steps")
 
 
 def queue_delay_from_latency(latency_s: float) -> int:
@@ -108,6 +118,9 @@ class ServingTuning:
     """Instances of the ensembles' pre-processing (decoding is the ensemble's heaviest step)."""
     postprocess_instances: int
     """Instances of the ensembles' post-processing (cheap: one is enough)."""
+    ensemble_layout: str = "steps"
+    """``fused`` (one ``<net>_pipeline`` model: decode -> ORT -> label in one execute) or ``steps``
+    (``<net>_preprocess`` -> network -> ``<net>_postprocess``); see the module docstring."""
 
     def __post_init__(self) -> None:
         for name in ("instances", "preprocess_instances", "postprocess_instances"):
@@ -118,6 +131,8 @@ class ServingTuning:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.ensemble_layout not in ENSEMBLE_LAYOUTS:
+            raise ValueError(f"ensemble_layout must be one of {ENSEMBLE_LAYOUTS}, got {self.ensemble_layout!r}")
         if any(size < 1 for size in self.preferred_batch_sizes):
             raise ValueError(f"preferred batch sizes must be >= 1, got {list(self.preferred_batch_sizes)}")
 
@@ -128,7 +143,8 @@ class ServingTuning:
         gpu = instance_kind == "KIND_GPU"
         return cls(instances=2 if gpu else cores, intra_op_threads=1, inter_op_threads=1, allow_spinning=False,
                    max_queue_delay_us=None if gpu else 0, preferred_batch_sizes=(8, 16, 32) if gpu else (),
-                   preprocess_instances=cores, postprocess_instances=1)
+                   preprocess_instances=cores, postprocess_instances=1,
+                   ensemble_layout="steps" if gpu else "fused")
 
     @classmethod
     def load(cls, instance_kind: str = "KIND_CPU", env: Mapping[str, str] | None = None,
@@ -166,6 +182,11 @@ class ServingTuning:
             if any(s < 1 for s in sizes):
                 raise UsageError(f"{ENV['preferred_batch_sizes']} must hold sizes >= 1, got {preferred!r}")
             values["preferred_batch_sizes"] = sizes
+        layout = env.get(ENV["ensemble_layout"], "").strip().lower()
+        if layout:
+            if layout not in ENSEMBLE_LAYOUTS:
+                raise UsageError(f"{ENV['ensemble_layout']} must be one of {', '.join(ENSEMBLE_LAYOUTS)}, got {layout!r}")
+            values["ensemble_layout"] = layout
         values = {k: v for k, v in values.items() if v is not None}
         return cls(**{**base.__dict__, **values})  # type: ignore[arg-type]
 

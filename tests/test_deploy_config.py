@@ -219,6 +219,9 @@ def test_triton_runs_nvidias_container_with_explicit_model_control():
     for word, rest in instructions:
         if word == "COPY" and not rest.startswith("--from="):
             assert (ROOT / rest.split()[0]).exists()
+    # The fused ensemble layout (the KIND_CPU default) runs the champion inside its Python stub.
+    runs = " ".join(rest for word, rest in instructions if word == "RUN")
+    assert re.search(r"pip install .*\bonnxruntime\b", runs), "the stub's Python needs onnxruntime"
     triton = _services()["triton"]
     assert _as_list(triton["entrypoint"])[-1] == "/opt/fer/docker/scripts/triton.sh"
     assert "TRITON_MODEL_REPOSITORY" in _environment(triton)

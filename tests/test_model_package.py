@@ -185,28 +185,34 @@ def _tree_rss_mib(pid: int) -> float:
 @pytest.mark.integration
 def test_training_decode_pyfunc_and_triton_ensemble_agree_for_each_network(built, tmp_path):
     """The five ensembles, generated from the packages, answer the raw smoke samples like training's
-    decode does (≤ 1e-4); Triton's resident memory with them loaded is printed for the README."""
+    decode does (≤ 1e-4), in both layouts: ``fused`` (the CPU default, ``<net>_ensemble``) and
+    ``steps`` (served beside it as ``<net>_steps_ensemble``); Triton's resident memory with them
+    loaded is printed for the README."""
     pytest.importorskip("pytriton")
     from registry.promotion import _infer_raw
     from serving.repository import ModelRepository
     from serving.server import EmbeddedTriton
 
-    repo = ModelRepository(tmp_path / "models", face_detection=None)
+    repo = ModelRepository(tmp_path / "models", face_detection=None, tuning_env={"FER_TRITON_ENSEMBLE": "fused"})
+    steps = ModelRepository(repo.root, face_detection=None, tuning_env={"FER_TRITON_ENSEMBLE": "steps"})
     for network, item in built.items():
         repo.write_model(network, 1, item.package.root)
         repo.write_ensemble(network, 1)
-        assert 'key: "fer_pipeline"' in (repo.root / f"{network}_preprocess" / "config.pbtxt").read_text()
+        steps.write_ensemble(network, 1, stem=f"{network}_steps")
+        assert 'key: "fer_pipeline"' in (repo.root / f"{network}_pipeline" / "config.pbtxt").read_text()
+        assert 'key: "fer_pipeline"' in (repo.root / f"{network}_steps_preprocess" / "config.pbtxt").read_text()
     server = EmbeddedTriton(repo, tmp_path / "triton", models=repo.load_order()).start()
     try:
         endpoint = server.endpoint()
-        print(f"\nTriton + stubs resident memory, five ensembles loaded: {_tree_rss_mib(server.process.pid):.0f} MiB")
+        print(f"\nTriton + stubs resident memory, five networks in both layouts: "
+              f"{_tree_rss_mib(server.process.pid):.0f} MiB")
         for network, item in built.items():
             name = "FRAMES" if item.package.pipeline.kind == "clip" else "IMAGE"
-            got = np.stack([_infer_raw(endpoint, f"{network}_ensemble", name, s)
-                            for s in item.package.smoke_samples()])
-            diff = float(np.abs(got - _training_probabilities(item)).max())
-            print(f"\n{network}: training decode vs Triton ensemble max |diff| {diff:.2e}")
-            assert diff <= 1e-4, network
+            for ensemble in (f"{network}_ensemble", f"{network}_steps_ensemble"):
+                got = np.stack([_infer_raw(endpoint, ensemble, name, s) for s in item.package.smoke_samples()])
+                diff = float(np.abs(got - _training_probabilities(item)).max())
+                print(f"\n{ensemble}: training decode vs Triton max |diff| {diff:.2e}")
+                assert diff <= 1e-4, ensemble
     finally:
         server.stop()
 

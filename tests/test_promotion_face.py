@@ -79,8 +79,9 @@ def platform(tmp_path_factory):
 
 
 def _served_face(platform) -> str:
-    """The face handling in the loaded ``<net>_preprocess`` config (what the running Triton does)."""
-    parameters = platform.endpoint.model_config(f"{NETWORK}_preprocess")["parameters"]
+    """The face handling in the loaded config of the ensemble's first step (``<net>_pipeline`` or
+    ``<net>_preprocess``, what the running Triton does)."""
+    parameters = platform.endpoint.model_config(platform.repo.step_models(NETWORK)[0])["parameters"]
     pipeline = json.loads(parameters["fer_pipeline"]["string_value"])
     assert parameters["face_detection"]["string_value"] == pipeline["face"]
     return pipeline["face"]

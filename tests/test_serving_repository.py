@@ -84,7 +84,9 @@ def test_write_model_layout_versions_and_policy(tmp_path, onnx_files):
     assert (repo.root / "ca_resnet" / "3" / "model.onnx").read_bytes() == path.read_bytes()
     assert (repo.root / "ca_resnet" / "labels.txt").read_text().split() == list(meta.label_names)
     assert repo.champion("ca_resnet") == 3
-    assert (repo.root / "ca_resnet_preprocess" / "1" / "model.py").is_file()
+    # The CPU default layout: one fused step with its own copy of the champion's ONNX.
+    assert (repo.root / "ca_resnet_pipeline" / "1" / "model.py").is_file()
+    assert (repo.root / "ca_resnet_pipeline" / "1" / "model.onnx").read_bytes() == path.read_bytes()
     assert (repo.root / "ca_resnet_ensemble" / "1").is_dir()
     repo.write_model("ca_resnet", 8, path, keep_versions=[3])
     assert repo.served_versions("ca_resnet") == [3, 8]
@@ -113,6 +115,33 @@ def test_write_model_layout_versions_and_policy(tmp_path, onnx_files):
         repo.set_served_versions("ca_resnet", [3])
     assert not list(repo.staging_dir.iterdir())  # nothing left behind
     assert repo.describe() == {"ca_resnet": {"versions": [8], "served": [8], "champion": 8}}
+
+
+def test_ensemble_layouts_write_their_steps_and_a_switch_removes_the_other(tmp_path, onnx_files):
+    """``FER_TRITON_ENSEMBLE``: ``steps`` writes pre/post-processing around the pinned network,
+    ``fused`` one pipeline holding the champion's ONNX; switching leaves no step of the old layout."""
+    path, _ = onnx_files["ca_resnet"]
+    steps = ModelRepository(tmp_path / "models", tuning_env={"FER_TRITON_ENSEMBLE": "steps"})
+    steps.install("ca_resnet", 1, path)
+    assert steps.step_models("ca_resnet") == ["ca_resnet_preprocess", "ca_resnet_postprocess"]
+    assert sorted(steps.models()) == ["ca_resnet", "ca_resnet_ensemble", "ca_resnet_postprocess", "ca_resnet_preprocess"]
+    ensemble = (steps.root / "ca_resnet_ensemble" / "config.pbtxt").read_text()
+    assert 'model_name: "ca_resnet" model_version: 1' in ensemble and 'string_value: "steps"' in ensemble
+    fused = ModelRepository(tmp_path / "models", tuning_env={"FER_TRITON_ENSEMBLE": "fused"})
+    fused.write_model("ca_resnet", 2, path, keep_versions=[1])
+    assert fused.write_ensemble("ca_resnet", 2) == ["ca_resnet_pipeline", "ca_resnet_ensemble"]
+    assert sorted(fused.models()) == ["ca_resnet", "ca_resnet_ensemble", "ca_resnet_pipeline"]
+    assert fused.step_models("ca_resnet") == ["ca_resnet_pipeline"] and fused.champion("ca_resnet") == 2
+    pipeline = (fused.root / "ca_resnet_pipeline" / "config.pbtxt").read_text()
+    assert 'key: "champion_version" value: { string_value: "2" }' in pipeline
+    assert 'key: "intra_op_thread_count" value: { string_value: "1" }' in pipeline
+    assert fused.write_ensemble("ca_resnet", 2) == []  # nothing changed, nothing to reload
+    assert fused.load_order() == ["ca_resnet", "ca_resnet_ensemble"]
+    steps.write_ensemble("ca_resnet", 1)  # and back
+    assert sorted(steps.models()) == ["ca_resnet", "ca_resnet_ensemble", "ca_resnet_postprocess", "ca_resnet_preprocess"]
+    assert steps.champion("ca_resnet") == 1
+    with pytest.raises(ValueError, match="FER_TRITON_ENSEMBLE must be one of fused, steps"):
+        ModelRepository(tmp_path / "models", tuning_env={"FER_TRITON_ENSEMBLE": "chained"}).write_ensemble("ca_resnet", 1)
 
 
 def test_a_version_is_never_visible_half_written(tmp_path, onnx_files, monkeypatch):
@@ -175,7 +204,7 @@ def test_crash_mid_write_leaves_nothing_visible_and_repair_cleans(tmp_path, onnx
     assert repo.root / "ca_resnet" / "7" in removed and not (repo.root / "ca_resnet" / "7").exists()
     assert not list(repo.staging_dir.iterdir())
     assert (repo.root / "ca_resnet" / "1" / "model.onnx").is_file()  # complete versions untouched
-    assert (repo.root / "ca_resnet_preprocess" / "1" / "model.py").is_file()
+    assert (repo.root / "ca_resnet_pipeline" / "1" / "model.py").is_file()
     repo.write_model("ca_resnet", 2, path, keep_versions=[1])  # and the write can be retried
     assert repo.versions("ca_resnet") == [1, 2]
 

@@ -33,6 +33,8 @@ def test_defaults_follow_the_cores_and_the_instance_kind():
     gpu = ServingTuning.defaults("KIND_GPU", cpu_count=64)
     assert gpu.instances == 2 and gpu.preferred_batch_sizes == (8, 16, 32) and gpu.max_queue_delay_us is None
     assert gpu.preferred_for(16) == (8, 16)
+    # The ensemble: one fused stub on CPU, the network on its own (GPU) backend between two steps on GPU.
+    assert cpu.ensemble_layout == "fused" and gpu.ensemble_layout == "steps"
 
 
 def test_environment_overrides_the_defaults():
@@ -44,12 +46,15 @@ def test_environment_overrides_the_defaults():
     assert tuning.max_queue_delay_us == 250 and tuning.preferred_batch_sizes == (16, 4)
     assert tuning.preprocess_instances == 1 and tuning.postprocess_instances == 1
     assert ServingTuning.load(env={"FER_TRITON_QUEUE_DELAY_US": "auto"}).max_queue_delay_us is None
+    assert ServingTuning.load(env={"FER_TRITON_ENSEMBLE": " Steps "}).ensemble_layout == "steps"
+    assert ServingTuning.load("KIND_GPU", env={"FER_TRITON_ENSEMBLE": "fused"}).ensemble_layout == "fused"
 
 
 @pytest.mark.parametrize("variable, value", [
     ("FER_TRITON_INSTANCES", "0"), ("FER_TRITON_INSTANCES", "two"), ("FER_TRITON_INTRA_OP_THREADS", "-1"),
     ("FER_TRITON_QUEUE_DELAY_US", "soon"), ("FER_TRITON_PREFERRED_BATCH", "8,x"),
     ("FER_TRITON_PREFERRED_BATCH", "0"), ("FER_TRITON_ALLOW_SPINNING", "maybe"),
+    ("FER_TRITON_ENSEMBLE", "chained"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(variable, value):
     with pytest.raises(UsageError) as info:  # a ValueError: the CLI prints one line, exit 2
@@ -226,3 +231,66 @@ def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_pa
         np.testing.assert_array_equal(out, x, err_msg=name)
     # one request of 2 straight to the identity, one through the 3-step ensemble: 4 executions of it
     assert int(stats["inference_stats"]["success"]["count"]) == 4, stats
+
+
+@pytest.mark.integration  # starts the embedded tritonserver
+def test_switching_the_ensemble_layout_on_a_running_server_keeps_the_answers(tmp_path, ca_onnx):
+    """``FER_TRITON_ENSEMBLE`` changed under a served network: ``set_champion`` with the endpoint
+    writes the new layout's step, reloads the ensemble, then unloads and deletes the old steps; the
+    ensemble answers as before (the fused pipeline is the steps layout's arithmetic in one stub), a
+    bad picture beside good ones fails only its own request, and the way back works too."""
+    pytest.importorskip("pytriton")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from fer_core.data.synthfacs import SynthFACS
+    from serving.client import FERClient, ServingError, encode_image
+    from serving.server import EmbeddedTriton
+
+    path, _ = ca_onnx
+    root = tmp_path / "models"
+    # One pipeline instance: 8 concurrent clients queue behind it, so their requests share batches.
+    layouts = {name: ModelRepository(root, face_detection="off", tuning_env={
+        "FER_TRITON_ENSEMBLE": name, "FER_TRITON_PREPROCESS_INSTANCES": "1"}) for name in ("steps", "fused")}
+    layouts["steps"].install("ca_resnet", 1, path)
+    pngs = [encode_image(f) for f in SynthFACS(1, image_size=64).expression_set(6).images]
+
+    def answers(url: str) -> np.ndarray:
+        with FERClient(url) as client:
+            return np.array([list(p.probabilities.values()) for p in client.predict(pngs, network="ca_resnet")])
+
+    with EmbeddedTriton(layouts["steps"], tmp_path / "workspace", models=layouts["steps"].load_order()) as server:
+        endpoint = server.endpoint()
+        before = answers(server.grpc_url)
+        assert endpoint.model_ready("ca_resnet_preprocess")
+        layouts["fused"].set_champion("ca_resnet", 1, endpoint)
+        assert endpoint.model_ready("ca_resnet_pipeline") and endpoint.model_ready("ca_resnet_ensemble")
+        assert not endpoint.model_ready("ca_resnet_preprocess") and not endpoint.model_ready("ca_resnet_postprocess")
+        assert sorted(layouts["fused"].models()) == ["ca_resnet", "ca_resnet_ensemble", "ca_resnet_pipeline"]
+        fused = answers(server.grpc_url)
+
+        def one(data: bytes):  # concurrent single-picture requests: some share a dynamic batch
+            with FERClient(server.grpc_url) as client:
+                try:
+                    return client.predict([data], network="ca_resnet", validate=False)[0].label
+                except ServingError as exc:
+                    return exc
+        def executions() -> dict[int, int]:  # batch size -> executions of the pipeline so far
+            stats = endpoint.client.get_inference_statistics("ca_resnet_pipeline", as_json=True,
+                                                             headers=endpoint.headers)["model_stats"][0]
+            return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+        earlier = executions()
+        with ThreadPoolExecutor(8) as pool:
+            mixed = list(pool.map(one, [b"not a picture" if i % 4 == 1 else pngs[i % len(pngs)] for i in range(32)]))
+        shared = [size for size, count in executions().items() if size > 1 and count > earlier.get(size, 0)]
+        layouts["steps"].set_champion("ca_resnet", 1, endpoint)
+        assert endpoint.model_ready("ca_resnet_preprocess") and not endpoint.model_ready("ca_resnet_pipeline")
+        after = answers(server.grpc_url)
+    np.testing.assert_allclose(fused, before, atol=1e-5)
+    np.testing.assert_allclose(after, before, atol=1e-5)
+    bad = [m for i, m in enumerate(mixed) if i % 4 == 1]
+    good = [m for i, m in enumerate(mixed) if i % 4 != 1]
+    assert all(isinstance(m, ServingError) and "cannot decode" in str(m) for m in bad), bad
+    assert all(isinstance(m, str) and m for m in good), good
+    assert shared, "the concurrent single-picture requests never shared an execution"
