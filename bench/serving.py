@@ -13,10 +13,11 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
    outputs (``tritonclient.utils.shared_memory``: one region per client thread, registered once
    with the workspace's control key, since shared-memory registration is a restricted API here):
    what a local client saves by not sending the tensor over gRPC;
-2. **ensemble**: one encoded PNG per request through ``ca_resnet_ensemble`` (pre-processing,
-   network, post-processing inside Triton), then in-process the same decode + pre-process + ORT +
-   post-processing per request on threads, and batched (all decodes, one ORT call, one
-   post-processing call);
+2. **ensemble**: one encoded PNG per request through ``ca_resnet_ensemble`` in the configured layout
+   (``FER_TRITON_ENSEMBLE``; ``fused``, the CPU default: one ``ca_resnet_pipeline`` step), then
+   in-process the same decode + pre-process + ORT + post-processing per request on threads, and
+   batched (all decodes, one ORT call, one post-processing call); ``ensemble_other`` serves the other
+   layout beside it (``ca_resnet_other_ensemble``), so both layouts are measured in one run;
 3. per level: throughput, p50/p99, CPU milliseconds per request (this process, i.e. the clients
    or the in-process work, plus the ``tritonserver`` process tree with its stubs, from psutil: on a
    shared, loaded CPU throughput measures the neighbours too, the CPU cost per request much less), the batches Triton formed (average samples per execution of
@@ -39,7 +40,8 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
    trip with execute) for the network and the identity, with ONNX Runtime's own batch-1 time.
    ``ensemble_ceiling`` (also on by default) does the same for the ensemble: three identities
    chained in an ensemble (as many stub crossings and hand-offs as pre-process -> network ->
-   post-process, nothing computed), and the bound cores / (in-process pipeline CPU + its CPU).
+   post-process, nothing computed), and the bound cores / (in-process pipeline CPU + its CPU);
+   ``fused_ceiling`` the same with one identity in an ensemble (the fused layout's one crossing).
    With ``--shm`` the ensemble is also driven through :class:`serving.client.FERClient`, plain and
    with ``shared_memory=True``.
 
@@ -78,6 +80,9 @@ ENSEMBLE = f"{NETWORK}_ensemble"
 OTHER_STEM = f"{NETWORK}_other"
 IDENTITY = "fer_backend_ceiling"  # an Identity graph in the network's own config: see write_identity_model
 IDENTITY_ENSEMBLE = "fer_ensemble_ceiling"  # three identity steps chained: see write_identity_ensemble
+IDENTITY_ENSEMBLE_1 = "fer_fused_ceiling"  # one identity step in an ensemble: the fused layout's crossing
+# Ceiling workload -> (Triton model, the ensemble layout whose stub crossings it reproduces).
+ENSEMBLE_CEILINGS = {"ensemble_ceiling": (IDENTITY_ENSEMBLE, "steps"), "fused_ceiling": (IDENTITY_ENSEMBLE_1, "fused")}
 # The targets (ratio name -> minimum).
 TARGETS = {
     "network / in-process threads, c=8": 0.9,
@@ -442,12 +447,14 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=4000, help="request budget per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="+",
-                        choices=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling"],
-                        default=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling"],
+                        choices=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling", "fused_ceiling"],
+                        default=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling",
+                                 "fused_ceiling"],
                         help="ceiling: an Identity graph in the network's own config (the Python backend's "
                              "limit); ensemble: the configured layout (FER_TRITON_ENSEMBLE); ensemble_other: the "
                              "other layout, served beside it; ensemble_ceiling: three identities chained in an "
-                             "ensemble (the steps layout's stub crossings)")
+                             "ensemble (the steps layout's stub crossings); fused_ceiling: one identity in an ensemble (the "
+                             "fused layout's)")
     parser.add_argument("--untuned", action="store_true",
                         help="the configuration before serving.tuning (1 instance, ORT default threads, no delay)")
     parser.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
@@ -517,10 +524,12 @@ def main() -> None:
                                          tuning=dataclasses.replace(tuning, ensemble_layout=other_layout))
             other_repo.write_ensemble(NETWORK, 1, stem=OTHER_STEM)
             extra += [*other_repo.step_models(OTHER_STEM), f"{OTHER_STEM}_ensemble"]
-        if {"ceiling", "ensemble_ceiling"} & set(args.workloads):
+        if {"ceiling", *ENSEMBLE_CEILINGS} & set(args.workloads):
             extra.append(write_identity_model(repo))
         if "ensemble_ceiling" in args.workloads:
             extra.append(write_identity_ensemble(repo))
+        if "fused_ceiling" in args.workloads:
+            extra.append(write_identity_ensemble(repo, name=IDENTITY_ENSEMBLE_1, steps=1))
         with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order() + extra) as server:
             stats_client = grpcclient.InferenceServerClient(server.grpc_url)
             served_meter, own_meter = _CpuMeter(server.process.pid), _CpuMeter()
@@ -529,8 +538,9 @@ def main() -> None:
                   f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
             for workload in args.workloads:
                 for concurrency in args.concurrency:
-                    if workload in ("network", "ceiling", "ensemble_ceiling"):
-                        triton_model = {"network": NETWORK, "ceiling": IDENTITY, "ensemble_ceiling": IDENTITY_ENSEMBLE}[workload]
+                    if workload in ("network", "ceiling", *ENSEMBLE_CEILINGS):
+                        triton_model = {"network": NETWORK, "ceiling": IDENTITY,
+                                        **{w: m for w, (m, _) in ENSEMBLE_CEILINGS.items()}}[workload]
 
                         def triton_worker(i: int, model_name: str = triton_model):
                             client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -595,7 +605,7 @@ def main() -> None:
                         shm["load"] = os.getloadavg()[0]
                         rows[(workload, "shm", concurrency)] = shm
                     rows[(workload, "triton", concurrency)] = triton
-                    if workload not in ("ceiling", "ensemble_ceiling", "ensemble_other"):  # their in-process sides: the real ones
+                    if workload not in ("ceiling", *ENSEMBLE_CEILINGS, "ensemble_other"):  # their in-process sides: the real ones
                         threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
                                                                             args.max_requests))
                         threads["load"] = os.getloadavg()[0]
@@ -609,6 +619,7 @@ def main() -> None:
                         r = rows[(workload, path, concurrency)]
                         label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
                                  "Triton gRPC (3 identities)" if workload == "ensemble_ceiling" else
+                                 "Triton gRPC (1 identity ens.)" if workload == "fused_ceiling" else
                                  f"Triton gRPC ({other_layout})" if workload == "ensemble_other" else
                                  f"Triton gRPC ({repo.ensemble_layout()})" if workload == "ensemble" else
                                  "Triton gRPC (net)",
@@ -648,7 +659,8 @@ def main() -> None:
           f"{'input':>7s} {'infer':>8s} {'output':>7s}   ORT alone on that batch")
     for (workload, concurrency), split in splits.items():
         for name in {"ensemble": layout_models["ensemble"], "ensemble_other": layout_models["ensemble_other"],
-                     "ceiling": (IDENTITY,), "ensemble_ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
+                     "ceiling": (IDENTITY,), "ensemble_ceiling": (IDENTITY,),
+                     "fused_ceiling": (IDENTITY,)}.get(workload, (NETWORK,)):
             s = split.get(name)
             if not s or not s["executions"]:
                 continue
@@ -690,19 +702,24 @@ def main() -> None:
                   f"{mine['throughput'] / threads['throughput']:.2f}x in-process threads, {mine['cpu_ms']:.2f} ms CPU/req; "
                   f"{other_layout} {alt['throughput']:.0f} req/s = {alt['throughput'] / threads['throughput']:.2f}x, "
                   f"{alt['cpu_ms']:.2f} ms CPU/req (load {mine['load']:.2f} / {alt['load']:.2f})")
-    ens_ceiling = {c: rows[("ensemble_ceiling", "triton", c)] for c in args.concurrency
-                   if ("ensemble_ceiling", "triton", c) in rows}
-    if ens_ceiling:
+    layouts = {repo.ensemble_layout(): "ensemble", other_layout: "ensemble_other"}
+    for workload, (_, layout) in ENSEMBLE_CEILINGS.items():
+        ceilings = {c: rows[(workload, "triton", c)] for c in args.concurrency if (workload, "triton", c) in rows}
+        if not ceilings:
+            continue
         # The same bound for the ensemble: a served request costs at least the in-process pipeline's
-        # CPU (decode + preprocess + ORT + postprocess) plus what three chained identities cost.
-        print("CPU-bound limit of the ensemble through this serving path "
-              "(cores / (in-process pipeline CPU + 3-identity ensemble CPU per request)):")
-        for c, r in ens_ceiling.items():
+        # CPU (decode + preprocess + ORT + postprocess) plus what the layout's stub crossings cost.
+        crossing = "3 chained identities" if layout == "steps" else "1 identity in an ensemble"
+        print(f"CPU-bound limit of the {layout} ensemble layout "
+              f"(cores / (in-process pipeline CPU + {crossing}, CPU per request)):")
+        for c, r in ceilings.items():
             other = rows.get(("ensemble", "threads", c))
+            served = rows.get((layouts[layout], "triton", c))
             if other and r.get("cpu_ms"):
                 bound = _cpu_bound(other["cpu_ms"], r["cpu_ms"])
+                got = f"; measured {served['throughput'] / other['throughput']:.2f}x" if served else ""
                 print(f"  c={c:<3d} {other['cpu_ms']:.2f} + {r['cpu_ms']:.2f} ms -> <= {bound:7.0f} req/s = "
-                      f"{bound / other['throughput']:.2f}x in-process threads; 3-identity ensemble alone "
+                      f"{bound / other['throughput']:.2f}x in-process threads{got}; the identities alone "
                       f"{r['throughput']:.0f} req/s (load {r['load']:.2f})")
     one = min(args.concurrency)
     net, ident = splits.get(("network", one), {}).get(NETWORK), splits.get(("ceiling", one), {}).get(IDENTITY)

@@ -201,7 +201,8 @@ def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_pa
     grpcclient = pytest.importorskip("tritonclient.grpc")
     import numpy as np
 
-    from bench.serving import IDENTITY, IDENTITY_ENSEMBLE, write_identity_ensemble, write_identity_model
+    from bench.serving import (IDENTITY, IDENTITY_ENSEMBLE, IDENTITY_ENSEMBLE_1, write_identity_ensemble,
+                               write_identity_model)
     from serving.server import EmbeddedTriton
 
     path, metadata = ca_onnx
@@ -210,12 +211,13 @@ def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_pa
                                                 allow_spinning=False, max_queue_delay_us=0, preferred_batch_sizes=(),
                                                 preprocess_instances=1, postprocess_instances=1))
     repo.install("ca_resnet", 1, path)
-    extra = [write_identity_model(repo), write_identity_ensemble(repo)]
+    extra = [write_identity_model(repo), write_identity_ensemble(repo),
+             write_identity_ensemble(repo, name=IDENTITY_ENSEMBLE_1, steps=1)]
     x = np.random.default_rng(0).random((2, *metadata.input.shape), dtype=np.float32)
     with EmbeddedTriton(repo, tmp_path / "workspace", models=["ca_resnet", *extra]) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         outputs = {}
-        for name in (IDENTITY, IDENTITY_ENSEMBLE):
+        for name in (IDENTITY, IDENTITY_ENSEMBLE, IDENTITY_ENSEMBLE_1):
             tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
             tensor.set_data_from_numpy(x)
             outputs[name] = client.infer(name, [tensor]).as_numpy("logits")
@@ -224,13 +226,14 @@ def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_pa
         deadline = time.monotonic() + 10
         while True:
             stats = client.get_inference_statistics(IDENTITY, as_json=True)["model_stats"][0]
-            if int(stats["inference_stats"]["success"]["count"]) >= 4 or time.monotonic() > deadline:
+            if int(stats["inference_stats"]["success"]["count"]) >= 5 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
     for name, out in outputs.items():
         np.testing.assert_array_equal(out, x, err_msg=name)
-    # one request of 2 straight to the identity, one through the 3-step ensemble: 4 executions of it
-    assert int(stats["inference_stats"]["success"]["count"]) == 4, stats
+    # one request of 2 straight to the identity, one through the 3-step ensemble, one through the
+    # 1-step one (the fused layout's crossing): 5 executions of it
+    assert int(stats["inference_stats"]["success"]["count"]) == 5, stats
 
 
 @pytest.mark.integration  # starts the embedded tritonserver
