@@ -1,6 +1,6 @@
 """Benchmark: ca_resnet and its ensemble through the embedded Triton vs the same work in-process.
 
-    .venv/bin/python bench/serving.py [--profile quick|paper] [--seconds 3] [--untuned] [--json out.json]
+    .venv/bin/python bench/serving.py [--profile quick|paper] [--seconds 3] [--rounds 3] [--untuned] [--json out.json]
 
 One run reports, at concurrency 1, 8 and 32 (client threads, one sample per request):
 
@@ -49,7 +49,9 @@ The repository is written with :class:`serving.tuning.ServingTuning` from the en
 (``FER_TRITON_*``; defaults from this machine's cores); ``--untuned`` writes the configuration this
 platform used before that existed (one instance per model, ORT's default threads, no queue delay),
 so before/after can be measured in one sitting. Each level is bounded by ``--seconds`` and
-``--max-requests``; the 1-minute load average is printed beside every level: on a shared CPU the
+``--max-requests``, measured in ``--rounds`` slices (default 3) that take turns with every other
+level's, so the Triton and in-process figures of a level come from the same minutes of a CPU whose
+speed drifts (a shared VM); the 1-minute load average is printed beside every level: on a shared CPU the
 figures measure the load too.
 """
 
@@ -128,9 +130,28 @@ def _run_threads(concurrency: int, make_worker, seconds: float, max_requests: in
         t.join()
     timer.cancel()
     wall = time.perf_counter() - start
+    return _summary(latencies, wall)
+
+
+def _summary(latencies: list[float], wall: float) -> dict:
     p50, p95, p99 = _percentiles(latencies)
     return {"requests": len(latencies), "throughput": len(latencies) / wall, "p50": p50, "p95": p95, "p99": p99,
-            "mean": float(np.mean(latencies)) * 1e3 if latencies else 0.0}
+            "mean": float(np.mean(latencies)) * 1e3 if latencies else 0.0, "wall": wall, "latencies": latencies}
+
+
+def _merge_slices(slices: list[dict]) -> dict[str, float]:
+    """One level from its ``--rounds`` slices: requests, time and CPU summed, latencies pooled (a
+    batched level: its call times pooled, throughput = batch / median); the load of the last slice."""
+    if "times" in slices[0]:
+        times = [t for part in slices for t in part["times"]]
+        merged = _batched_summary(times, slices[0]["batch"])
+    else:
+        merged = _summary([x for part in slices for x in part["latencies"]], sum(p["wall"] for p in slices))
+        del merged["latencies"]
+    merged["cpu_ms"] = sum(p["cpu_s"] for p in slices) * 1e3 / max(merged["requests"], 1)
+    merged["load"] = slices[-1]["load"]
+    merged["slices"] = len(slices)
+    return merged
 
 
 class _CpuMeter:
@@ -160,7 +181,8 @@ def _measured(meter: _CpuMeter, run) -> dict[str, float]:
     """``run()``'s figures plus ``cpu_ms``: CPU milliseconds per request (samples, when batched)."""
     start = meter.seconds()
     result = run()
-    result["cpu_ms"] = (meter.seconds() - start) * 1e3 / max(result["requests"], 1)
+    result["cpu_s"] = meter.seconds() - start
+    result["cpu_ms"] = result["cpu_s"] * 1e3 / max(result["requests"], 1)
     return result
 
 
@@ -172,15 +194,42 @@ def _run_batched(call, batch: int, seconds: float, runs: int = 50) -> dict[str, 
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
+    return _batched_summary(times, batch)
+
+
+def _batched_summary(times: list[float], batch: int) -> dict:
     median = statistics.median(times)
     return {"requests": batch * len(times), "throughput": batch / median, "p50": median * 1e3, "p95": 0.0,
-            "p99": max(times) * 1e3}
+            "p99": max(times) * 1e3, "times": times, "batch": batch}
 
 
-def statistics_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
-    """Per model, what happened between two ``get_inference_statistics(as_json=True)`` answers:
-    requests, executions, samples per execution, queue wait per request (µs) and compute per
-    execution (µs: input, infer, output, from the per-batch-size statistics)."""
+def statistics_delta(pairs: list[tuple[dict, dict]]) -> dict[str, dict[str, float]]:
+    """Per model, what happened between each pair of ``get_inference_statistics(as_json=True)``
+    answers (a level's slices), summed: requests, executions, samples per execution, queue wait per
+    request (µs) and compute per execution (µs: input, infer, output, from the per-batch-size
+    statistics)."""
+    totals: dict[str, dict[str, float]] = {}
+    for before, after in pairs:
+        for name, raw in _raw_delta(before, after).items():
+            into = totals.setdefault(name, dict.fromkeys(raw, 0))
+            for key, value in raw.items():
+                into[key] += value
+    out = {}
+    for name, t in totals.items():
+        requests, executions = t["requests"], t["executions"]
+        out[name] = {
+            "requests": int(requests), "executions": int(executions),
+            "batch": t["samples"] / executions if executions else 0.0,
+            "queue_us": t["queue"] / requests / 1e3 if requests else 0.0,
+            "request_us": t["served"] / requests / 1e3 if requests else 0.0,
+            **{f"{k}_us": t[k] / executions / 1e3 if executions else 0.0
+               for k in ("compute_input", "compute_infer", "compute_output")},
+        }
+    return out
+
+
+def _raw_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    """Per model, the counts and nanoseconds Triton added between two statistics answers."""
     def index(stats: dict) -> dict[str, dict]:
         return {m["name"]: m for m in stats.get("model_stats", [])}
 
@@ -207,12 +256,8 @@ def statistics_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
             samples += size * count
             for key in compute:
                 compute[key] += ns(b, key) - ns(p, key)
-        out[name] = {
-            "requests": requests, "executions": executions, "batch": samples / executions if executions else 0.0,
-            "queue_us": queue / requests / 1e3 if requests else 0.0,
-            "request_us": served / requests / 1e3 if requests else 0.0,
-            **{f"{k}_us": v / executions / 1e3 if executions else 0.0 for k, v in compute.items()},
-        }
+        out[name] = {"requests": requests, "executions": executions, "samples": samples, "queue": queue,
+                     "served": served, **compute}
     return out
 
 
@@ -445,6 +490,9 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--seconds", type=float, default=3.0, help="time budget per level")
     parser.add_argument("--max-requests", type=int, default=4000, help="request budget per level")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every level in this many slices, the workloads taking turns (the "
+                             "figures of a level are its slices pooled)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--workloads", nargs="+",
                         choices=["network", "ceiling", "ensemble", "ensemble_other", "ensemble_ceiling", "fused_ceiling"],
@@ -536,100 +584,112 @@ def main() -> None:
             print(f"load average at start {os.getloadavg()[0]:.2f}\n")
             print(f"{'workload':9s} {'path':22s} {'conc':>4s} {'req':>6s} {'req/s':>8s} {'p50 ms':>8s} "
                   f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
-            for workload in args.workloads:
-                for concurrency in args.concurrency:
-                    if workload in ("network", "ceiling", *ENSEMBLE_CEILINGS):
-                        triton_model = {"network": NETWORK, "ceiling": IDENTITY,
-                                        **{w: m for w, (m, _) in ENSEMBLE_CEILINGS.items()}}[workload]
+            # --rounds: every level is measured in that many slices, the workloads taking turns, so a
+            # drift of this shared VM's CPU over minutes falls on Triton and in-process alike.
+            slice_s, slice_requests = args.seconds / args.rounds, max(1, args.max_requests // args.rounds)
+            parts: dict[tuple[str, str, int], list[dict]] = {}
+            pairs: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
+            for round_index in range(args.rounds):
+                for workload in args.workloads:
+                    for concurrency in args.concurrency:
+                        if workload in ("network", "ceiling", *ENSEMBLE_CEILINGS):
+                            triton_model = {"network": NETWORK, "ceiling": IDENTITY,
+                                            **{w: m for w, (m, _) in ENSEMBLE_CEILINGS.items()}}[workload]
 
-                        def triton_worker(i: int, model_name: str = triton_model):
-                            client = grpcclient.InferenceServerClient(server.grpc_url)
-                            x = samples[i % len(samples)][None]
-                            tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
-                            tensor.set_data_from_numpy(x)
-                            output = grpcclient.InferRequestedOutput("logits")
-                            return lambda: client.infer(model_name, [tensor], outputs=[output])
+                            def triton_worker(i: int, model_name: str = triton_model):
+                                client = grpcclient.InferenceServerClient(server.grpc_url)
+                                x = samples[i % len(samples)][None]
+                                tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+                                tensor.set_data_from_numpy(x)
+                                output = grpcclient.InferRequestedOutput("logits")
+                                return lambda: client.infer(model_name, [tensor], outputs=[output])
 
-                        def thread_worker(i: int):
-                            x = samples[i % len(samples)][None]
-                            return lambda: session.run(["logits"], {"image": x})
+                            def thread_worker(i: int):
+                                x = samples[i % len(samples)][None]
+                                return lambda: session.run(["logits"], {"image": x})
 
-                        batch = np.ascontiguousarray(np.resize(samples, (concurrency, *samples.shape[1:])))
-                        batched_call = lambda: session.run(["logits"], {"image": batch})  # noqa: E731
-                    else:
-                        triton_model = ENSEMBLE if workload == "ensemble" else f"{OTHER_STEM}_ensemble"
+                            batch = np.ascontiguousarray(np.resize(samples, (concurrency, *samples.shape[1:])))
+                            batched_call = lambda: session.run(["logits"], {"image": batch})  # noqa: E731
+                        else:
+                            triton_model = ENSEMBLE if workload == "ensemble" else f"{OTHER_STEM}_ensemble"
 
-                        def triton_worker(i: int, model_name: str = triton_model):
-                            client = grpcclient.InferenceServerClient(server.grpc_url)
-                            x = np.array([[pngs[i % len(pngs)]]], dtype=object)
-                            tensor = grpcclient.InferInput("IMAGE", list(x.shape), "BYTES")
-                            tensor.set_data_from_numpy(x)
-                            output = grpcclient.InferRequestedOutput("LABEL")
-                            return lambda: client.infer(model_name, [tensor], outputs=[output])
+                            def triton_worker(i: int, model_name: str = triton_model):
+                                client = grpcclient.InferenceServerClient(server.grpc_url)
+                                x = np.array([[pngs[i % len(pngs)]]], dtype=object)
+                                tensor = grpcclient.InferInput("IMAGE", list(x.shape), "BYTES")
+                                tensor.set_data_from_numpy(x)
+                                output = grpcclient.InferRequestedOutput("LABEL")
+                                return lambda: client.infer(model_name, [tensor], outputs=[output])
 
-                        def thread_worker(i: int):
-                            encoded = [pngs[i % len(pngs)]]
-                            return lambda: in_process_ensemble(encoded)
+                            def thread_worker(i: int):
+                                encoded = [pngs[i % len(pngs)]]
+                                return lambda: in_process_ensemble(encoded)
 
-                        batch_pngs = [pngs[i % len(pngs)] for i in range(concurrency)]
-                        batched_call = lambda: in_process_ensemble(batch_pngs)  # noqa: E731
-                    if concurrency == args.concurrency[0]:  # every instance's first run allocates: untimed
-                        _run_threads(8, triton_worker, 1.0, 400)
-                    before = stats_client.get_inference_statistics("", as_json=True)
-                    triton = _measured(served_meter, lambda: _run_threads(concurrency, triton_worker, args.seconds,
-                                                                         args.max_requests))
-                    triton["load"] = os.getloadavg()[0]
-                    after = stats_client.get_inference_statistics("", as_json=True)
-                    splits[(workload, concurrency)] = statistics_delta(before, after)
-                    if workload == "ensemble" and args.shm:  # FERClient itself, plain and shared memory
-                        for path, shared in (("fercli", False), ("fercli_shm", True)):
-                            clients: list = []
+                            batch_pngs = [pngs[i % len(pngs)] for i in range(concurrency)]
+                            batched_call = lambda: in_process_ensemble(batch_pngs)  # noqa: E731
+                        if round_index == 0 and concurrency == args.concurrency[0]:  # first runs allocate: untimed
+                            _run_threads(8, triton_worker, 1.0, 400)
+                        before = stats_client.get_inference_statistics("", as_json=True)
+                        triton = _measured(served_meter, lambda: _run_threads(concurrency, triton_worker, slice_s,
+                                                                             slice_requests))
+                        triton["load"] = os.getloadavg()[0]
+                        after = stats_client.get_inference_statistics("", as_json=True)
+                        pairs.setdefault((workload, concurrency), []).append((before, after))
+                        if workload == "ensemble" and args.shm:  # FERClient itself, plain and shared memory
+                            for path, shared in (("fercli", False), ("fercli_shm", True)):
+                                clients: list = []
 
-                            def fer_worker(i: int, shared: bool = shared, clients: list = clients):
-                                from serving.client import FERClient
+                                def fer_worker(i: int, shared: bool = shared, clients: list = clients):
+                                    from serving.client import FERClient
 
-                                client = FERClient(server.grpc_url, key=server.key, shared_memory=shared)
-                                clients.append(client)
-                                data = [pngs[i % len(pngs)]]
-                                return lambda: client.predict(data, network=NETWORK, validate=False)
-                            r = _measured(served_meter, lambda: _run_threads(concurrency, fer_worker, args.seconds,
-                                                                             args.max_requests))
-                            for client in clients:
-                                client.close()
-                            r["load"] = os.getloadavg()[0]
-                            rows[(workload, path, concurrency)] = r
-                    if workload == "network" and args.shm:
-                        with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
-                            shm = _measured(served_meter, lambda: _run_threads(
-                                concurrency, shm_workers.make, args.seconds, args.max_requests))
-                        shm["load"] = os.getloadavg()[0]
-                        rows[(workload, "shm", concurrency)] = shm
-                    rows[(workload, "triton", concurrency)] = triton
-                    if workload not in ("ceiling", *ENSEMBLE_CEILINGS, "ensemble_other"):  # their in-process sides: the real ones
-                        threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, args.seconds,
-                                                                            args.max_requests))
-                        threads["load"] = os.getloadavg()[0]
-                        batched = _measured(own_meter, lambda: _run_batched(batched_call, concurrency, args.seconds))
-                        batched["load"] = os.getloadavg()[0]
-                        rows.update({(workload, "threads", concurrency): threads,
-                                     (workload, "batched", concurrency): batched})
-                    for path in ("triton", "shm", "fercli", "fercli_shm", "threads", "batched"):
-                        if (workload, path, concurrency) not in rows:
-                            continue
-                        r = rows[(workload, path, concurrency)]
-                        label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
-                                 "Triton gRPC (3 identities)" if workload == "ensemble_ceiling" else
-                                 "Triton gRPC (1 identity ens.)" if workload == "fused_ceiling" else
-                                 f"Triton gRPC ({other_layout})" if workload == "ensemble_other" else
-                                 f"Triton gRPC ({repo.ensemble_layout()})" if workload == "ensemble" else
-                                 "Triton gRPC (net)",
-                                 "shm": "Triton gRPC + shm (net)", "fercli": "FERClient (ensemble)",
-                                 "fercli_shm": "FERClient + shm (ens.)",
-                                 "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
-                        p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
-                        print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
-                              f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
-                              flush=True)
+                                    client = FERClient(server.grpc_url, key=server.key, shared_memory=shared)
+                                    clients.append(client)
+                                    data = [pngs[i % len(pngs)]]
+                                    return lambda: client.predict(data, network=NETWORK, validate=False)
+                                r = _measured(served_meter, lambda: _run_threads(concurrency, fer_worker, slice_s,
+                                                                                 slice_requests))
+                                for client in clients:
+                                    client.close()
+                                r["load"] = os.getloadavg()[0]
+                                parts.setdefault((workload, path, concurrency), []).append(r)
+                        if workload == "network" and args.shm:
+                            with _SharedMemoryWorkers(server, samples, metadata.outputs[0].shape[0]) as shm_workers:
+                                shm = _measured(served_meter, lambda: _run_threads(
+                                    concurrency, shm_workers.make, slice_s, slice_requests))
+                            shm["load"] = os.getloadavg()[0]
+                            parts.setdefault((workload, "shm", concurrency), []).append(shm)
+                        parts.setdefault((workload, "triton", concurrency), []).append(triton)
+                        if workload not in ("ceiling", *ENSEMBLE_CEILINGS, "ensemble_other"):  # their in-process sides: the real ones
+                            threads = _measured(own_meter, lambda: _run_threads(concurrency, thread_worker, slice_s,
+                                                                                slice_requests))
+                            threads["load"] = os.getloadavg()[0]
+                            batched = _measured(own_meter, lambda: _run_batched(batched_call, concurrency, slice_s))
+                            batched["load"] = os.getloadavg()[0]
+                            parts.setdefault((workload, "threads", concurrency), []).append(threads)
+                            parts.setdefault((workload, "batched", concurrency), []).append(batched)
+                        if round_index < args.rounds - 1:
+                            continue  # printed once every round of this level is in
+                        for path in ("triton", "shm", "fercli", "fercli_shm", "threads", "batched"):
+                            if (workload, path, concurrency) in parts:
+                                rows[(workload, path, concurrency)] = _merge_slices(parts.pop((workload, path, concurrency)))
+                        splits[(workload, concurrency)] = statistics_delta(pairs.pop((workload, concurrency)))
+                        for path in ("triton", "shm", "fercli", "fercli_shm", "threads", "batched"):
+                            if (workload, path, concurrency) not in rows:
+                                continue
+                            r = rows[(workload, path, concurrency)]
+                            label = {"triton": "Triton gRPC (identity)" if workload == "ceiling" else
+                                     "Triton gRPC (3 identities)" if workload == "ensemble_ceiling" else
+                                     "Triton gRPC (1 identity ens.)" if workload == "fused_ceiling" else
+                                     f"Triton gRPC ({other_layout})" if workload == "ensemble_other" else
+                                     f"Triton gRPC ({repo.ensemble_layout()})" if workload == "ensemble" else
+                                     "Triton gRPC (net)",
+                                     "shm": "Triton gRPC + shm (net)", "fercli": "FERClient (ensemble)",
+                                     "fercli_shm": "FERClient + shm (ens.)",
+                                     "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
+                            p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
+                            print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
+                                  f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
+                                  flush=True)
             if "ensemble" in args.workloads:  # one client, many requests per predict: plain vs one gRPC stream
                 from serving.client import FERClient
 
