@@ -455,7 +455,7 @@ def _smoke_gate(endpoint: TritonEndpoint, repository: ModelRepository, package: 
     The champion's ensemble is not touched; the candidate ensemble is removed afterwards."""
     network = package.network
     stem = repository.candidate_stem(network)
-    steps = [*repository.step_models(stem), f"{stem}_ensemble"]
+    steps = [f"{stem}{suffix}" for suffix in STEP_SUFFIXES] + [f"{stem}_ensemble"]  # cleaned up: any layout
     samples = package.smoke_samples()[: gates.smoke_samples]
     expected = package.expected()["PROBABILITIES"][: len(samples)]
     if not samples:
@@ -463,7 +463,7 @@ def _smoke_gate(endpoint: TritonEndpoint, repository: ModelRepository, package: 
     input_name = "FRAMES" if package.pipeline.kind == "clip" else "IMAGE"
     try:
         repository.write_ensemble(network, version, stem=stem, face=package.pipeline.face)
-        for model in steps:
+        for model in [*repository.step_models(stem), f"{stem}_ensemble"]:  # the layout just written
             endpoint.load(model)
         got = np.stack([_infer_raw(endpoint, f"{stem}_ensemble", input_name, s) for s in samples])
     except (ServingError, ValueError) as exc:

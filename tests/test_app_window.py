@@ -264,13 +264,17 @@ def _choose_in_file_dialog(qtbot, win, path) -> None:
         if not shiboken6.isValid(dialog) or not dialog.isVisible():  # accepted (and deleted): done
             return
         if time.monotonic() > deadline:
-            problems.append(f"the file dialog did not accept {path} on Return")
+            problems.append(f"the file dialog did not accept {path} on Return (field {edit.text()!r}, "
+                            f"directory {dialog.directory().path()!r}, selected {dialog.selectedFiles()!r})")
             dialog.reject()
             return
+        completer = edit.completer()
+        if completer is not None and completer.popup().isVisible():
+            completer.popup().hide()  # what a user's Escape does: the Return then goes to the dialog
         qtbot.keyClick(edit, Qt.Key.Key_Return)
         QTimer.singleShot(500, lambda: press_return(dialog, edit))
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a loaded full run: the dialog can take seconds to list the folder
     QTimer.singleShot(100, fill)
     _click(qtbot, win.image_button)  # returns when the dialog has closed
     assert not problems, problems[0]
