@@ -741,38 +741,23 @@ class ModelRepository:
         os.rename(target, trash / "version")
         shutil.rmtree(trash, ignore_errors=True)
 
-    def _write_python_model(self, name: str, class_name: str, config: str) -> bool:
-        """Write a Python-backend model; returns whether anything changed."""
+    def _write_python_model(self, name: str, class_name: str, config: str, onnx_path: Path | None = None) -> bool:
+        """Write a Python-backend model (``model.py`` in ``1/``; with ``onnx_path``, a copy of it as
+        ``1/model.onnx`` beside: the fused layout's own copy of the champion, since Triton loads each
+        model folder on its own, from a bucket too). Returns whether anything changed."""
         folder = self.root / name
         version_dir = folder / "1"
         source = _python_model_source(class_name)
-        changed = False
-        if not (version_dir / PYTHON_MODEL_FILE).is_file() or (version_dir / PYTHON_MODEL_FILE).read_text() != source:
-            staged = self._stage(name)
-            (staged / PYTHON_MODEL_FILE).write_text(source)
-            if version_dir.exists():
-                old = self._stage(f"replaced-{name}")
-                os.rename(version_dir, old / "1")
-                shutil.rmtree(old, ignore_errors=True)
-            self._install_dir(staged, version_dir)
-            changed = True
-        return self._write_if_changed(folder / "config.pbtxt", config) or changed
-
-    def _write_pipeline_model(self, name: str, config: str, onnx_path: Path) -> bool:
-        """Write the fused layout's model: ``model.py`` and a copy of ``onnx_path`` in ``1/``
-        (its own copy: Triton loads each model folder on its own, from a bucket too). Returns whether
-        anything changed."""
-        folder = self.root / name
-        version_dir = folder / "1"
-        source = _python_model_source("PipelineModel")
         current = version_dir / PYTHON_MODEL_FILE
+        same_onnx = onnx_path is None or ((version_dir / MODEL_FILE).is_file()
+                                          and filecmp.cmp(version_dir / MODEL_FILE, onnx_path, shallow=False))
         changed = False
-        if not (current.is_file() and current.read_text() == source and (version_dir / MODEL_FILE).is_file()
-                and filecmp.cmp(version_dir / MODEL_FILE, onnx_path, shallow=False)):
+        if not (current.is_file() and current.read_text() == source and same_onnx):
             staged = self._stage(name)
             (staged / PYTHON_MODEL_FILE).write_text(source)
-            shutil.copyfile(onnx_path, staged / MODEL_FILE)
-            _fsync_file(staged / MODEL_FILE)
+            if onnx_path is not None:
+                shutil.copyfile(onnx_path, staged / MODEL_FILE)
+                _fsync_file(staged / MODEL_FILE)
             if version_dir.exists():
                 old = self._stage(f"replaced-{name}")
                 os.rename(version_dir, old / "1")
@@ -845,7 +830,7 @@ class ModelRepository:
                 allow_spinning=tuning.allow_spinning, max_image_bytes=max_image_bytes,
                 max_image_pixels=max_image_pixels, face_detection=face, pipeline=pipeline, stem=stem)
             onnx_path = self._network_dir(network) / str(champion_version) / MODEL_FILE
-            if self._write_pipeline_model(f"{stem}_pipeline", config, onnx_path):
+            if self._write_python_model(f"{stem}_pipeline", "PipelineModel", config, onnx_path):
                 changed.append(f"{stem}_pipeline")
         elif self._write_python_model(
                 f"{stem}_preprocess", "PreprocessModel",
