@@ -51,8 +51,8 @@ platform used before that existed (one instance per model, ORT's default threads
 so before/after can be measured in one sitting. Each level is bounded by ``--seconds`` and
 ``--max-requests``, measured in ``--rounds`` slices (default 3) that take turns with every other
 level's, so the Triton and in-process figures of a level come from the same minutes of a CPU whose
-speed drifts (a shared VM); the 1-minute load average is printed beside every level: on a shared CPU the
-figures measure the load too.
+speed drifts (a shared VM); the 1-minute load average and the share of CPU time the hypervisor stole
+(``/proc/stat``) are printed beside every level: on a shared CPU the figures measure both.
 """
 
 from __future__ import annotations
@@ -149,8 +149,11 @@ def _merge_slices(slices: list[dict]) -> dict[str, float]:
         merged = _summary([x for part in slices for x in part["latencies"]], sum(p["wall"] for p in slices))
         del merged["latencies"]
     merged["cpu_ms"] = sum(p["cpu_s"] for p in slices) * 1e3 / max(merged["requests"], 1)
+    merged["steal"] = steal_percent((0, 0), (sum(p.get("steal_ticks", 0) for p in slices),
+                                             sum(p.get("all_ticks", 0) for p in slices)))
     merged["load"] = slices[-1]["load"]
     merged["slices"] = len(slices)
+    merged["round_throughputs"] = [p["throughput"] for p in slices]
     return merged
 
 
@@ -177,12 +180,34 @@ class _CpuMeter:
         return total
 
 
+def host_ticks(stat: str = "/proc/stat") -> tuple[int, int]:
+    """(steal, all) CPU ticks of the whole machine since boot, from the first line of ``/proc/stat``;
+    (0, 0) where there is none. Steal is time the hypervisor gave this VM's virtual CPUs to someone
+    else: the load average does not show it, and it slows both sides of a ratio."""
+    try:
+        with open(stat) as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's CPU time stolen between two :func:`host_ticks` readings, in %."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def _measured(meter: _CpuMeter, run) -> dict[str, float]:
-    """``run()``'s figures plus ``cpu_ms``: CPU milliseconds per request (samples, when batched)."""
-    start = meter.seconds()
+    """``run()``'s figures plus ``cpu_ms``: CPU milliseconds per request (samples, when batched),
+    and the host's steal/all ticks over the run."""
+    start, ticks = meter.seconds(), host_ticks()
     result = run()
     result["cpu_s"] = meter.seconds() - start
     result["cpu_ms"] = result["cpu_s"] * 1e3 / max(result["requests"], 1)
+    end = host_ticks()
+    result["steal_ticks"], result["all_ticks"] = end[0] - ticks[0], end[1] - ticks[1]
     return result
 
 
@@ -261,17 +286,31 @@ def _raw_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
     return out
 
 
+THROUGHPUT_TARGETS = {  # target -> (numerator level, denominator level)
+    "network / in-process threads, c=8": (("network", "triton", 8), ("network", "threads", 8)),
+    "network / in-process threads, c=32": (("network", "triton", 32), ("network", "threads", 32)),
+    "network / in-process batched, c=32": (("network", "triton", 32), ("network", "batched", 32)),
+    "ensemble / in-process threads, c=8": (("ensemble", "triton", 8), ("ensemble", "threads", 8)),
+}
+
+
+def round_ratios(rows: dict[tuple[str, str, int], dict]) -> dict[str, list[float]]:
+    """Each throughput target's ratio per ``--rounds`` slice (the two sides of a round were measured
+    minutes apart at most): how much of a run's ratio is the VM's drift."""
+    out = {}
+    for name, (top, bottom) in THROUGHPUT_TARGETS.items():
+        if top in rows and bottom in rows:
+            pairs = zip(rows[top].get("round_throughputs", []), rows[bottom].get("round_throughputs", []))
+            out[name] = [a / b for a, b in pairs if b > 0]
+    return out
+
+
 def ratios(rows: dict[tuple[str, str, int], dict[str, float]]) -> dict[str, float]:
     """The issue's target ratios from the measured levels (keys: (workload, path, concurrency))."""
     def tp(*key) -> float:
         return rows[key]["throughput"] if key in rows else float("nan")
 
-    out = {
-        "network / in-process threads, c=8": tp("network", "triton", 8) / tp("network", "threads", 8),
-        "network / in-process threads, c=32": tp("network", "triton", 32) / tp("network", "threads", 32),
-        "network / in-process batched, c=32": tp("network", "triton", 32) / tp("network", "batched", 32),
-        "ensemble / in-process threads, c=8": tp("ensemble", "triton", 8) / tp("ensemble", "threads", 8),
-    }
+    out = {name: tp(*top) / tp(*bottom) for name, (top, bottom) in THROUGHPUT_TARGETS.items()}
     if ("network", "triton", 8) in rows and ("network", "threads", 8) in rows:
         out["in-process p99 / network p99, c=8"] = rows[("network", "threads", 8)]["p99"] / rows[("network", "triton", 8)]["p99"]
     return out
@@ -581,9 +620,10 @@ def main() -> None:
         with EmbeddedTriton(repo, Path(tmp) / "workspace", models=repo.load_order() + extra) as server:
             stats_client = grpcclient.InferenceServerClient(server.grpc_url)
             served_meter, own_meter = _CpuMeter(server.process.pid), _CpuMeter()
+            run_ticks = host_ticks()
             print(f"load average at start {os.getloadavg()[0]:.2f}\n")
             print(f"{'workload':9s} {'path':22s} {'conc':>4s} {'req':>6s} {'req/s':>8s} {'p50 ms':>8s} "
-                  f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s}")
+                  f"{'p99 ms':>8s} {'CPU ms/req':>10s} {'load':>5s} {'steal%':>6s}")
             # --rounds: every level is measured in that many slices, the workloads taking turns, so a
             # drift of this shared VM's CPU over minutes falls on Triton and in-process alike.
             slice_s, slice_requests = args.seconds / args.rounds, max(1, args.max_requests // args.rounds)
@@ -688,7 +728,8 @@ def main() -> None:
                                      "threads": "in-process, threads", "batched": f"in-process, 1 call x{concurrency}"}[path]
                             p99 = f"{r['p99']:8.2f}" if path != "batched" else f"{'(max)':>4s}{r['p99']:4.1f}"
                             print(f"{workload:9s} {label:22s} {concurrency:4d} {int(r['requests']):6d} "
-                                  f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f}",
+                                  f"{r['throughput']:8.1f} {r['p50']:8.2f} {p99} {r['cpu_ms']:10.2f} {r['load']:5.2f} "
+                                  f"{r['steal']:6.1f}",
                                   flush=True)
             if "ensemble" in args.workloads:  # one client, many requests per predict: plain vs one gRPC stream
                 from serving.client import FERClient
@@ -731,11 +772,13 @@ def main() -> None:
                   f"{s['compute_output_us']:7.0f}{note}")
 
     print("\nthe issue's targets (ratios of this run):")
-    measured = ratios(rows)
+    measured, per_round = ratios(rows), round_ratios(rows)
     for name, value in measured.items():
         if value == value:  # not NaN: both sides measured
             verdict = "met" if value >= TARGETS[name] else "MISSED"
-            print(f"  {name:38s} {value:5.2f}  (target >= {TARGETS[name]:.1f}: {verdict})")
+            rounds = (f"; per round {' / '.join(f'{r:.2f}' for r in per_round[name])}"
+                      if len(per_round.get(name, [])) > 1 else "")
+            print(f"  {name:38s} {value:5.2f}  (target >= {TARGETS[name]:.1f}: {verdict}{rounds})")
     ceiling = {c: rows[("ceiling", "triton", c)] for c in args.concurrency if ("ceiling", "triton", c) in rows}
     if ceiling:
         print("the Python backend's ceiling (Identity graph, the network's config) / in-process threads (network):")
@@ -812,12 +855,13 @@ def main() -> None:
     if eager_lines:
         print()
         print("\n".join(eager_lines))
-    print(f"\nload average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
-          "(a shared machine: the figures measure the load too)")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, CPU steal over the "
+          f"measurements {steal_percent(run_ticks, host_ticks()):.1f} % (a shared machine: the figures measure "
+          "the load and the hypervisor too)")
     if args.json:
         args.json.write_text(json.dumps({
             "levels": [{"workload": w, "path": p, "concurrency": c, **r} for (w, p, c), r in rows.items()],
-            "split": {f"{w}@{c}": s for (w, c), s in splits.items()}, "ratios": measured,
+            "split": {f"{w}@{c}": s for (w, c), s in splits.items()}, "ratios": measured, "round_ratios": per_round,
             "tuning": {k: v for k, v in tuning.__dict__.items()}}, indent=1, default=list))
 
 

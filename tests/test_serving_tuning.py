@@ -192,6 +192,41 @@ def test_tuned_configs_load_and_concurrent_requests_are_batched_per_step(tmp_pat
     assert max(sizes["ca_resnet"]) > 1 and max(sizes["ca_resnet_postprocess"]) > 1
 
 
+def test_the_serving_bench_reads_the_hypervisors_steal_from_proc_stat(tmp_path):
+    """bench/serving.py prints the stolen share of CPU beside every level: the 8th field of
+    /proc/stat's first line over all eight (guest time is already inside user)."""
+    from bench.serving import host_ticks, steal_percent
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 5 35 7 0\ncpu0 1 2 3\n")
+    assert host_ticks(str(stat)) == (35, 1000)
+    stat.write_text("cpu  150 0 75 1100 10 0 5 60 9 0\n")
+    assert steal_percent((35, 1000), host_ticks(str(stat))) == pytest.approx(100 * 25 / 400)
+    assert host_ticks(str(tmp_path / "absent")) == (0, 0)
+    assert steal_percent((0, 0), (0, 0)) == 0.0
+    steal, total = host_ticks()  # this machine's own (Linux): a real reading, steal within it
+    assert total > 0 and 0 <= steal <= total
+
+
+def test_the_serving_bench_ratios_pool_the_rounds_and_show_each_round(tmp_path):
+    """A run's target ratio is of the pooled slices; the per-round ratios beside it pair slice k of
+    one side with slice k of the other (measured next to each other)."""
+    from bench.serving import _merge_slices, ratios, round_ratios
+
+    def slices(rates):  # one slice per round: 100 requests at the given rate
+        return [{"requests": 100, "throughput": r, "wall": 100 / r, "cpu_s": 0.1, "load": 1.0,
+                 "latencies": [1 / r] * 100, "steal_ticks": 1, "all_ticks": 100} for r in rates]
+
+    rows = {("ensemble", "triton", 8): _merge_slices(slices([400.0, 900.0])),
+            ("ensemble", "threads", 8): _merge_slices(slices([500.0, 1000.0]))}
+    assert rows[("ensemble", "triton", 8)]["steal"] == pytest.approx(1.0)
+    per_round = round_ratios(rows)
+    assert per_round["ensemble / in-process threads, c=8"] == pytest.approx([0.8, 0.9])
+    pooled = ratios(rows)["ensemble / in-process threads, c=8"]  # 200 requests in 0.25+0.111 s vs 0.2+0.1 s
+    assert pooled == pytest.approx((200 / (100 / 400 + 100 / 900)) / (200 / (100 / 500 + 100 / 1000)))
+    assert "network / in-process threads, c=8" not in per_round
+
+
 @pytest.mark.integration  # starts the embedded tritonserver
 def test_the_serving_bench_ceilings_load_and_cross_the_stub_once_per_step(tmp_path, ca_onnx):
     """bench/serving.py's two ceilings, in the real tritonserver: the identity in the network's own
