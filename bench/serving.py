@@ -27,7 +27,7 @@ One run reports, at concurrency 1, 8 and 32 (client threads, one sample per requ
    the Python backend and its stub round trip add is a measured figure, not a guess;
 4. the issue's targets as ratios (network >= 0.9x in-process threads at 8 and 32, >= 0.6x the
    batched limit at 32; ensemble >= 0.8x in-process threads at 8; p99 at 8 no worse than
-   in-process), each marked met or missed;
+   in-process), each marked met or missed, with the ratio of every round (``--rounds``) beside it;
 5. where NVIDIA's ``perf_analyzer`` is available (``bench/perf_tools.sh``, or ``$FER_PERF_ANALYZER``),
    its figures for both models at the same levels against the same server (``bench/perf_analyzer.py``
    does the input data and parsing; no validation here, that bench validates);
